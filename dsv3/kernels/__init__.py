@@ -1,0 +1,1 @@
+"""Kernels: FP8 quantization and GEMM (PyTorch references + Triton on CUDA)."""

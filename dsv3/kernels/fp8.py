@@ -1,0 +1,253 @@
+"""FP8 (e4m3) block-wise quantization: plain PyTorch references and the CUDA dispatching wrappers.
+
+DeepSeek-V3 stores Linear weights as `float8_e4m3fn` with one float32 scale per 128×128 block
+(`weight_scale_inv`: dequantized block = FP8 block × scale) and quantizes activations on the fly per
+token per 128 channels (1×128 tiles). This module is the reference for all of it:
+
+- `quantize_weight` / `dequantize_weight`: 128×128 blocks; edge blocks are zero-padded to a full block
+  for the max-abs and cropped again, so any [out, in] shape works.
+- `quantize_act`: 1×128 tiles along the last dim of `[..., K]`.
+- `fp8_gemm`: `dequant(a) @ dequant(w).T` with fp32 accumulation, output in bf16 (or `out_dtype`).
+
+Everything here runs on CPU and is the oracle of the Triton kernels in `fp8_triton.py`; on CUDA the
+wrappers pick those kernels when Triton is importable. Work is done in chunks of block rows so no
+temporary is much larger than `_CHUNK_ELEMS` float32 numbers (the checkpoint tools run this on
+100M-element tensors on laptops).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+SCALE_FMTS = (None, "ue8m0")
+_CHUNK_ELEMS = 1 << 24  # float32 elements per temporary chunk (64 MiB)
+
+
+def _check_block(block: int) -> None:
+    if not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive int, got {block!r}")
+
+
+def _check_scale_fmt(scale_fmt: str | None) -> None:
+    if scale_fmt not in SCALE_FMTS:
+        raise ValueError(f"scale_fmt must be one of {SCALE_FMTS}, got {scale_fmt!r}")
+
+
+def round_scale_ue8m0(scale: torch.Tensor) -> torch.Tensor:
+    """Round positive float32 scales up to the next power of two (exact, via the bit pattern).
+
+    A scale that is already a power of two is kept; anything else gets its exponent bumped and its
+    mantissa cleared, so `x / scale` can only shrink and never exceeds `FP8_MAX`.
+    """
+    bits = scale.to(torch.float32).contiguous().view(torch.int32)
+    exponent = (bits >> 23) & 0xFF
+    has_mantissa = (bits & 0x7FFFFF) != 0
+    rounded = (exponent + has_mantissa.to(torch.int32)) << 23
+    return rounded.view(torch.float32)
+
+
+def _scale_from_amax(amax: torch.Tensor, scale_fmt: str | None) -> torch.Tensor:
+    """amax (float32) -> scale with `amax / scale == FP8_MAX`; all-zero tiles get scale 1 (no NaN)."""
+    scale = amax / FP8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if scale_fmt == "ue8m0":
+        scale = round_scale_ue8m0(scale)
+    return scale
+
+
+def _to_fp8(x: torch.Tensor) -> torch.Tensor:
+    """Round float32 to e4m3 (nearest even), saturating at ±448 instead of producing NaN."""
+    return x.clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def _rows_per_chunk(cols: int, block: int) -> int:
+    """A multiple of `block` rows whose padded float32 copy stays near `_CHUNK_ELEMS` elements."""
+    padded_cols = math.ceil(cols / block) * block
+    return max(1, _CHUNK_ELEMS // max(1, padded_cols * block)) * block
+
+
+def _padded_blocks(chunk: torch.Tensor, block: int) -> torch.Tensor:
+    """[R, C] -> fresh float32 copy, zero-padded and viewed as [R/b, b, C/b, b]."""
+    rows, cols = chunk.shape
+    pad_r, pad_c = -rows % block, -cols % block
+    if pad_r or pad_c:
+        x = F.pad(chunk.to(torch.float32), (0, pad_c, 0, pad_r))
+    else:
+        x = chunk.to(torch.float32, copy=True)  # callers modify it in place
+    return x.view((rows + pad_r) // block, block, (cols + pad_c) // block, block)
+
+
+def scale_shape(out_features: int, in_features: int, block: int = 128) -> tuple[int, int]:
+    """Shape of the per-block scale of an [out, in] weight: [ceil(out/block), ceil(in/block)]."""
+    return math.ceil(out_features / block), math.ceil(in_features / block)
+
+
+def quantize_weight(
+    w: torch.Tensor, block: int = 128, scale_fmt: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize an [out, in] weight to e4m3 with one scale per block×block tile.
+
+    Returns `(w_fp8 [out, in] float8_e4m3fn, scale_inv [ceil(out/block), ceil(in/block)] float32)`
+    such that `w ≈ w_fp8 * scale_inv` block-wise (the HF `weight_scale_inv` convention).
+    `scale_fmt="ue8m0"` rounds each scale up to a power of two.
+    """
+    if w.dim() != 2:
+        raise ValueError(f"quantize_weight expects a 2-D [out, in] weight, got shape {tuple(w.shape)}")
+    if not w.is_floating_point():
+        raise ValueError(f"quantize_weight expects a floating-point weight, got {w.dtype}")
+    _check_block(block)
+    _check_scale_fmt(scale_fmt)
+    rows, cols = w.shape
+    w_fp8 = torch.empty(rows, cols, dtype=FP8_DTYPE, device=w.device)
+    scale = torch.empty(scale_shape(rows, cols, block), dtype=torch.float32, device=w.device)
+    step = _rows_per_chunk(cols, block)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        x = _padded_blocks(w[r0:r1], block)  # [Rb, b, Cb, b]
+        s = _scale_from_amax(x.abs().amax(dim=(1, 3)), scale_fmt)  # [Rb, Cb]
+        x.div_(s[:, None, :, None])
+        q = _to_fp8(x).view(x.shape[0] * block, x.shape[2] * block)
+        w_fp8[r0:r1] = q[: r1 - r0, :cols]
+        scale[r0 // block : r0 // block + s.shape[0]] = s
+    return w_fp8, scale
+
+
+def dequantize_weight(
+    w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: int = 128, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """Inverse of `quantize_weight`: [out, in] FP8 × per-block scale -> [out, in] `dtype`.
+
+    Works in chunks of block rows (float32 math, one rounding to `dtype`), so the only large tensor
+    allocated is the output itself.
+    """
+    if w_fp8.dim() != 2:
+        raise ValueError(f"dequantize_weight expects a 2-D [out, in] weight, got shape {tuple(w_fp8.shape)}")
+    _check_block(block)
+    rows, cols = w_fp8.shape
+    expected = scale_shape(rows, cols, block)
+    if tuple(scale_inv.shape) != expected:
+        raise ValueError(
+            f"scale_inv shape {tuple(scale_inv.shape)} does not match weight {tuple(w_fp8.shape)} "
+            f"with block {block}: expected {expected}"
+        )
+    scale_inv = scale_inv.to(device=w_fp8.device, dtype=torch.float32)
+    out = torch.empty(rows, cols, dtype=dtype, device=w_fp8.device)
+    step = _rows_per_chunk(cols, block)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        x = _padded_blocks(w_fp8[r0:r1], block)  # [Rb, b, Cb, b]
+        x.mul_(scale_inv[r0 // block : r0 // block + x.shape[0], None, :, None])
+        out[r0:r1] = x.view(x.shape[0] * block, x.shape[2] * block)[: r1 - r0, :cols]
+    return out
+
+
+def quantize_act_ref(
+    x: torch.Tensor, block: int = 128, scale_fmt: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch reference of `quantize_act` (1×block tiles along the last dim)."""
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"quantize_act expects [..., K] with K >= 1, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"quantize_act expects a floating-point tensor, got {x.dtype}")
+    _check_block(block)
+    _check_scale_fmt(scale_fmt)
+    k = x.shape[-1]
+    n_tiles = math.ceil(k / block)
+    xf = F.pad(x.to(torch.float32), (0, n_tiles * block - k))
+    xf = xf.view(*x.shape[:-1], n_tiles, block)  # [..., Kb, b]
+    scale = _scale_from_amax(xf.abs().amax(dim=-1), scale_fmt)  # [..., Kb]
+    xf.div_(scale[..., None])
+    q = _to_fp8(xf).view(*x.shape[:-1], n_tiles * block)[..., :k]
+    return q.contiguous(), scale
+
+
+def fp8_gemm_ref(
+    a_fp8: torch.Tensor,
+    a_scale: torch.Tensor,
+    w_fp8: torch.Tensor,
+    w_scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    block: int = 128,
+) -> torch.Tensor:
+    """PyTorch reference of `fp8_gemm`: fp32 `dequant(a) @ dequant(w).T`, in chunks of output columns."""
+    k = a_fp8.shape[-1]
+    n_tiles = a_scale.shape[-1]
+    a = F.pad(a_fp8.to(torch.float32), (0, n_tiles * block - k))
+    a = a.view(*a_fp8.shape[:-1], n_tiles, block) * a_scale.to(torch.float32)[..., None]  # [..., Kb, b]
+    a = a.view(*a_fp8.shape[:-1], n_tiles * block)[..., :k]  # [..., K]
+    a2 = a.reshape(-1, k)  # [M, K]
+    n = w_fp8.shape[0]
+    out = torch.empty(a2.shape[0], n, dtype=out_dtype, device=a_fp8.device)
+    step = _rows_per_chunk(k, block)
+    for n0 in range(0, n, step):
+        n1 = min(n, n0 + step)
+        b0 = n0 // block
+        w = dequantize_weight(w_fp8[n0:n1], w_scale[b0 : b0 + math.ceil((n1 - n0) / block)], block, torch.float32)
+        out[:, n0:n1] = a2 @ w.T
+    return out.view(*a_fp8.shape[:-1], n)
+
+
+def _check_gemm_shapes(a_fp8, a_scale, w_fp8, w_scale, block: int) -> None:
+    if w_fp8.dim() != 2:
+        raise ValueError(f"fp8_gemm expects a 2-D [N, K] weight, got shape {tuple(w_fp8.shape)}")
+    n, k = w_fp8.shape
+    if a_fp8.shape[-1] != k:
+        raise ValueError(f"fp8_gemm: activation K={a_fp8.shape[-1]} does not match weight K={k}")
+    if tuple(a_scale.shape) != (*a_fp8.shape[:-1], math.ceil(k / block)):
+        raise ValueError(
+            f"fp8_gemm: a_scale shape {tuple(a_scale.shape)} must be {(*a_fp8.shape[:-1], math.ceil(k / block))}"
+        )
+    if tuple(w_scale.shape) != scale_shape(n, k, block):
+        raise ValueError(f"fp8_gemm: w_scale shape {tuple(w_scale.shape)} must be {scale_shape(n, k, block)}")
+    if a_fp8.dtype != FP8_DTYPE or w_fp8.dtype != FP8_DTYPE:
+        raise ValueError(f"fp8_gemm expects {FP8_DTYPE} operands, got {a_fp8.dtype} and {w_fp8.dtype}")
+
+
+@functools.cache
+def _triton_kernels():
+    """The Triton module, or None when Triton (or its GPU backend) is unavailable."""
+    try:
+        from dsv3.kernels import fp8_triton
+    except ImportError:
+        return None
+    return fp8_triton if fp8_triton.available() else None
+
+
+def _use_triton(t: torch.Tensor, block: int) -> bool:
+    return t.is_cuda and block == 128 and _triton_kernels() is not None
+
+
+def quantize_act(
+    x: torch.Tensor, block: int = 128, scale_fmt: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize `[..., K]` activations per 1×block tile: `(x_fp8 [..., K], scale [..., ceil(K/block)] float32)`."""
+    if _use_triton(x, block) and x.dim() >= 1 and x.shape[-1] > 0 and x.is_floating_point():
+        _check_scale_fmt(scale_fmt)
+        return _triton_kernels().act_quant(x, block, scale_fmt)
+    return quantize_act_ref(x, block, scale_fmt)
+
+
+def fp8_gemm(
+    a_fp8: torch.Tensor,
+    a_scale: torch.Tensor,
+    w_fp8: torch.Tensor,
+    w_scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    block: int = 128,
+) -> torch.Tensor:
+    """Block-scaled FP8 GEMM: `dequant(a [..., K]) @ dequant(w [N, K]).T -> [..., N]` in `out_dtype`.
+
+    `a_scale` is `[..., ceil(K/block)]` (from `quantize_act`), `w_scale` is
+    `[ceil(N/block), ceil(K/block)]` (from `quantize_weight`). Accumulation is fp32. On CUDA with
+    Triton the Hopper kernel runs; elsewhere the PyTorch reference.
+    """
+    _check_gemm_shapes(a_fp8, a_scale, w_fp8, w_scale, block)
+    if _use_triton(a_fp8, block):
+        return _triton_kernels().fp8_gemm(a_fp8, a_scale, w_fp8, w_scale, out_dtype)
+    return fp8_gemm_ref(a_fp8, a_scale, w_fp8, w_scale, out_dtype, block)

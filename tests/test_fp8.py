@@ -1,0 +1,252 @@
+"""Tests of dsv3.kernels.fp8: block-wise e4m3 quantization against closed forms and loop references.
+
+Oracles: the table of every finite e4m3 value (the quantized code must be a nearest one), the
+closed-form rounding bound of a 3-bit mantissa, per-block Python loops, and fp32 matmuls of the
+dequantized operands. GPU tests compare the Triton kernels with the PyTorch references.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dsv3.kernels import fp8
+
+E4M3 = torch.float8_e4m3fn
+
+
+def _finite_e4m3_values() -> torch.Tensor:
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(E4M3).to(torch.float32)
+    return torch.unique(codes[torch.isfinite(codes)])
+
+
+E4M3_VALUES = _finite_e4m3_values()
+
+
+def _loop_scales(w: torch.Tensor, block: int) -> torch.Tensor:
+    """Per-block amax / 448 with Python loops (zero block -> 1)."""
+    rows, cols = w.shape
+    out = torch.empty(math.ceil(rows / block), math.ceil(cols / block))
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            amax = w[i * block : (i + 1) * block, j * block : (j + 1) * block].abs().max().float()
+            out[i, j] = amax / 448 if amax > 0 else 1.0
+    return out
+
+
+def _loop_dequant(q: torch.Tensor, s: torch.Tensor, block: int) -> torch.Tensor:
+    out = torch.empty(q.shape, dtype=torch.float32)
+    for i in range(s.shape[0]):
+        for j in range(s.shape[1]):
+            sl = (slice(i * block, (i + 1) * block), slice(j * block, (j + 1) * block))
+            out[sl] = q[sl].to(torch.float32) * s[i, j]
+    return out
+
+
+def _assert_nearest_e4m3(q: torch.Tensor, target: torch.Tensor) -> None:
+    """Every q must be a closest finite e4m3 value to target (ties either way)."""
+    q = q.to(torch.float32).flatten()
+    target = target.flatten().clamp(-448, 448)
+    best = (target[:, None] - E4M3_VALUES[None, :]).abs().min(dim=1).values
+    got = (target - q).abs()
+    assert torch.all(got <= best * (1 + 1e-6) + 1e-12), float((got - best).max())
+
+
+def _weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # mix magnitudes across blocks so scales differ, with some tiny values to reach subnormals
+    w = torch.randn(rows, cols, generator=g) * torch.logspace(-3, 1, cols)[None, :]
+    return w
+
+
+@pytest.mark.parametrize("shape", [(256, 256), (300, 200), (1, 129), (129, 1), (128, 384), (5, 5)])
+def test_quantize_weight_picks_nearest_e4m3_with_amax_scale(shape):
+    w = _weight(*shape)
+    q, s = fp8.quantize_weight(w)
+    assert q.dtype == E4M3 and q.shape == w.shape
+    assert s.dtype == torch.float32 and s.shape == (math.ceil(shape[0] / 128), math.ceil(shape[1] / 128))
+    torch.testing.assert_close(s, _loop_scales(w, 128), rtol=0, atol=0)
+    # each code is the nearest e4m3 value of w / scale of its block
+    s_full = s.repeat_interleave(128, 0)[: shape[0]].repeat_interleave(128, 1)[:, : shape[1]]
+    _assert_nearest_e4m3(q, w / s_full)
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (1, 129), (256, 128)])
+def test_round_trip_error_within_e4m3_precision(shape):
+    w = _weight(*shape, seed=1)
+    q, s = fp8.quantize_weight(w)
+    deq = fp8.dequantize_weight(q, s, dtype=torch.float32)
+    torch.testing.assert_close(deq, _loop_dequant(q, s, 128), rtol=0, atol=0)
+    s_full = s.repeat_interleave(128, 0)[: shape[0]].repeat_interleave(128, 1)[:, : shape[1]]
+    err = (deq - w).abs()
+    # 3 mantissa bits: half-ulp relative error 2^-4 for normals; subnormal spacing 2^-9 (in block units)
+    bound = 2.0**-4 * w.abs() + 2.0**-10 * s_full
+    assert torch.all(err <= bound * (1 + 1e-6))
+    amax = s_full * 448
+    assert torch.all(err <= 2.0**-4 * amax)
+    assert err.max() > 0  # it really quantized
+
+
+def test_block_max_saturates_at_448():
+    w = _weight(300, 200, seed=2)
+    q, s = fp8.quantize_weight(w)
+    qf = q.to(torch.float32)
+    for i in range(s.shape[0]):
+        for j in range(s.shape[1]):
+            blk = qf[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128]
+            assert blk.abs().max() == 448.0
+    assert torch.isfinite(qf).all()
+
+
+def test_out_of_range_values_saturate_not_nan():
+    x = torch.tensor([1e6, -1e6, 448.0, 500.0, -460.0])
+    q = fp8._to_fp8(x.clone())
+    assert q.to(torch.float32).tolist() == [448.0, -448.0, 448.0, 448.0, -448.0]
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (1, 129), (128, 128)])
+def test_ue8m0_scales_are_powers_of_two_covering_amax(shape):
+    w = _weight(*shape, seed=3)
+    q, s = fp8.quantize_weight(w, scale_fmt="ue8m0")
+    exact = _loop_scales(w, 128)
+    log2 = torch.log2(s)
+    assert torch.equal(log2, torch.round(log2))
+    assert torch.all(s >= exact) and torch.all(s < 2 * exact)
+    amax_q = [q.to(torch.float32)[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128].abs().max()
+              for i in range(s.shape[0]) for j in range(s.shape[1])]
+    assert all(224.0 <= a <= 448.0 for a in amax_q)
+    deq = fp8.dequantize_weight(q, s, dtype=torch.float32)
+    s_full = s.repeat_interleave(128, 0)[: shape[0]].repeat_interleave(128, 1)[:, : shape[1]]
+    assert torch.all((deq - w).abs() <= 2.0**-4 * w.abs() + 2.0**-10 * s_full)
+
+
+def test_round_scale_ue8m0_exact_powers_kept():
+    s = torch.tensor([0.25, 1.0, 3.0, 0.3, 2.0**-20, 1.5 * 2.0**-100])
+    r = fp8.round_scale_ue8m0(s)
+    assert r.tolist() == [0.25, 1.0, 4.0, 0.5, 2.0**-20, 2.0**-99]
+
+
+def test_zero_blocks_give_unit_scale_and_zeros():
+    w = _weight(256, 256, seed=4)
+    w[:128, 128:] = 0
+    for fmt in (None, "ue8m0"):
+        q, s = fp8.quantize_weight(w, scale_fmt=fmt)
+        assert s[0, 1] == 1.0
+        assert torch.all(q[:128, 128:].to(torch.float32) == 0)
+        deq = fp8.dequantize_weight(q, s, dtype=torch.float32)
+        assert torch.isfinite(deq).all() and torch.all(deq[:128, 128:] == 0)
+    q, s = fp8.quantize_weight(torch.zeros(3, 7))
+    assert torch.equal(s, torch.ones(1, 1)) and torch.all(q.to(torch.float32) == 0)
+
+
+def test_chunked_paths_equal_single_pass(monkeypatch):
+    w = _weight(700, 300, seed=5).to(torch.bfloat16)
+    q1, s1 = fp8.quantize_weight(w)
+    d1 = fp8.dequantize_weight(q1, s1)
+    monkeypatch.setattr(fp8, "_CHUNK_ELEMS", 128 * 128)  # one block row per chunk
+    q2, s2 = fp8.quantize_weight(w)
+    d2 = fp8.dequantize_weight(q2, s2)
+    assert torch.equal(q1.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s1, s2)
+    assert torch.equal(d1, d2) and d1.dtype == torch.bfloat16
+
+
+def test_other_block_sizes():
+    w = _weight(70, 50, seed=6)
+    q, s = fp8.quantize_weight(w, block=32)
+    assert s.shape == (3, 2)
+    torch.testing.assert_close(s, _loop_scales(w, 32), rtol=0, atol=0)
+    torch.testing.assert_close(fp8.dequantize_weight(q, s, block=32, dtype=torch.float32), _loop_dequant(q, s, 32))
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(ValueError, match="scale_fmt"):
+        fp8.quantize_weight(torch.ones(4, 4), scale_fmt="e5m2")
+    with pytest.raises(ValueError, match="2-D"):
+        fp8.quantize_weight(torch.ones(4))
+    with pytest.raises(ValueError, match="block"):
+        fp8.quantize_weight(torch.ones(4, 4), block=0)
+    q, s = fp8.quantize_weight(torch.ones(300, 200))
+    with pytest.raises(ValueError, match=r"expected \(3, 2\)"):
+        fp8.dequantize_weight(q, s[:2])
+
+
+@pytest.mark.parametrize("shape", [(4, 256), (2, 3, 300), (1, 129), (7,)])
+def test_quantize_act_per_token_tiles(shape):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(*shape, generator=g) * 3
+    x[..., :5] *= 100  # one tile dominated by outliers
+    q, s = fp8.quantize_act(x)
+    k = shape[-1]
+    assert q.shape == x.shape and q.dtype == E4M3
+    assert s.shape == (*shape[:-1], math.ceil(k / 128)) and s.dtype == torch.float32
+    x2, q2, s2 = x.reshape(-1, k), q.reshape(-1, k), s.reshape(-1, s.shape[-1])
+    for r in range(x2.shape[0]):
+        for t in range(s2.shape[1]):
+            tile = x2[r, t * 128 : (t + 1) * 128]
+            assert s2[r, t] == tile.abs().max() / 448
+            _assert_nearest_e4m3(q2[r, t * 128 : (t + 1) * 128], tile / s2[r, t])
+            deq = q2[r, t * 128 : (t + 1) * 128].to(torch.float32) * s2[r, t]
+            assert torch.all((deq - tile).abs() <= 2.0**-4 * tile.abs() + 2.0**-10 * s2[r, t])
+
+
+def test_quantize_act_ue8m0_and_zeros():
+    x = torch.randn(3, 256)
+    x[1] = 0
+    q, s = fp8.quantize_act(x, scale_fmt="ue8m0")
+    assert torch.equal(torch.log2(s), torch.round(torch.log2(s)))
+    assert torch.all(s[1] == 1.0) and torch.all(q[1].to(torch.float32) == 0)
+    assert torch.all(s[0] >= x[0].view(2, 128).abs().amax(-1) / 448)
+
+
+def _gemm_case(m_shape, n, k, seed=8):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(*m_shape, k, generator=g)
+    w = torch.randn(n, k, generator=g) / math.sqrt(k)
+    aq, asc = fp8.quantize_act(a)
+    wq, wsc = fp8.quantize_weight(w)
+    a_deq = aq.to(torch.float32) * asc.repeat_interleave(128, -1)[..., :k]
+    w_deq = _loop_dequant(wq, wsc, 128)
+    return aq, asc, wq, wsc, a_deq @ w_deq.T
+
+
+@pytest.mark.parametrize("m_shape,n,k", [((4,), 256, 256), ((2, 3), 300, 200), ((1,), 129, 129), ((5,), 1, 7)])
+def test_fp8_gemm_equals_dequantized_matmul(m_shape, n, k):
+    aq, asc, wq, wsc, ref = _gemm_case(m_shape, n, k)
+    out32 = fp8.fp8_gemm(aq, asc, wq, wsc, out_dtype=torch.float32)
+    assert out32.shape == (*m_shape, n)
+    torch.testing.assert_close(out32, ref, rtol=1e-5, atol=1e-5)
+    out = fp8.fp8_gemm(aq, asc, wq, wsc)
+    assert out.dtype == torch.bfloat16
+    assert ((out.float() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_fp8_gemm_close_to_full_precision_matmul():
+    g = torch.Generator().manual_seed(9)
+    a, w = torch.randn(16, 512, generator=g), torch.randn(384, 512, generator=g)
+    out = fp8.fp8_gemm(*fp8.quantize_act(a), *fp8.quantize_weight(w), out_dtype=torch.float32)
+    ref = a @ w.T
+    rel = (out - ref).norm() / ref.norm()
+    assert 1e-3 < rel < 5e-2  # e4m3 on both operands: a few percent at most, but not exact
+
+
+def test_fp8_gemm_shape_errors():
+    aq, asc, wq, wsc, _ = _gemm_case((4,), 256, 256)
+    with pytest.raises(ValueError, match="K="):
+        fp8.fp8_gemm(aq[:, :128], asc[:, :1], wq, wsc)
+    with pytest.raises(ValueError, match="w_scale"):
+        fp8.fp8_gemm(aq, asc, wq, wsc[:1])
+    with pytest.raises(ValueError, match="a_scale"):
+        fp8.fp8_gemm(aq, asc[:, :1], wq, wsc)
+
+
+def test_inputs_are_not_modified():
+    for dtype in (torch.float32, torch.bfloat16):
+        w = _weight(256, 128, seed=10).to(dtype)
+        x = torch.randn(3, 256).to(dtype)
+        w0, x0 = w.clone(), x.clone()
+        q, s = fp8.quantize_weight(w)
+        fp8.quantize_act(x)
+        fp8.dequantize_weight(q, s)
+        assert torch.equal(w, w0) and torch.equal(x, x0)
