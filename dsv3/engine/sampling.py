@@ -1,0 +1,217 @@
+"""Sampling parameters and the batched sampler.
+
+`SamplingParams` is one request's decoding recipe, validated once at construction. `Sampler` turns
+a batch of next-token logits `[B, V]` into one token per row, each row with its own recipe, on the
+logits' device. The order of the logit processors is fixed and documented, because top-p and
+min-p give different answers in different orders:
+
+1. presence / frequency penalties from the counts of the row's *generated* tokens
+   (OpenAI semantics: `logit[t] -= presence * [count[t] > 0] + frequency * count[t]`),
+2. temperature (0 means greedy: argmax of the penalised logits, nothing below applies),
+3. top-k (keep the k largest),
+4. top-p (keep the smallest prefix of the sorted, top-k-renormalised distribution whose mass
+   reaches p),
+5. min-p (keep tokens whose probability is at least `min_p` times the largest one),
+
+then a draw from the renormalised distribution. Draws use the exponential race
+(`argmax(p / E)`, `E ~ Exp(1)`), which samples `p` exactly and lets a row with a `seed` take its
+noise from its own `torch.Generator`, so a seeded request gives the same tokens whatever else is
+in the batch. Log-probabilities reported back are those of the raw model distribution
+(`log_softmax` of the logits before any processing), as vLLM does by default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# the most top log-probabilities one request may ask for (OpenAI's limit)
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    """How to pick the tokens of one request.
+
+    `max_tokens=None` lets a request run to the engine's model-length limit. `top_k` of 0 or -1
+    and `top_p` of 1 and `min_p` of 0 switch those filters off. `logprobs=None` reports no
+    log-probabilities; an integer N reports the chosen token's plus the N most likely ones.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    max_tokens: int | None = 16
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
+            raise ValueError(f"top_k must be an integer >= 1, or 0 / -1 to disable, got {self.top_k!r}")
+        if not isinstance(self.min_p, (int, float)) or not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if self.max_tokens is not None and (isinstance(self.max_tokens, bool)
+                                            or not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            raise ValueError(f"max_tokens must be an integer >= 1 or None, got {self.max_tokens!r}")
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        else:
+            self.stop = list(self.stop)
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop must hold non-empty strings, got {s!r}")
+        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+        for t in self.stop_token_ids:
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                raise ValueError(f"stop_token_ids must hold integers >= 0, got {t!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+@dataclass
+class SamplerOutput:
+    """One step's draws. Top-logprob tensors are `[B, K]` with K the batch's largest request
+    (rows asking fewer use a prefix); all None when no row asked for logprobs."""
+
+    token_ids: torch.Tensor  # [B] int64
+    logprobs: torch.Tensor | None = None  # [B] float32, raw log-prob of the chosen token
+    top_ids: torch.Tensor | None = None  # [B, K] int64
+    top_logprobs: torch.Tensor | None = None  # [B, K] float32
+
+
+def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
+                    output_token_ids: list[list[int]]) -> torch.Tensor:
+    """`logits[b, t] -= presence_b * [count > 0] + frequency_b * count` over generated tokens."""
+    rows = [b for b, p in enumerate(params) if p.has_penalties and output_token_ids[b]]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    device = logits.device
+    vocab = logits.shape[-1]
+    for b in rows:  # one scatter per penalised row; rows are few and the lists are short
+        ids = torch.tensor(output_token_ids[b], dtype=torch.long, device=device)
+        counts = torch.zeros(vocab, dtype=logits.dtype, device=device).scatter_add_(
+            0, ids, torch.ones_like(ids, dtype=logits.dtype))  # [V]
+        p = params[b]
+        logits[b] -= p.presence_penalty * (counts > 0).to(logits.dtype) + p.frequency_penalty * counts
+    return logits
+
+
+def processed_logits(logits: torch.Tensor, params: list[SamplingParams],
+                     output_token_ids: list[list[int]] | None = None) -> torch.Tensor:
+    """Logits `[B, V]` after penalties, temperature and the top-k / top-p / min-p filters
+    (filtered entries are `-inf`). Greedy rows come back penalised but unscaled."""
+    if logits.dim() != 2 or logits.shape[0] != len(params):
+        raise ValueError(f"logits must be [B, V] with B = len(params) = {len(params)}, got {tuple(logits.shape)}")
+    logits = logits.float()
+    if output_token_ids is not None:
+        logits = apply_penalties(logits, params, output_token_ids)
+    device = logits.device
+    batch, vocab = logits.shape
+    temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params],
+                         dtype=torch.float32, device=device)
+    logits = logits / temps[:, None]
+    sampled = [not p.greedy for p in params]
+    need_sort = any(s and (0 < p.top_k < vocab or p.top_p < 1.0) for s, p in zip(sampled, params))
+    if need_sort:
+        ks = torch.tensor([p.top_k if s and p.top_k > 0 else vocab for s, p in zip(sampled, params)],
+                          device=device)
+        top_ps = torch.tensor([p.top_p if s else 1.0 for s, p in zip(sampled, params)],
+                              dtype=torch.float32, device=device)
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
+        rank = torch.arange(vocab, device=device)
+        sorted_logits = sorted_logits.masked_fill(rank[None, :] >= ks[:, None], float("-inf"))
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # [B, V] mass of the strictly more likely tokens
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_ps[:, None], float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    min_ps = [p.min_p if s else 0.0 for s, p in zip(sampled, params)]
+    if any(m > 0 for m in min_ps):
+        min_p = torch.tensor(min_ps, dtype=torch.float32, device=device)
+        probs = logits.softmax(dim=-1)
+        keep = probs >= min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(~keep, float("-inf"))
+    return logits
+
+
+def sampling_probs(logits: torch.Tensor, params: list[SamplingParams],
+                   output_token_ids: list[list[int]] | None = None) -> torch.Tensor:
+    """The distribution `[B, V]` each row draws from; a greedy row is one-hot at its argmax."""
+    processed = processed_logits(logits, params, output_token_ids)
+    probs = processed.softmax(dim=-1)
+    greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+    if greedy.any():
+        one_hot = torch.zeros_like(probs).scatter_(1, processed.argmax(dim=-1, keepdim=True), 1.0)
+        probs = torch.where(greedy[:, None], one_hot, probs)
+    return probs
+
+
+class Sampler:
+    """Batched token selection, one `SamplingParams` (and optional generator) per row."""
+
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
+                 output_token_ids: list[list[int]] | None = None,
+                 generators: list[torch.Generator | None] | None = None) -> SamplerOutput:
+        """Pick one token per row of `logits` `[B, V]`.
+
+        `output_token_ids[b]` are row b's generated tokens (for the penalties); `generators[b]`,
+        when given, is the row's own random stream (seeded requests).
+        """
+        batch, vocab = logits.shape
+        if generators is not None and len(generators) != batch:
+            raise ValueError(f"generators must have one entry per row ({batch}), got {len(generators)}")
+        logits = logits.float()
+        processed = processed_logits(logits, params, output_token_ids)  # [B, V]
+        tokens = processed.argmax(dim=-1)  # [B] greedy choice
+        sampled_rows = [b for b, p in enumerate(params) if not p.greedy]
+        if sampled_rows:
+            probs = processed.softmax(dim=-1)  # [B, V]
+            noise = torch.empty_like(probs)
+            seeded = [b for b in sampled_rows if generators is not None and generators[b] is not None]
+            unseeded = [b for b in sampled_rows if b not in set(seeded)]
+            if unseeded:
+                noise[unseeded] = torch.empty(len(unseeded), vocab, device=probs.device).exponential_()
+            for b in seeded:
+                noise[b] = torch.empty(vocab, device=probs.device).exponential_(generator=generators[b])
+            noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # a zero draw would make 0/0 = nan
+            drawn = (probs / noise).argmax(dim=-1)  # exponential race: P(drawn = t) = probs[t]
+            mask = torch.zeros(batch, dtype=torch.bool, device=logits.device)
+            mask[sampled_rows] = True
+            tokens = torch.where(mask, drawn, tokens)
+        out = SamplerOutput(token_ids=tokens)
+        wanted = [p.logprobs for p in params if p.logprobs is not None]
+        if wanted:
+            raw = logits.log_softmax(dim=-1)  # [B, V] raw model distribution
+            out.logprobs = raw.gather(1, tokens[:, None]).squeeze(1)
+            k = max(wanted)
+            if k > 0:
+                out.top_logprobs, out.top_ids = raw.topk(min(k, vocab), dim=-1)
+        return out
