@@ -1,0 +1,129 @@
+"""Load an HF-format DeepSeek-V3/V2 folder into a `Transformer`, one safetensors shard at a time.
+
+The model is built on the meta device and materialised empty on the target device, then each checkpoint
+tensor is copied into place as its shard is read, so peak host memory is about one shard plus one tensor.
+FP8 tensors (`float8_e4m3fn` with a `<name>_scale_inv` block scale) are dequantized on load. Every
+problem (missing, unexpected, mis-shaped tensors) is collected and reported in one error.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from dsv3.checkpoint.names import hf_to_ours, mtp_depth, shared_copy_of
+from dsv3.config import ModelArgs, _dtype_name
+from dsv3.model import Transformer
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+_MAX_LISTED = 12
+
+
+def weight_files(path: Path) -> tuple[list[Path], dict[str, Path]]:
+    """The safetensors files of a checkpoint folder, and (when an index exists) the name -> file map."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shard(s) that do not exist: {missing}")
+        return files, {name: path / f for name, f in weight_map.items()}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path}")
+    return files, {}
+
+
+def read_args(path: str | Path) -> ModelArgs:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {path}")
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} has no config.json; expected an HF-format DeepSeek-V3 folder")
+    return ModelArgs.from_hf_config(path)
+
+
+def _listing(title: str, items: list[str]) -> str:
+    shown = items[:_MAX_LISTED]
+    more = f" ... and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
+    return f"{title} ({len(items)}): " + ", ".join(shown) + more
+
+
+@torch.no_grad()
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+               *, progress: bool = True) -> Transformer:
+    """Read a checkpoint folder (`config.json` + `*.safetensors`, BF16 or FP8) into an eval-mode model.
+
+    A config announcing MTP layers whose tensors are absent (as `transformers`' `save_pretrained` writes)
+    loads without MTP, with a warning."""
+    path = Path(path)
+    args = read_args(path).replace(dtype=_dtype_name(dtype))
+    files, weight_map = weight_files(path)
+    names_by_file = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            names_by_file[file] = list(f.keys())
+    all_names = {n for names in names_by_file.values() for n in names}
+    if args.num_nextn_predict_layers:
+        have = {mtp_depth(hf_to_ours(n, args.n_layers)) for n in all_names} - {None}
+        if not have:
+            warnings.warn(f"{path}: config has {args.num_nextn_predict_layers} MTP layer(s) but the checkpoint "
+                          "has no MTP tensors; loading without MTP", stacklevel=2)
+            args = args.replace(num_nextn_predict_layers=0)
+
+    with torch.device("meta"):
+        model = Transformer(args, dtype)
+    model.to_empty(device=device)
+    expected = model.state_dict()
+    if args.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    mismatched: list[str] = []
+
+    def scale_of(name: str, f) -> torch.Tensor:
+        scale_name = f"{name}_scale_inv"
+        if scale_name in f.keys():
+            return f.get_tensor(scale_name)
+        if scale_name not in weight_map:
+            raise ValueError(f"{path}: FP8 tensor {name} has no {scale_name}")
+        with safe_open(weight_map[scale_name], framework="pt") as g:
+            return g.get_tensor(scale_name)
+
+    for file in tqdm(files, desc="loading shards", unit="shard", disable=not progress or len(files) < 2):
+        with safe_open(file, framework="pt") as f:
+            for name in names_by_file[file]:
+                if name.endswith("_scale_inv"):
+                    continue
+                key = hf_to_ours(name, args.n_layers)
+                depth = mtp_depth(key)
+                if depth is not None and (depth >= args.num_nextn_predict_layers or shared_copy_of(key)):
+                    continue  # MTP layer not loaded, or an MTP copy of the shared embedding/head
+                if key not in expected:
+                    unexpected.append(name)
+                    continue
+                tensor = f.get_tensor(name)
+                target = expected[key]
+                if tuple(tensor.shape) != tuple(target.shape):
+                    mismatched.append(f"{name}: checkpoint {list(tensor.shape)} vs model {list(target.shape)}")
+                    continue
+                if tensor.dtype in FP8_DTYPES:
+                    from dsv3.kernels.fp8 import dequantize_weight
+                    tensor = dequantize_weight(tensor, scale_of(name, f), dtype=torch.float32)
+                target.copy_(tensor)
+                loaded.add(key)
+
+    missing = [f"{k} {list(v.shape)}" for k, v in expected.items() if k not in loaded]
+    problems = [_listing(title, items) for title, items in
+                (("missing tensors", missing), ("unexpected tensors", unexpected), ("shape mismatches", mismatched))
+                if items]
+    if problems:
+        raise ValueError(f"checkpoint {path} does not match its config: " + "; ".join(problems))
+    model.rotary.reset()
+    return model.eval()

@@ -1,0 +1,126 @@
+"""Multi-head Latent Attention (MLA).
+
+Per token only the normalised KV latent `c_kv [kv_lora_rank]` and the rotated rope key
+`k_pe [qk_rope_head_dim]` are cached (576 numbers per layer for DeepSeek-V3). Two ways to attend over
+them, numerically equal and switchable per call:
+
+- expanded: `kv_b_proj` expands the latents into per-head `k_nope` and `v`, then ordinary attention;
+- absorbed: `kv_b_proj`'s key half is folded into the query (`q_nope W_uk` lives in latent space) and its
+  value half is applied after attending over the latents, so keys/values are never materialised.
+
+The sub-steps (`queries`, `latents`, `attend`) are public so the engine can run them over its own paged
+cache; `forward` is the self-contained path with an optional contiguous cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.config import ModelArgs
+from dsv3.model.layers import RMSNorm, dense_weight, linear
+from dsv3.model.rope import apply_rope
+
+
+class LatentCache:
+    """Contiguous per-layer cache `[max_batch, max_seq, kv_lora_rank]` + `[max_batch, max_seq, rope_dim]`."""
+
+    def __init__(self, args: ModelArgs, max_batch: int, max_seq: int, device: torch.device | str,
+                 dtype: torch.dtype) -> None:
+        self.kv = torch.zeros(max_batch, max_seq, args.kv_lora_rank, device=device, dtype=dtype)
+        self.pe = torch.zeros(max_batch, max_seq, args.qk_rope_head_dim, device=device, dtype=dtype)
+
+    def update(self, kv: torch.Tensor, pe: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write `[B, T, .]` at `start_pos` and return everything cached so far for these rows."""
+        bsz, seqlen = kv.shape[:2]
+        end = start_pos + seqlen
+        if end > self.kv.shape[1] or bsz > self.kv.shape[0]:
+            raise ValueError(f"cache holds {self.kv.shape[0]} x {self.kv.shape[1]} tokens; "
+                             f"asked for batch {bsz} up to position {end}")
+        self.kv[:bsz, start_pos:end] = kv
+        self.pe[:bsz, start_pos:end] = pe
+        return self.kv[:bsz, :end], self.pe[:bsz, :end]
+
+
+class MLA(nn.Module):
+    def __init__(self, args: ModelArgs, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.q_lora_rank = args.q_lora_rank
+        self.kv_lora_rank = args.kv_lora_rank
+        self.nope_dim = args.qk_nope_head_dim
+        self.rope_dim = args.qk_rope_head_dim
+        self.v_dim = args.v_head_dim
+        self.qk_dim = args.qk_head_dim
+        self.softmax_scale = args.softmax_scale
+        self.interleave = args.rope_interleave
+        if self.q_lora_rank:
+            self.q_a_proj = linear(args.dim, self.q_lora_rank, dtype)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, args.rms_norm_eps, dtype)
+            self.q_b_proj = linear(self.q_lora_rank, self.n_heads * self.qk_dim, dtype)
+        else:
+            self.q_proj = linear(args.dim, self.n_heads * self.qk_dim, dtype)
+        self.kv_a_proj_with_mqa = linear(args.dim, self.kv_lora_rank + self.rope_dim, dtype)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, args.rms_norm_eps, dtype)
+        self.kv_b_proj = linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), dtype)
+        self.o_proj = linear(self.n_heads * self.v_dim, args.dim, dtype)
+
+    # ---- sub-steps ---------------------------------------------------------------------------
+    def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x `[..., D]`, cos/sin `[..., rope/2]` -> q_nope `[..., H, nope]`, q_pe `[..., H, rope]` (rotated)."""
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
+        q = q.unflatten(-1, (self.n_heads, self.qk_dim))
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), self.interleave)
+        return q_nope, q_pe
+
+    def latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x `[..., D]` -> the cached pair: kv `[..., kv_lora_rank]` (normalised), k_pe `[..., rope]` (rotated)."""
+        kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return self.kv_a_layernorm(kv), apply_rope(k_pe, cos, sin, self.interleave)
+
+    def absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """q_nope `[..., H, nope]` -> latent query `[..., H, kv_lora_rank]` (`q_nope W_uk`)."""
+        w = dense_weight(self.kv_b_proj, q_nope.dtype).view(self.n_heads, self.nope_dim + self.v_dim, -1)
+        return torch.einsum("...hd,hdc->...hc", q_nope, w[:, : self.nope_dim])
+
+    def latent_output(self, o_lat: torch.Tensor) -> torch.Tensor:
+        """Attention output in latent space `[..., H, kv_lora_rank]` -> `[..., D]` (`W_uv`, then `o_proj`)."""
+        w = dense_weight(self.kv_b_proj, o_lat.dtype).view(self.n_heads, self.nope_dim + self.v_dim, -1)
+        o = torch.einsum("...hc,hdc->...hd", o_lat, w[:, self.nope_dim:])
+        return self.o_proj(o.flatten(-2))
+
+    def attend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
+               mask: torch.Tensor | None, absorb: bool = True) -> torch.Tensor:
+        """Queries `[B, T, H, .]` over cached latents kv `[B, S, C]`, k_pe `[B, S, R]`; mask `[T, S]` or
+        `[B, T, S]` additive (or None = attend to all). Returns `[B, T, D]`."""
+        if absorb:
+            q_lat = self.absorb_query(q_nope)  # [B, T, H, C]
+            scores = torch.einsum("bthc,bsc->bhts", q_lat, kv) + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)
+            probs = self._softmax(scores, mask)
+            o_lat = torch.einsum("bhts,bsc->bthc", probs.to(kv.dtype), kv)
+            return self.latent_output(o_lat)
+        kv_full = self.kv_b_proj(kv).unflatten(-1, (self.n_heads, self.nope_dim + self.v_dim))  # [B, S, H, nope+v]
+        k_nope, v = kv_full.split([self.nope_dim, self.v_dim], dim=-1)
+        scores = torch.einsum("bthd,bshd->bhts", q_nope, k_nope) + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)
+        probs = self._softmax(scores, mask)
+        o = torch.einsum("bhts,bshd->bthd", probs.to(v.dtype), v)  # [B, T, H, v]
+        return self.o_proj(o.flatten(-2))
+
+    def _softmax(self, scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        scores = scores.float() * self.softmax_scale  # [B, H, T, S]
+        if mask is not None:
+            scores = scores + (mask.unsqueeze(1) if mask.dim() == 3 else mask)
+        return F.softmax(scores, dim=-1)
+
+    # ---- self-contained path -----------------------------------------------------------------
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: LatentCache | None = None, start_pos: int = 0, absorb: bool = True) -> torch.Tensor:
+        """x `[B, T, D]` -> `[B, T, D]`. With a cache, the new latents are stored at `start_pos` and the
+        queries attend over everything cached for these rows."""
+        q_nope, q_pe = self.queries(x, cos, sin)
+        kv, k_pe = self.latents(x, cos, sin)
+        if cache is not None:
+            kv, k_pe = cache.update(kv, k_pe, start_pos)
+        return self.attend(q_nope, q_pe, kv, k_pe, mask, absorb)

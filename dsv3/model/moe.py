@@ -1,0 +1,101 @@
+"""DeepSeekMoE: a router (`Gate`), routed experts, shared experts; no token is ever dropped.
+
+Routing, for sigmoid (DeepSeek-V3) or softmax (DeepSeek-V2) scores `s`:
+- selection scores: `s + b` with the correction bias `b` (V3, `noaux_tc`) or `s` alone;
+- group limit: experts split in `n_expert_groups`; a group's score is the sum of its top-2 selection
+  scores (`noaux_tc`) or its max score (`group_limited_greedy`); only the best `n_limited_groups`
+  groups stay eligible (others masked: -inf for V3, 0 for V2, as the references do);
+- top-k experts among the eligible ones; their weights are the raw scores `s` (bias excluded),
+  normalised to sum 1 when `norm_topk_prob` (V3-style only; V2 never normalises), times `route_scale`.
+
+The bias `e_score_correction_bias` is a float32 buffer: training moves it outside the optimizer
+(auxiliary-loss-free balancing). The gate keeps the last routing (`last_scores`, `last_indices`) so the
+trainer can count expert load and compute the sequence-wise balance loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.config import ModelArgs
+from dsv3.model.layers import MLP
+
+
+class Gate(nn.Module):
+    def __init__(self, args: ModelArgs, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.n_experts = args.n_routed_experts
+        self.topk = args.n_activated_experts
+        self.n_groups = args.n_expert_groups
+        self.topk_groups = args.n_limited_groups
+        self.score_func = args.score_func
+        self.topk_method = args.topk_method
+        self.norm_topk_prob = args.norm_topk_prob and args.topk_method == "noaux_tc"
+        self.route_scale = args.route_scale
+        self.weight = nn.Parameter(torch.empty(self.n_experts, args.dim, dtype=dtype))
+        if args.correction_bias:
+            self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+        self.last_scores: torch.Tensor | None = None
+        self.last_indices: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x `[N, D]` -> weights `[N, K]` float32, expert indices `[N, K]` int64."""
+        logits = F.linear(x.float(), self.weight.float())  # [N, E]
+        scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if self.n_groups > 1 and self.topk_method != "greedy":
+            grouped = choice.view(-1, self.n_groups, self.n_experts // self.n_groups)  # [N, G, E/G]
+            if self.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            keep = group_scores.topk(self.topk_groups, dim=-1).indices  # [N, topk_groups]
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            masked = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf") if self.topk_method == "noaux_tc"
+                                         else 0.0)
+            choice = masked.flatten(1)
+        indices = choice.topk(self.topk, dim=-1).indices  # [N, K]
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        self.last_scores, self.last_indices = scores, indices
+        return weights * self.route_scale, indices
+
+
+class MoE(nn.Module):
+    """Shared experts (one MLP of width `n_shared * moe_inter_dim`) plus top-k routed experts."""
+
+    def __init__(self, args: ModelArgs, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.dim = args.dim
+        self.n_experts = args.n_routed_experts
+        self.gate = Gate(args, dtype)
+        self.experts = nn.ModuleList(MLP(args.dim, args.moe_inter_dim, dtype) for _ in range(self.n_experts))
+        self.shared_experts = (MLP(args.dim, args.n_shared_experts * args.moe_inter_dim, dtype)
+                               if args.n_shared_experts else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x `[..., D]` -> `[..., D]`. Reference path: loop over the experts that received tokens."""
+        shape = x.shape
+        x = x.reshape(-1, self.dim)  # [N, D]
+        weights, indices = self.gate(x)
+        routed = self.routed(x, weights, indices)
+        if self.shared_experts is not None:
+            routed = routed + self.shared_experts(x)
+        return routed.view(shape)
+
+    def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Sum over each token's chosen experts of `weight * expert(x)`; x `[N, D]`, weights/indices `[N, K]`."""
+        out = torch.zeros_like(x, dtype=torch.float32)
+        counts = torch.bincount(indices.flatten(), minlength=self.n_experts).tolist()
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            token, slot = torch.where(indices == e)
+            y = self.experts[e](x[token]) * weights[token, slot, None]
+            out.index_add_(0, token, y.float())
+        return out.to(x.dtype)
