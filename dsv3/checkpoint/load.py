@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from dsv3.checkpoint.names import hf_to_ours, mtp_depth, shared_copy_of
+from dsv3.checkpoint.names import hf_to_ours, mtp_depth, ours_to_hf, shared_copy_of
 from dsv3.config import ModelArgs, _dtype_name
 from dsv3.model import Transformer
 
@@ -119,7 +119,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                 target.copy_(tensor)
                 loaded.add(key)
 
-    missing = [f"{k} {list(v.shape)}" for k, v in expected.items() if k not in loaded]
+    missing = [f"{ours_to_hf(k, args.n_layers)} {list(v.shape)}" for k, v in expected.items() if k not in loaded]
     problems = [_listing(title, items) for title, items in
                 (("missing tensors", missing), ("unexpected tensors", unexpected), ("shape mismatches", mismatched))
                 if items]

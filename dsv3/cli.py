@@ -1,0 +1,50 @@
+"""`dsv3 <verb>`: thin argparse front ends over the library.
+
+Each verb lives beside the code it drives and registers itself with `add_parser(subparsers)`; this file
+only collects them, and turns user errors into one clear line (no traceback) and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# modules that provide add_parser(subparsers); each registers one or more verbs
+VERB_MODULES = (
+    "dsv3.cli_info",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dsv3",
+        description="DeepSeek-V3: run, serve, train, convert and evaluate DeepSeek-V3-family models.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    subparsers = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for name in VERB_MODULES:
+        importlib.import_module(name).add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("dsv3: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
+            RuntimeError, OSError) as err:
+        if args.debug or os.environ.get("DSV3_DEBUG"):
+            raise
+        print(f"dsv3 {args.verb}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

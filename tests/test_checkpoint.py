@@ -1,0 +1,149 @@
+"""Checkpoint load/save: our output loads in `transformers`, FP8 checkpoints, shards, and clear errors."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import dsv3
+from dsv3.config import ModelArgs
+from dsv3.model import Transformer
+from hf_models import make_v3
+
+
+def _tokens(vocab=256):
+    return torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(3))
+
+
+def test_saved_model_loads_in_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    args = ModelArgs.from_preset("tiny").replace(num_nextn_predict_layers=0)
+    model = Transformer(args).eval()
+    with torch.no_grad():
+        for block in model.layers[args.n_dense_layers:]:
+            block.mlp.gate.e_score_correction_bias.normal_(0, 0.05)
+    dsv3.save_model(model, tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    tokens = _tokens(512)
+    with torch.no_grad():
+        assert (hf(tokens).logits - model(tokens)).abs().max() <= 1e-4
+
+
+def test_round_trip_with_mtp_and_shards(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.from_preset("tiny")).eval()
+    dsv3.save_model(model, tmp_path, max_shard_bytes=200_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    n_layers = model.args.n_layers
+    assert {f"model.layers.{n_layers}.enorm.weight", f"model.layers.{n_layers}.shared_head.head.weight",
+            f"model.layers.{n_layers}.embed_tokens.weight", f"model.layers.{n_layers}.eh_proj.weight"} <= set(index["weight_map"])
+    assert len(set(index["weight_map"].values())) > 1
+    loaded = dsv3.load_model(tmp_path, dtype=torch.float32)
+    assert len(loaded.mtp) == 1
+    tokens = _tokens(512)
+    with torch.no_grad():
+        a, (ma,) = model(tokens, return_mtp=True)
+        b, (mb,) = loaded(tokens, return_mtp=True)
+    assert torch.equal(a, b) and torch.equal(ma, mb)
+
+
+def test_transformers_checkpoint_without_mtp_tensors_loads_with_warning(tmp_path):
+    make_v3(tmp_path, num_nextn_predict_layers=1)
+    with pytest.warns(UserWarning, match="no MTP tensors"):
+        model = dsv3.load_model(tmp_path, dtype=torch.float32)
+    assert len(model.mtp) == 0
+
+
+def _quantize_128(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The release's formula, written out here as the oracle: per 128x128 block (edges zero-padded),
+    scale = amax / 448, fp8 = w / scale; stored scale_inv = scale."""
+    out, inp = w.shape
+    rows, cols = math.ceil(out / 128), math.ceil(inp / 128)
+    padded = torch.zeros(rows * 128, cols * 128)
+    padded[:out, :inp] = w.float()
+    blocks = padded.view(rows, 128, cols, 128)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0  # [rows, cols]
+    q = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn).view(rows * 128, cols * 128)[:out, :inp]
+    return q.contiguous(), scale
+
+
+def test_fp8_checkpoint_matches_dequantized_model(tmp_path):
+    # dims above and not multiple of 128 so edge blocks are exercised
+    make_v3(tmp_path / "bf16", hidden_size=160, intermediate_size=200, moe_intermediate_size=136, q_lora_rank=144)
+    state = load_file(tmp_path / "bf16" / "model.safetensors")
+    fp8, dequantized = {}, {}
+    for name, t in state.items():
+        quantize = t.dim() == 2 and not any(s in name for s in ("embed_tokens", "lm_head", "mlp.gate.weight"))
+        if quantize:
+            q, s = _quantize_128(t)
+            fp8[name], fp8[name + "_scale_inv"] = q, s
+            blocks = torch.zeros(s.shape[0] * 128, s.shape[1] * 128)
+            blocks[: t.shape[0], : t.shape[1]] = q.float()
+            blocks = blocks.view(s.shape[0], 128, s.shape[1], 128) * s[:, None, :, None]
+            dequantized[name] = blocks.view(s.shape[0] * 128, -1)[: t.shape[0], : t.shape[1]].clone()
+        else:
+            fp8[name] = dequantized[name] = t
+    for sub, tensors in (("fp8", fp8), ("deq", dequantized)):
+        (tmp_path / sub).mkdir()
+        save_file(tensors, tmp_path / sub / "model.safetensors")
+        config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+        if sub == "fp8":
+            config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                             "weight_block_size": [128, 128]}
+        (tmp_path / sub / "config.json").write_text(json.dumps(config))
+    assert sum(t.dtype == torch.float8_e4m3fn for t in fp8.values()) > 10
+    a = dsv3.load_model(tmp_path / "fp8", dtype=torch.float32)
+    b = dsv3.load_model(tmp_path / "deq", dtype=torch.float32)
+    tokens = _tokens()
+    with torch.no_grad():
+        assert (a(tokens) - b(tokens)).abs().max() <= 1e-5
+
+
+# ---- errors -------------------------------------------------------------------------------------
+def test_missing_folder_and_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint folder not found"):
+        dsv3.load_model(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        dsv3.load_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(ModelArgs.from_preset("tiny").to_hf_config()))
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors files"):
+        dsv3.load_model(tmp_path)
+
+
+def _saved_state(tmp_path):
+    make_v3(tmp_path)
+    return load_file(tmp_path / "model.safetensors")
+
+
+def test_missing_tensor_is_named(tmp_path):
+    state = _saved_state(tmp_path)
+    del state["model.layers.1.self_attn.kv_b_proj.weight"]
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing tensors \(1\): model\.layers\.1\.self_attn\.kv_b_proj\.weight \[128, 32\]"):
+        dsv3.load_model(tmp_path)
+
+
+def test_unexpected_and_misshaped_tensors_are_named(tmp_path):
+    state = _saved_state(tmp_path)
+    state["model.layers.0.mystery.weight"] = torch.zeros(3)
+    state["model.norm.weight"] = torch.ones(65)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError) as err:
+        dsv3.load_model(tmp_path)
+    message = str(err.value)
+    assert "unexpected tensors (1): model.layers.0.mystery.weight" in message
+    assert "shape mismatches (1): model.norm.weight: checkpoint [65] vs model [64]" in message
+
+
+def test_fp8_tensor_without_scale_and_broken_index(tmp_path):
+    state = _saved_state(tmp_path)
+    state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"].to(torch.float8_e4m3fn)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="model.layers.0.mlp.up_proj.weight has no model.layers.0.mlp.up_proj.weight_scale_inv"):
+        dsv3.load_model(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "gone.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match="gone.safetensors"):
+        dsv3.load_model(tmp_path)
