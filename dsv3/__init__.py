@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["ModelArgs", "Transformer", "load_model", "save_model", "LLM", "SamplingParams"]
+__all__ = ["ModelArgs", "Transformer", "load_model", "save_model", "LLM", "SamplingParams", "default_model_path"]
 
 _WHERE = {
     "ModelArgs": "dsv3.config",
@@ -18,6 +18,16 @@ _WHERE = {
     "LLM": "dsv3.engine",
     "SamplingParams": "dsv3.engine",
 }
+
+
+def default_model_path() -> "Path":
+    """The small DeepSeek-V3 trained by this project and shipped in the package (`dsv3/assets/default-model`),
+    used by `dsv3 chat`, `generate` and `serve` when no `--model` is given."""
+    from pathlib import Path
+    path = Path(__file__).parent / "assets" / "default-model"
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"the built-in default model is not installed at {path}; pass --model DIR")
+    return path
 
 
 def __getattr__(name: str) -> Any:
