@@ -113,6 +113,8 @@ def test_strip_rst_nested_indent_and_plain_text_untouched():
     assert strip_rst(plain) == plain
     nested = ".. warning::\n   Outer text.\n\n   .. code-block:: c\n\n      int x;\n\nAfter."
     assert strip_rst(nested) == "Warning:\nOuter text.\n\nint x;\n\nAfter."
+    assert strip_rst(".. versionadded::\n\nText.") == "New in version.\n\nText."
+    assert strip_rst(".. deprecated:: 3.4\n   Use y.") == "Deprecated since version 3.4.\nUse y."
 
 
 def test_strip_brown_tags():

@@ -166,7 +166,10 @@ def _strip_lines(lines: list[str]) -> list[tuple[str, bool]]:
                 out.extend((pad + b if b else "", True) for b in body)
                 continue
             if label:
-                heads = [label.format(*heads[:1])] if "{}" in label else [label] + heads
+                if "{}" in label:  # a version label; its argument may be missing
+                    heads = [label.format(heads[0]) if heads else label.replace(" {}", "")]
+                else:
+                    heads = [label] + heads
             out.extend((pad + h, False) for h in heads)
             out.extend((pad + b if b else "", lit) for b, lit in _strip_lines(body))
             out.append(("", False))
@@ -505,7 +508,8 @@ def fetch_npm(spec: str, cache: Path) -> tuple[Path, str]:
     root = folder / tgz.name.removesuffix(".tgz")
     if not (root / ".extracted").exists():
         with tarfile.open(tgz, "r:gz") as tar:
-            tar.extractall(root, filter="data")
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(root, **safe)
         (root / ".extracted").touch()
     version = json.loads((root / "package" / "package.json").read_text())["version"]
     return root / "package", version
