@@ -197,5 +197,4 @@ class BlockManager:
                 self.free_ids[bid] = None
         seq.block_table = []
         seq.num_computed_tokens = 0
-        seq.num_cached_tokens = 0
-        seq.num_hashed_blocks = 0
+        seq.num_hashed_blocks = 0  # num_cached_tokens stays: it reports the last admission

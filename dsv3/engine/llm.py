@@ -1,0 +1,275 @@
+"""`LLM`: the public engine. Batch `generate`, or the incremental interface a server drives.
+
+    llm = LLM("path/to/checkpoint", device="cuda", dtype=torch.bfloat16)
+    outs = llm.generate(["Hello", [0, 5, 9]], SamplingParams(temperature=0, max_tokens=32))
+    outs[0].text, outs[0].token_ids, outs[0].finish_reason  # "stop" | "length"
+
+Incremental: `add_request(prompt, params) -> request_id`, then `step()` until `has_unfinished()` is
+false; each `step()` returns a `RequestOutput` for every request that got new tokens or finished,
+with the new piece in `.new_token_ids` / `.new_text`; `abort(request_id)` drops a request.
+
+A step = scheduler (`Scheduler.schedule`: continuous batching, chunked prefill, preemption) ->
+`ModelRunner.execute` (one forward over the paged latent cache, sampling) -> `Scheduler.postprocess`
+(token stops, max_tokens) -> text and stop strings here. Generated token ids include the token that
+ended a sequence (EOS or a stop token id); `.text` leaves out special tokens and, for a stop string,
+ends just before it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from dsv3.engine.block_manager import BlockManager
+from dsv3.engine.model_runner import ModelRunner
+from dsv3.engine.sampling import SamplingParams
+from dsv3.engine.scheduler import Scheduler
+from dsv3.engine.sequence import Sequence, TokenLogprob
+from dsv3.model import Transformer
+
+Prompt = str | list[int]
+
+
+@dataclass
+class RequestOutput:
+    """State of one request: all tokens so far, and what the latest step added."""
+
+    request_id: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None  # "stop" | "length" | "abort", None while running
+    logprobs: list[TokenLogprob] | None
+    new_token_ids: list[int] = field(default_factory=list)
+    new_text: str = ""
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (last admission)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class _Request:
+    """Per-request text state: streaming decoder, text so far, how much was reported."""
+
+    def __init__(self, seq: Sequence, tokenizer: Any) -> None:
+        self.seq = seq
+        self.decoder = tokenizer.stream_decoder(skip_special_tokens=True) if tokenizer is not None else None
+        self.text = ""
+        self.num_reported_tokens = 0
+        self.num_reported_chars = 0
+        self.stop_at: int | None = None  # text length at which a stop string begins
+
+
+class LLM:
+    """DeepSeek-V3 inference with continuous batching over a paged MLA latent cache."""
+
+    def __init__(self, model: str | Path | Transformer, tokenizer: Any = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | str = torch.bfloat16, num_blocks: int | None = None,
+                 cache_memory: int | None = None, block_size: int = 16, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
+                 enable_prefix_caching: bool = True) -> None:
+        """`model`: a checkpoint folder or a loaded `Transformer` (used as is: its device and dtype).
+        `tokenizer`: a `dsv3.tokenizer.Tokenizer`, a folder holding tokenizer.json, or None to use the
+        model folder's (if any; without one only token-id prompts work and `.text` stays empty).
+        Cache size: `num_blocks` blocks of `block_size` tokens, else `cache_memory` bytes, else a
+        default (80% of free GPU memory, 512 MiB on CPU)."""
+        if isinstance(dtype, str):
+            if dtype not in ("bfloat16", "float16", "float32"):
+                raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}")
+            dtype = getattr(torch, dtype)
+        folder: Path | None = None
+        if isinstance(model, Transformer):
+            self.model = model.eval()
+        elif isinstance(model, (str, Path)):
+            from dsv3.checkpoint import load_model
+            folder = Path(model)
+            self.model = load_model(folder, device=device, dtype=dtype)
+        else:
+            raise ValueError(f"model must be a checkpoint folder or a Transformer, got {type(model).__name__}")
+        self.tokenizer = self._load_tokenizer(tokenizer, folder)
+        self.runner = ModelRunner(self.model, block_size=block_size, num_blocks=num_blocks, cache_memory=cache_memory)
+        self.block_manager = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching)
+        limit = min(self.model.args.max_seq_len, self.block_manager.capacity_tokens)
+        if max_model_len is None:
+            max_model_len = limit
+        elif not 2 <= max_model_len <= limit:
+            raise ValueError(f"max_model_len must be in [2, {limit}] (model max_seq_len and cache capacity), "
+                             f"got {max_model_len}")
+        self.max_model_len = max_model_len
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
+                                   max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+                                   eos_token_ids=self._eos_ids())
+        self._ids = itertools.count()
+        self._requests: dict[int, _Request] = {}
+
+    # ---- setup ------------------------------------------------------------------------------
+    @staticmethod
+    def _load_tokenizer(tokenizer: Any, folder: Path | None) -> Any:
+        if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
+            return tokenizer
+        where = Path(tokenizer) if tokenizer is not None else folder
+        if where is None or not (where / "tokenizer.json").is_file():
+            if tokenizer is not None:
+                raise FileNotFoundError(f"no tokenizer.json in {where}")
+            return None
+        from dsv3.tokenizer import load_tokenizer
+        return load_tokenizer(where)
+
+    def _eos_ids(self) -> list[int]:
+        ids: set[int] = set()
+        eos = self.model.args.eos_token_id
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif eos:
+            ids.update(int(e) for e in eos)
+        if self.tokenizer is not None and getattr(self.tokenizer, "eos_id", None) is not None:
+            ids.add(int(self.tokenizer.eos_id))
+        return sorted(ids)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return sorted(self.scheduler.eos_token_ids)
+
+    # ---- requests ---------------------------------------------------------------------------
+    def _encode(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer (no tokenizer.json found); pass token ids")
+            return prompt, self.tokenizer.encode(prompt)
+        ids = [int(t) for t in prompt]
+        vocab = self.model.args.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
+        return None, ids
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> int:
+        """Queue one prompt (text or token ids); returns its request id."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer to decode text; use stop_token_ids")
+        text, ids = self._encode(prompt)
+        request_id = next(self._ids)
+        seq = Sequence(request_id, ids, params, arrival=request_id, prompt=text)
+        self.scheduler.add(seq)
+        self._requests[request_id] = _Request(seq, self.tokenizer)
+        return request_id
+
+    def abort(self, request_id: int) -> bool:
+        """Drop a request; True if it was still queued or running."""
+        self._requests.pop(request_id, None)
+        return self.scheduler.abort(request_id) is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_unfinished(self) -> int:
+        return self.scheduler.num_unfinished
+
+    # ---- one step ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; return the requests that got new tokens or finished."""
+        out = self.scheduler.schedule()
+        if out.is_empty and not out.finished:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("the scheduler found nothing to run (a request cannot fit the cache)")
+            return []
+        sampled = self.runner.execute(out)
+        self.scheduler.postprocess(out, sampled)
+        touched = [item.seq for item in out.scheduled if item.sample] + out.finished
+        outputs = []
+        for seq in dict.fromkeys(touched):  # unique, in order
+            req = self._requests.get(seq.seq_id)
+            if req is None:
+                continue
+            self._update_text(req)
+            outputs.append(self._report(req))
+            if seq.is_finished:
+                del self._requests[seq.seq_id]
+        return outputs
+
+    def _update_text(self, req: _Request) -> None:
+        seq = req.seq
+        if req.decoder is None:
+            return
+        new_ids = seq.output_token_ids[len(req.decoder.ids):]
+        piece = req.decoder.extend(new_ids)
+        if seq.is_finished:
+            piece += req.decoder.flush()
+        before = len(req.text)
+        req.text += piece
+        stops = seq.params.stop
+        if stops and req.stop_at is None and piece:
+            longest = max(len(s) for s in stops)
+            search_from = max(0, before - longest + 1)
+            hits = [i for i in (req.text.find(s, search_from) for s in stops) if i >= 0]
+            if hits:
+                req.stop_at = min(hits)
+                if not seq.is_finished:
+                    self.scheduler.finish(seq, "stop")
+                else:
+                    seq.finish_reason = "stop"
+        if req.stop_at is not None:
+            req.text = req.text[:req.stop_at]
+
+    def _report(self, req: _Request) -> RequestOutput:
+        seq = req.seq
+        new_ids = seq.output_token_ids[req.num_reported_tokens:]
+        new_text = req.text[req.num_reported_chars:]
+        req.num_reported_tokens = seq.num_output_tokens
+        req.num_reported_chars = len(req.text)
+        return RequestOutput(
+            request_id=seq.seq_id, prompt=seq.prompt, prompt_token_ids=list(seq.prompt_token_ids),
+            token_ids=list(seq.output_token_ids), text=req.text, finish_reason=seq.finish_reason,
+            logprobs=list(seq.output_logprobs) if seq.params.logprobs is not None else None,
+            new_token_ids=new_ids, new_text=new_text, num_cached_tokens=seq.num_cached_tokens)
+
+    # ---- batch API --------------------------------------------------------------------------
+    def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); outputs in prompt order.
+
+        A single string, or a single list of ints, counts as one prompt."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and
+                                        all(isinstance(t, int) for t in prompts)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        wanted = set(ids)
+        results: dict[int, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
+            while len(results) < len(ids):
+                if not self.has_unfinished():
+                    raise RuntimeError("requests were dropped before finishing")
+                for output in self.step():
+                    if output.finished and output.request_id in wanted:
+                        results[output.request_id] = output
+                        bar.update(1)
+        return [results[i] for i in ids]
+
+    # ---- stats ------------------------------------------------------------------------------
+    @property
+    def prefix_cache_hit_tokens(self) -> int:
+        return self.block_manager.prefix_hits
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
