@@ -7,6 +7,7 @@ import gzip
 import json
 import random
 import struct
+import sys
 import zlib
 
 import numpy as np
@@ -336,3 +337,6 @@ def test_cli_failed_source_is_one_line_and_skippable(tmp_path, monkeypatch, caps
 def test_missing_tool_names_the_package(tmp_path):
     with pytest.raises(SourceError, match="Debian package foo.*not installed"):
         corpus._run(["no-such-tool-dsv3"], tmp_path, "Debian package foo")
+    script = "import sys; sys.stderr.write('W: noise\\nE: Unable to locate package foo\\ntail\\n'); sys.exit(100)"
+    with pytest.raises(SourceError, match="Debian package foo: .* failed: E: Unable to locate package foo$"):
+        corpus._run([sys.executable, "-c", script], tmp_path, "Debian package foo")

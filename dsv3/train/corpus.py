@@ -469,8 +469,11 @@ def _run(cmd: list[str], cwd: Path, what: str) -> str:
     except FileNotFoundError as exc:
         raise SourceError(f"{what}: `{cmd[0]}` is not installed") from exc
     if done.returncode != 0:
-        last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
-        raise SourceError(f"{what}: `{' '.join(cmd)}` failed: {last}")
+        lines = [line.strip() for line in (done.stderr + done.stdout).splitlines()
+                 if line.strip() and "complete log" not in line and not line.startswith("W:")]
+        reason = next((line for line in lines if line.startswith("E:") or "Not Found" in line),
+                      lines[-1] if lines else f"exit status {done.returncode}")
+        raise SourceError(f"{what}: `{' '.join(cmd)}` failed: {reason}")
     return done.stdout
 
 
