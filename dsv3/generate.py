@@ -116,7 +116,10 @@ def _resolve_model(model: str | None) -> Path:
         default = getattr(dsv3, "default_model_path", None)
         if default is None:
             raise UsageError("no --model given and no default model is configured; pass --model DIR")
-        path = Path(default())
+        try:
+            path = Path(default())
+        except FileNotFoundError as e:
+            raise UsageError(f"no --model given and {e}") from None
         if not path.is_dir():
             raise UsageError(f"no --model given and the default model folder {path} does not exist; "
                              "pass --model DIR")

@@ -281,6 +281,14 @@ def test_default_model_path(ckpt, monkeypatch, tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert "absent" in err and "--model" in err
 
+    def not_installed():
+        raise FileNotFoundError("the built-in default model is not installed at /x")
+
+    monkeypatch.setattr(dsv3, "default_model_path", not_installed, raising=False)
+    assert gen.main(["chat"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not installed at /x" in err[0]
+
 
 def test_bad_inputs_one_line_errors(ckpt, tmp_path: Path) -> None:
     path = str(ckpt[0])
