@@ -342,3 +342,145 @@ def test_triton_fp8_gemm_large_bf16_and_dispatch():
         # and close to the unquantized product: FP8 costs a few percent at most
         full = a.float() @ w.float().T
         assert (out.float() - full).norm() / full.norm() < 5e-2
+
+
+# ---- FP8Linear (weights kept FP8 in memory) ----
+
+from torch import nn  # noqa: E402
+
+from dsv3.model.fp8_linear import FP8Linear, convert_linears_to_fp8, keep_bf16  # noqa: E402
+
+
+def _linear(in_f, out_f, bias=False, seed=14, dtype=torch.float32):
+    torch.manual_seed(seed)
+    lin = nn.Linear(in_f, out_f, bias=bias, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.mul_(torch.logspace(-2, 1, in_f, dtype=dtype))  # blocks of very different scales
+    return lin
+
+
+@pytest.mark.parametrize("in_f,out_f,bias", [(256, 384, False), (200, 300, True), (129, 1, False)])
+def test_fp8_linear_from_linear_layout_and_forward(in_f, out_f, bias):
+    lin = _linear(in_f, out_f, bias)
+    q = FP8Linear.from_linear(lin)
+    w_ref, s_ref = fp8.quantize_weight(lin.weight.detach())
+    assert q.weight.dtype == E4M3 and not q.weight.requires_grad
+    assert torch.equal(q.weight.view(torch.uint8), w_ref.view(torch.uint8)) and torch.equal(q.weight_scale_inv, s_ref)
+    sd = q.state_dict()
+    assert set(sd) == {"weight", "weight_scale_inv"} | ({"bias"} if bias else set())
+    assert sd["weight_scale_inv"].shape == (math.ceil(out_f / 128), math.ceil(in_f / 128))
+    x = torch.randn(2, 3, in_f)
+    y = q(x)
+    deq = _loop_dequant(w_ref, s_ref, 128)
+    ref = x @ deq.T + (lin.bias.detach() if bias else 0)
+    assert y.shape == (2, 3, out_f) and y.dtype == x.dtype
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    # vs the unquantized layer: within the closed-form e4m3 bound, summed over the inputs
+    full = lin(x).detach()
+    s_full = s_ref.repeat_interleave(128, 0)[:out_f].repeat_interleave(128, 1)[:, :in_f]
+    bound = x.abs() @ (2.0**-4 * lin.weight.detach().abs() + 2.0**-10 * s_full).T
+    assert torch.all((y - full).abs() <= bound + 1e-5)
+
+
+def test_fp8_linear_slabs_equal_single_pass(monkeypatch):
+    import dsv3.model.fp8_linear as fl
+
+    q = FP8Linear.from_linear(_linear(300, 700))
+    x = torch.randn(5, 300, dtype=torch.bfloat16)
+    whole = q(x)
+    monkeypatch.setattr(fl, "_CHUNK_ELEMS", 300 * 128)  # one 128-row block per slab: 6 slabs
+    slabs = q(x)
+    assert slabs.dtype == torch.bfloat16
+    torch.testing.assert_close(slabs, whole, rtol=0, atol=0)
+    torch.testing.assert_close(whole.float(), x.float() @ q.dequantized_weight(torch.float32).T, rtol=2e-2, atol=1e-2)
+
+
+def test_fp8_linear_matches_transformers_fine_grained_fp8_layout():
+    tf_fp8 = pytest.importorskip("transformers.integrations.finegrained_fp8")
+    ours = FP8Linear.from_linear(_linear(300, 200))
+    theirs = tf_fp8.FP8Linear(300, 200, block_size=(128, 128))
+    ours_sd, theirs_sd = ours.state_dict(), theirs.state_dict()
+    assert set(ours_sd) == set(theirs_sd)
+    for k in ours_sd:
+        assert ours_sd[k].shape == theirs_sd[k].shape and ours_sd[k].dtype == theirs_sd[k].dtype, k
+    # and transformers' own dequantization of our tensors is ours
+    theirs_deq = tf_fp8._dequantize_fp8_weight(ours.weight, ours.weight_scale_inv, [128, 128], torch.float32)
+    torch.testing.assert_close(ours.dequantized_weight(torch.float32), theirs_deq, rtol=0, atol=0)
+
+
+def test_fp8_linear_survives_dtype_casts_and_moves():
+    q = FP8Linear.from_linear(_linear(256, 128, bias=True))
+    w0, s0 = q.weight.clone(), q.weight_scale_inv.clone()
+    q.to(torch.bfloat16)
+    assert q.weight.dtype == E4M3 and q.weight_scale_inv.dtype == torch.float32 and q.bias.dtype == torch.bfloat16
+    assert torch.equal(q.weight.view(torch.uint8), w0.view(torch.uint8)) and torch.equal(q.weight_scale_inv, s0)
+    q.half().float()
+    assert q.weight.dtype == E4M3 and torch.equal(q.weight_scale_inv, s0)
+    meta = FP8Linear(256, 128, device="meta")
+    meta.to_empty(device="cpu")
+    assert meta.weight.dtype == E4M3 and meta.weight.device.type == "cpu"
+
+
+def test_fp8_linear_gradient_flows_to_input():
+    q = FP8Linear.from_linear(_linear(128, 64))
+    x = torch.randn(3, 128, requires_grad=True)
+    q(x).sum().backward()
+    torch.testing.assert_close(x.grad, q.dequantized_weight(torch.float32).sum(0).expand(3, -1))
+
+
+def test_fp8_linear_rejects_wrong_width():
+    with pytest.raises(ValueError, match="128 input features"):
+        FP8Linear.from_linear(_linear(128, 64))(torch.randn(2, 127))
+
+
+def test_keep_bf16_follows_the_official_checkpoint():
+    for name in ("lm_head", "model.layers.3.mlp.gate", "mtp.0.eh_proj", "model.layers.61.shared_head.head"):
+        assert keep_bf16(name), name
+    for name in ("layers.0.self_attn.q_a_proj", "layers.0.self_attn.kv_b_proj", "layers.2.mlp.experts.7.down_proj",
+                 "layers.2.mlp.shared_experts.gate_proj", "layers.0.mlp.gate_proj", "layers.1.self_attn.o_proj"):
+        assert not keep_bf16(name), name
+
+
+def _tiny_model(dtype=torch.float32):
+    from dsv3.config import ModelArgs
+    from dsv3.model import Transformer
+
+    args = ModelArgs.from_preset("tiny").replace(dim=256, inter_dim=384, moe_inter_dim=160, q_lora_rank=160,
+                                                 kv_lora_rank=128, n_layers=2)
+    torch.manual_seed(0)
+    return Transformer(args, dtype).eval(), args
+
+
+def test_convert_linears_to_fp8_on_a_tiny_model():
+    model, args = _tiny_model()
+    tokens = torch.randint(0, args.vocab_size, (2, 9))
+    with torch.no_grad():
+        ref = model(tokens)
+    linears = {n for n, m in model.named_modules() if type(m) is nn.Linear}
+    converted = convert_linears_to_fp8(model)
+    assert set(converted) == {n for n in linears if not keep_bf16(n)} and "lm_head" not in converted
+    assert any(".experts." in n for n in converted) and any("kv_b_proj" in n for n in converted)
+    sd = model.state_dict()
+    for n in converted:
+        assert sd[f"{n}.weight"].dtype == E4M3 and sd[f"{n}.weight_scale_inv"].dtype == torch.float32
+    assert sd["lm_head.weight"].dtype == torch.float32 and "lm_head.weight_scale_inv" not in sd
+    with torch.no_grad():
+        out = model(tokens)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    rel = (out - ref).norm() / ref.norm()
+    assert 0 < rel < 0.1, rel  # FP8 weights: a small, non-zero change of the logits
+
+
+def test_convert_on_meta_then_load_state_dict():
+    model, args = _tiny_model()
+    convert_linears_to_fp8(model)
+    with torch.device("meta"):
+        empty, _ = _tiny_model()
+    names = convert_linears_to_fp8(empty)
+    assert names and all(empty.get_submodule(n).weight.is_meta for n in names)
+    empty.to_empty(device="cpu")
+    empty.load_state_dict(model.state_dict())
+    empty.rotary.reset()
+    tokens = torch.randint(0, args.vocab_size, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(empty(tokens), model(tokens), rtol=0, atol=0)
