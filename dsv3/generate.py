@@ -305,8 +305,12 @@ class Session:
             logits = self.feed([token])
 
 
-def _stop_ids(tok: "Tokenizer") -> set[int]:
-    return {tok.eos_id} if tok.eos_id is not None else set()
+def _stop_ids(tok: "Tokenizer", model: Any) -> set[int]:
+    """EOS of the tokenizer and of the model's config.json (an int or a list)."""
+    ids = {tok.eos_id} if tok.eos_id is not None else set()
+    eos = getattr(getattr(model, "args", None), "eos_token_id", None)
+    ids.update([eos] if isinstance(eos, int) else list(eos or []))
+    return ids
 
 
 def _encode_prompt(tok: "Tokenizer", prompt: str, chat: bool, system: str | None) -> list[int]:
@@ -322,7 +326,7 @@ def run_one(session: Session, tok: "Tokenizer", prompt: str, prompt_ids: list[in
     session.reset()
     decoder = tok.stream_decoder(skip_special_tokens=False)
     ids = []
-    for token in session.generate(prompt_ids, params, _stop_ids(tok), stop):
+    for token in session.generate(prompt_ids, params, _stop_ids(tok, session.model), stop):
         ids.append(token)
         piece = decoder.step(token)
         if piece and on_text:
@@ -525,7 +529,7 @@ def _answer(conv: Conversation, user_text: str, params: "SamplingParams", stop: 
     start = time.perf_counter()
     first = None
     with stop:
-        for token in session.generate(new_ids, params, _stop_ids(tok), stop):
+        for token in session.generate(new_ids, params, _stop_ids(tok, session.model), stop):
             if first is None:
                 first = time.perf_counter()
             ids.append(token)
