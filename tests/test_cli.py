@@ -1,5 +1,6 @@
 """The `dsv3` command line: verbs registered, counts printed, user errors as one line."""
 
+import argparse
 import subprocess
 import sys
 
@@ -19,9 +20,19 @@ def test_bad_preset_is_one_line_error(capsys):
     assert err == ["dsv3 info: error: unknown preset 'huge'; choose one of ['16B', '236B', '671B', 'tiny']"]
 
 
-def test_console_script_help():
+def _leaf_parsers(parser):
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield parser
+    for sub in subs:
+        for child in sub.choices.values():
+            yield from _leaf_parsers(child)
+
+
+def test_every_flag_has_help():
     out = subprocess.run([sys.executable, "-m", "dsv3.cli", "--help"], capture_output=True, text=True, check=True)
     assert "info" in out.stdout
-    for action in build_parser()._subparsers._group_actions[0].choices.values():
-        for opt in action._actions:
-            assert opt.help, f"{action.prog}: {opt.option_strings} has no help"
+    for parser in _leaf_parsers(build_parser()):
+        for action in parser._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{parser.prog}: {action.option_strings} has no help"
