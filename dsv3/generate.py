@@ -1,16 +1,21 @@
 """`dsv3 generate` and `dsv3 chat`: text generation from the command line.
 
-Both verbs run batch-1 decoding over the model's own contiguous latent cache (`Transformer.setup_cache`
-+ `forward(tokens, start_pos)`): a `Session` holds the token ids whose latents are cached and feeds
-only new tokens. That is what lets `chat` keep a conversation's cache between turns: each turn
-renders the whole conversation with the chat template, checks that the cached text is a prefix of
-it, and feeds only the rest (the new user turn and the assistant tag). If the prefix no longer
-matches (the system prompt changed, an answer was cut mid-character), the session starts over.
+`generate` drives the engine's `LLM`: one prompt streams its text as the engine steps (Ctrl-C aborts
+the request and keeps what was generated), a file of prompts runs through continuous batching and
+prints one JSON line per prompt, in prompt order.
 
-Sampling uses the engine's `SamplingParams` / `Sampler`, so `--temperature 0` is greedy and a
-`--seed` gives the same draws as the engine would. Text is streamed with the tokenizer's
+`chat` keeps one conversation's cache between turns, which the engine's per-request cache does not
+do: a `Session` decodes batch-1 over the model's own contiguous latent cache
+(`Transformer.setup_cache` + `hidden(tokens, start_pos)`) and remembers which token ids are cached.
+Each turn renders the whole conversation with the chat template, checks that the cached text is a
+prefix of it, and feeds only the rest (the end of the last answer, the new user turn and the
+assistant tag). When the prefix no longer matches (the system prompt changed, an answer was cut
+mid-character) the session starts over. Ctrl-C sets a flag that stops the answer at the next token.
+
+Both sample with the engine's `SamplingParams` / `Sampler` (`--temperature 0` is greedy; `--seed`
+seeds a per-request generator as the engine does) and stream with the tokenizer's
 `IncrementalDecoder` (no broken characters). torch is imported only after the flags are checked, so
-bad input fails fast with one line on stderr and a non-zero exit code.
+bad input fails fast: one line on stderr, a non-zero exit code.
 """
 
 from __future__ import annotations
@@ -320,22 +325,44 @@ def _encode_prompt(tok: "Tokenizer", prompt: str, chat: bool, system: str | None
     return tok.encode_chat(messages, add_generation_prompt=True)
 
 
-def run_one(session: Session, tok: "Tokenizer", prompt: str, prompt_ids: list[int], params: "SamplingParams",
-            on_text: Callable[[str], None] | None = None, stop: StopFlag | None = None) -> Completion:
-    """Generate one answer from an empty cache; stream its text to `on_text`."""
-    session.reset()
-    decoder = tok.stream_decoder(skip_special_tokens=False)
-    ids = []
-    for token in session.generate(prompt_ids, params, _stop_ids(tok, session.model), stop):
-        ids.append(token)
-        piece = decoder.step(token)
-        if piece and on_text:
-            on_text(piece)
-    tail = decoder.flush()
-    if tail and on_text:
-        on_text(tail)
-    return Completion(prompt=prompt, text=tok.decode(ids), prompt_tokens=len(prompt_ids),
-                      completion_tokens=len(ids), finish_reason=session.finish_reason)
+def _completion(prompt: str, prompt_ids: list[int], output: Any, tok: "Tokenizer", stop_ids: set[int],
+                finish_reason: str | None = None) -> Completion:
+    """A Completion from an engine `RequestOutput` (the EOS that ended it is not part of the answer)."""
+    ids = list(output.token_ids) if output is not None else []
+    if ids and ids[-1] in stop_ids and output.finish_reason == "stop":
+        ids = ids[:-1]
+    return Completion(prompt=prompt, text=tok.decode(ids), prompt_tokens=len(prompt_ids), completion_tokens=len(ids),
+                      finish_reason=finish_reason or output.finish_reason)
+
+
+def stream_one(llm: Any, tok: "Tokenizer", prompt: str, prompt_ids: list[int], params: "SamplingParams",
+               on_text: Callable[[str], None], stop: StopFlag) -> Completion:
+    """Run one request through the engine, streaming its text to `on_text`; Ctrl-C aborts it."""
+    stop_ids = set(llm.eos_token_ids)
+    request_id = llm.add_request(prompt_ids, params)
+    decoder = tok.stream_decoder()
+    last = None
+    with stop:
+        while llm.has_unfinished():
+            if stop.is_set:
+                llm.abort(request_id)
+                break
+            for out in llm.step():
+                if out.request_id != request_id:
+                    continue
+                last = out
+                new = out.new_token_ids
+                if out.finished and new and new[-1] in stop_ids and out.finish_reason == "stop":
+                    new = new[:-1]
+                piece = decoder.extend(new) + (decoder.flush() if out.finished else "")
+                if piece:
+                    on_text(piece)
+    if last is None or not last.finished:
+        tail = decoder.flush()
+        if tail:
+            on_text(tail)
+        return _completion(prompt, prompt_ids, last, tok, stop_ids, finish_reason="interrupted")
+    return _completion(prompt, prompt_ids, last, tok, stop_ids)
 
 
 # ---- generate ------------------------------------------------------------------------------------
@@ -389,28 +416,29 @@ def _generate(args: argparse.Namespace) -> int:
             raise UsageError(f"{which} has {len(ids)} tokens but the model's context is {context} tokens")
     params = _sampling(args)
     _check_device(args.device)
-    model = _load(path, args)
-    session = Session(model, min(context, max(len(ids) for ids in encoded) + args.max_new_tokens))
+    from dsv3.engine import LLM
+
+    llm = LLM(_load(path, args), tokenizer=tok)
 
     out_file = open(args.output, "w", encoding="utf-8") if args.output else None
     try:
         if len(prompts) == 1:
             start = time.perf_counter()
-            result = run_one(session, tok, prompts[0], encoded[0], params, lambda s: _write(sys.stdout, s))
+            result = stream_one(llm, tok, prompts[0], encoded[0], params, lambda s: _write(sys.stdout, s), StopFlag())
             _write(sys.stdout, "\n")
             elapsed = time.perf_counter() - start
             print(f"[{result.completion_tokens} tokens, {result.completion_tokens / max(elapsed, 1e-9):.1f} "
                   f"tokens/s, finish: {result.finish_reason}]", file=sys.stderr)
-            if out_file:
-                out_file.write(json.dumps(asdict(result), ensure_ascii=False) + "\n")
-            return 0
-        from tqdm.auto import tqdm
-        sink = out_file or sys.stdout
-        for prompt, ids in tqdm(list(zip(prompts, encoded)), desc="generating", unit="prompt",
-                                disable=out_file is None):
-            result = run_one(session, tok, prompt, ids, params)
-            _write(sink, json.dumps(asdict(result), ensure_ascii=False) + "\n")
-        return 0
+            results = [result]
+        else:  # continuous batching over all prompts
+            outputs = llm.generate(encoded, params, use_tqdm=out_file is not None)
+            stop_ids = set(llm.eos_token_ids)
+            results = [_completion(p, ids, o, tok, stop_ids) for p, ids, o in zip(prompts, encoded, outputs)]
+        sink = out_file if out_file else (sys.stdout if len(prompts) > 1 else None)
+        if sink:
+            for result in results:
+                sink.write(json.dumps(asdict(result), ensure_ascii=False) + "\n")
+        return 130 if results[0].finish_reason == "interrupted" else 0
     finally:
         if out_file:
             out_file.close()

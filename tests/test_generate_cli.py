@@ -167,6 +167,31 @@ def test_generate_stops_at_eos(ckpt, tmp_path: Path) -> None:
     assert rec["completion_tokens"] == len(want)
 
 
+def test_generate_ctrl_c_keeps_partial_answer(ckpt, monkeypatch, tmp_path: Path) -> None:
+    from dsv3.engine import LLM
+
+    path, model, tok = ckpt
+    step = LLM.step
+    calls = []
+
+    def step_and_interrupt(self):
+        outs = step(self)
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the answer streams
+        return outs
+
+    monkeypatch.setattr(LLM, "step", step_and_interrupt)
+    out = tmp_path / "i.jsonl"
+    rc = gen.main(["generate", "--model", str(path), "--prompt", "interrupt me", "--max-new-tokens", "20",
+                   "--output", str(out), *GREEDY])
+    assert rc == 130
+    rec = json.loads(out.read_text(encoding="utf-8"))
+    assert rec["finish_reason"] == "interrupted" and 0 < rec["completion_tokens"] < 20
+    want, _ = hf_greedy(model, tok.encode("interrupt me"), rec["completion_tokens"])
+    assert rec["text"] == tok.decode(want)
+
+
 def test_generate_seed_reproducible(ckpt, tmp_path: Path) -> None:
     path, _, _ = ckpt
     texts = []
