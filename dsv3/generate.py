@@ -95,7 +95,7 @@ def add_parser(subparsers: Any) -> None:
                      help="wrap each prompt as a user turn with the chat template (default: raw text, BOS added)")
     gen.add_argument("--output", metavar="FILE", default=None,
                      help="write JSONL (prompt, text, prompt_tokens, completion_tokens, finish_reason) here "
-                          "(default: stdout)")
+                          "(default: none; one prompt streams plain text to stdout, several print JSONL there)")
     _add_common(gen)
     gen.set_defaults(func=generate_main)
 
