@@ -30,6 +30,7 @@ from dsv3.model.mla import MLA
 
 DEFAULT_CPU_CACHE_BYTES = 512 * 2**20
 DEFAULT_GPU_MEMORY_FRACTION = 0.8  # of the free memory after loading the model
+MAX_SCORE_ELEMENTS = 2**26  # attention scores materialised at once (256 MiB in float32); queries are tiled
 
 
 def cache_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype | None = None) -> int:
@@ -42,13 +43,14 @@ def cache_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtyp
 
 @dataclass
 class AttentionGroup:
-    """Sequences attended together: their queries and contexts padded to `[b, T]` and `[b, S]`."""
+    """Sequences attended together: all decodes (T = 1), or one prefill chunk (b = 1); contexts padded
+    to the longest, `S`."""
 
-    query_index: torch.Tensor  # [b, T] index into the flat batch of each sequence's new tokens (padded)
-    query_valid: torch.Tensor  # [b, T] bool, real (not padding) queries
-    context_slots: torch.Tensor  # [b, S] cache slots of each sequence's context (padded with slot 0)
+    query_index: torch.Tensor  # [b, T] index into the flat batch of each sequence's new tokens
+    context_slots: torch.Tensor  # [b, S] cache slots of each sequence's context (padded)
     mask: torch.Tensor  # [b, T, S] additive float32: 0 where the query may see the key, -inf elsewhere
-    flat_index: torch.Tensor  # [n] flat index of each valid query, in `query_valid` order
+    flat_index: torch.Tensor  # [b * T] query_index flattened
+    new_slots: torch.Tensor  # [b * T] cache slot of each new token, in flat_index order
 
 
 @dataclass
@@ -102,70 +104,64 @@ class ModelRunner:
         return self.kv_cache.numel() * self.kv_cache.element_size()
 
     # ---- batch preparation ------------------------------------------------------------------
-    def _slot(self, seq: Sequence, pos: int) -> int:
-        return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
-
     def prepare(self, out: SchedulerOutput) -> StepBatch:
+        """Flatten the scheduled chunks into one batch and build every index tensor of the step."""
         tokens: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
-        decodes: list[tuple[int, int, list[int]]] = []  # (flat index, position, context slots)
+        decodes: list[tuple[int, int, list[int]]] = []  # (flat index, position, block table)
         groups: list[AttentionGroup] = []
         sample_index: list[int] = []
-        bs = self.block_size
         for item in out.scheduled:
             seq, start, n = item.seq, item.start, item.num_tokens
             end = start + n
-            table = seq.block_table
-            if len(table) * bs < end:
-                raise RuntimeError(f"sequence {seq.seq_id} has {len(table)} blocks for {end} tokens")
-            context = [table[p // bs] * bs + p % bs for p in range(end)]
+            if len(seq.block_table) * self.block_size < end:
+                raise RuntimeError(f"sequence {seq.seq_id} has {len(seq.block_table)} blocks for {end} tokens")
             first = len(tokens)
             tokens += seq.token_slice(start, end)
             positions += range(start, end)
-            slots += context[start:end]
             if n == 1:
-                decodes.append((first, start, context))
+                decodes.append((first, start, seq.block_table))
             else:
-                groups.append(self._group([(list(range(first, first + n)), start, context)]))
+                groups.append(self._group(torch.arange(first, first + n)[None], torch.arange(start, end)[None],
+                                          [seq.block_table]))
             if item.sample:
                 sample_index.append(len(tokens) - 1)
         if decodes:
-            groups.append(self._group([([i], pos, ctx) for i, pos, ctx in decodes]))
+            flat, pos, tables = zip(*decodes)
+            groups.append(self._group(torch.tensor(flat)[:, None], torch.tensor(pos)[:, None], list(tables)))
+        slots = torch.empty(len(tokens), dtype=torch.long, device=self.device)
+        for group in groups:
+            slots[group.flat_index] = group.new_slots
         dev = self.device
         return StepBatch(
             tokens=torch.tensor([tokens], dtype=torch.long, device=dev),
             positions=torch.tensor([positions], dtype=torch.long, device=dev),
-            slots=torch.tensor(slots, dtype=torch.long, device=dev),
+            slots=slots,
             groups=groups,
             sample_index=torch.tensor(sample_index, dtype=torch.long, device=dev),
         )
 
-    def _group(self, members: list[tuple[list[int], int, list[int]]]) -> AttentionGroup:
-        """members: (flat indices of the new tokens, position of the first, context slots)."""
-        b = len(members)
-        max_t = max(len(m[0]) for m in members)
-        max_s = max(len(m[2]) for m in members)
-        query_index = torch.zeros(b, max_t, dtype=torch.long)
-        query_valid = torch.zeros(b, max_t, dtype=torch.bool)
-        query_pos = torch.zeros(b, max_t, dtype=torch.long)  # padded queries see key 0 only (no NaN)
-        context_slots = torch.zeros(b, max_s, dtype=torch.long)
-        context_len = torch.zeros(b, dtype=torch.long)
-        for i, (flat, start, context) in enumerate(members):
-            t = len(flat)
-            query_index[i, :t] = torch.tensor(flat)
-            query_valid[i, :t] = True
-            query_pos[i, :t] = torch.arange(start, start + t)
-            context_slots[i, :len(context)] = torch.tensor(context)
-            context_len[i] = len(context)
+    def _group(self, query_index: torch.Tensor, query_pos: torch.Tensor, tables: list[list[int]]) -> AttentionGroup:
+        """Sequences that attend together: `query_index`/`query_pos` `[b, T]` (flat index and position of
+        each new token, all rows full), `tables` their block tables."""
+        b, t = query_index.shape
+        bs = self.block_size
+        context_len = query_pos[:, -1] + 1  # [b] a chunk sees everything up to its last token
+        max_s = int(context_len.max())
+        n_blocks = (max_s + bs - 1) // bs
+        table = torch.zeros(b, n_blocks, dtype=torch.long)
+        for i, row in enumerate(tables):
+            k = min(len(row), n_blocks)
+            table[i, :k] = torch.tensor(row[:k])
+        context_slots = (table[:, :, None] * bs + torch.arange(bs)).flatten(1)[:, :max_s]  # [b, S]
+        new_slots = context_slots.gather(1, query_pos)  # [b, T]
         key_pos = torch.arange(max_s)
-        visible = ((key_pos[None, None, :] <= query_pos[:, :, None])
-                   & (key_pos[None, None, :] < context_len[:, None, None]))  # [b, T, S]
-        mask = torch.zeros(b, max_t, max_s).masked_fill(~visible, float("-inf"))
+        visible = key_pos[None, None, :] <= query_pos[:, :, None]  # [b, T, S] causal (and within the context)
+        mask = torch.zeros(b, t, max_s).masked_fill(~visible, float("-inf"))
         dev = self.device
-        return AttentionGroup(query_index=query_index.to(dev), query_valid=query_valid.to(dev),
-                              context_slots=context_slots.to(dev), mask=mask.to(dev),
-                              flat_index=query_index[query_valid].to(dev))
+        return AttentionGroup(query_index=query_index.to(dev), context_slots=context_slots.to(dev),
+                              mask=mask.to(dev), flat_index=query_index.flatten().to(dev),
+                              new_slots=new_slots.flatten().to(dev))
 
     # ---- attention over the paged cache -----------------------------------------------------
     def paged_attention(self, batch: StepBatch, layer_id: int, mla: MLA, x: torch.Tensor,
@@ -179,15 +175,20 @@ class ModelRunner:
         cache[batch.slots] = torch.cat([kv, k_pe], dim=-1).to(cache.dtype)
         q_lat = mla.absorb_query(q_nope)  # [N, H, C]
         o_lat = torch.empty_like(q_lat)
+        heads = q_lat.shape[1]
         for group in batch.groups:
             context = cache[group.context_slots]  # [b, S, C + R]
             ctx_kv, ctx_pe = context.split([self.kv_lora_rank, context.shape[-1] - self.kv_lora_rank], dim=-1)
-            scores = (torch.einsum("bthc,bsc->bhts", q_lat[group.query_index], ctx_kv)
-                      + torch.einsum("bthr,bsr->bhts", q_pe[group.query_index], ctx_pe))  # [b, H, T, S]
-            scores = scores.float() * mla.softmax_scale + group.mask[:, None]
-            probs = scores.softmax(dim=-1)
-            o = torch.einsum("bhts,bsc->bthc", probs.to(ctx_kv.dtype), ctx_kv)  # [b, T, H, C]
-            o_lat[group.flat_index] = o[group.query_valid].to(o_lat.dtype)
+            b, t = group.query_index.shape
+            tile = max(1, MAX_SCORE_ELEMENTS // (b * heads * context.shape[1]))  # bound the [b, H, T, S] scores
+            for lo in range(0, t, tile):
+                index = group.query_index[:, lo:lo + tile]  # [b, t']
+                scores = (torch.einsum("bthc,bsc->bhts", q_lat[index], ctx_kv)
+                          + torch.einsum("bthr,bsr->bhts", q_pe[index], ctx_pe))  # [b, H, t', S]
+                scores = scores.float() * mla.softmax_scale + group.mask[:, None, lo:lo + tile]
+                probs = scores.softmax(dim=-1)
+                o = torch.einsum("bhts,bsc->bthc", probs.to(ctx_kv.dtype), ctx_kv)  # [b, t', H, C]
+                o_lat[index.flatten()] = o.flatten(0, 1).to(o_lat.dtype)
         return mla.latent_output(o_lat)[None]  # [1, N, D]
 
     # ---- one step ---------------------------------------------------------------------------

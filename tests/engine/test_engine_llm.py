@@ -98,3 +98,12 @@ def test_shared_prefix_hits_the_cache_and_changes_nothing(ckpt):
     assert llm.prefix_cache_hit_tokens >= 3 * 16
     assert all(o.num_cached_tokens >= 16 for o in outputs)
     check(first + outputs, [prefix + tails[0]] + prompts, oracle)
+
+
+def test_query_tiling_of_long_prefills_changes_nothing(ckpt, monkeypatch):
+    import dsv3.engine.model_runner as runner_module
+    _, oracle, model = ckpt
+    monkeypatch.setattr(runner_module, "MAX_SCORE_ELEMENTS", 4 * 30)  # a few queries per tile
+    llm = LLM(model, num_blocks=32, block_size=4, max_num_batched_tokens=64)
+    prompts = random_prompts([22, 5], seed=6)
+    check(llm.generate(prompts, greedy(), use_tqdm=False), prompts, oracle)
