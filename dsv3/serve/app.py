@@ -1,0 +1,465 @@
+"""The FastAPI app: OpenAI-compatible endpoints, the chat page, health and metrics.
+
+`create_app(engine, ...)` wires an engine with the `LLM` interface to HTTP:
+
+- `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (streamed as server-sent
+  events ending in `data: [DONE]`, or whole), `GET /health`, `GET /metrics`, the chat page at `/`;
+- every error is an OpenAI error object `{"error": {"message", "type", "param", "code"}}`: 400 for
+  bad parameters or JSON, 401 for a wrong API key, 413 for an oversized body, 503 (with
+  `Retry-After`) when the waiting queue is full or the server is draining;
+- a client that goes away (mid-stream, or while waiting for a whole answer) has its sequences
+  aborted, which frees their cache blocks.
+
+Text is always taken from the engine's cumulative `.text`; while a request has stop strings, the
+last `max(len(stop)) - 1` characters are held back from the stream until they can no longer be cut
+by a stop match, so the streamed pieces join to exactly the non-streamed text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dsv3.serve import protocol as P
+from dsv3.serve import tool_calls as T
+from dsv3.serve.engine_loop import Aborted, EngineError, EngineLoop, QueueFull, RequestHandle, ShuttingDown
+from dsv3.serve.metrics import ServerMetrics
+
+log = logging.getLogger("dsv3.serve")
+STATIC = Path(__file__).parent / "static"
+
+
+class APIError(StarletteHTTPException):
+    """An error answered as an OpenAI error object (a Starlette HTTPException, so FastAPI's body
+    parsing lets it through unchanged)."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status_code=status, detail=message, headers=headers)
+        self.type, self.param, self.code = type_, param, code
+
+
+class _BodyLimit:
+    """ASGI middleware: refuse request bodies over `max_bytes` with 413 (declared or streamed)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        too_big = APIError(413, f"request body is larger than the limit of {self.max_bytes} bytes",
+                           code="request_too_large")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await _error_response(too_big)(scope, receive, send)
+            return None
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise too_big
+            return message
+
+        return await self.app(scope, limited, send)
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(P.error_body(str(err.detail), err.type, err.param, err.code), status_code=err.status_code,
+                        headers=err.headers)
+
+
+class _Choice:
+    """The final state of one choice (one engine sequence)."""
+
+    def __init__(self) -> None:
+        self.text, self.token_ids, self.logprobs = "", [], []
+        self.finish_reason: str | None = None
+        self.num_cached = 0
+
+    def update(self, out: Any) -> None:
+        if isinstance(out, Aborted):
+            self.finish_reason = "abort"
+            return
+        self.text, self.token_ids = out.text, out.token_ids
+        self.logprobs = out.logprobs or []
+        self.finish_reason = out.finish_reason
+        self.num_cached = getattr(out, "num_cached_tokens", 0)
+
+
+def create_app(engine: Any, served_model_name: str = "dsv3", api_key: str | None = None,
+               max_waiting: int | None = 256, max_body_bytes: int = 4 << 20, shutdown_grace: float = 30.0,
+               model_path: str | None = None) -> FastAPI:
+    """The app serving `engine` (an `LLM` or anything with its interface) as `served_model_name`."""
+    metrics_holder: dict[str, EngineLoop] = {}
+    metrics = ServerMetrics(lambda: metrics_holder["loop"].stats())
+    loop = EngineLoop(engine, metrics=metrics, max_waiting=max_waiting)
+    metrics_holder["loop"] = loop
+    tokenizer = getattr(engine, "tokenizer", None)
+    token_text = P.TokenText(tokenizer)
+    max_model_len = int(engine.max_model_len)
+    vocab = _vocab_size(engine)
+    created = P.now()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loop.start()
+        yield
+        loop.shutdown()
+
+    app = FastAPI(title="dsv3", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible DeepSeek-V3 server")
+    app.state.engine_loop = loop
+    app.state.metrics = metrics
+    app.state.served_model_name = served_model_name
+    app.state.shutdown_grace = shutdown_grace
+    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
+
+    # ---- errors -----------------------------------------------------------------------------
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        metrics.http_errors.inc(1, str(err.status_code))
+        if isinstance(err, APIError):
+            return _error_response(err)
+        type_ = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return JSONResponse(P.error_body(str(err.detail), type_), status_code=err.status_code, headers=err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+        metrics.http_errors.inc(1, "400")
+        first = err.errors()[0] if err.errors() else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        if first.get("type") == "json_invalid":
+            message, param = f"invalid JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}", None
+        else:
+            where = ".".join(loc)
+            message = f"{where}: {first.get('msg', 'invalid value')}" if where else str(first.get("msg", "invalid body"))
+            param = loc[0] if loc else None
+        return JSONResponse(P.error_body(message, param=param, code="invalid_value"), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, err: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        metrics.http_errors.inc(1, "500")
+        return JSONResponse(P.error_body(f"internal error: {type(err).__name__}", "server_error"), status_code=500)
+
+    async def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:] if header[:7].lower() == "bearer " else ""
+        if not hmac.compare_digest(given.encode(), api_key.encode()):
+            raise APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def check_model(name: str | None) -> None:
+        if name is not None and name != served_model_name:
+            raise APIError(400, f"model {name!r} does not exist; this server serves {served_model_name!r}",
+                           param="model", code="model_not_found")
+
+    def params_for(req: P.SamplingRequest, prompt_len: int, num_logprobs: int | None, j: int,
+                   default_max: int | None) -> Any:
+        from dsv3.engine.sampling import SamplingParams
+        room = max_model_len - prompt_len
+        if room < 1:
+            raise APIError(400, f"the prompt has {prompt_len} tokens; this model's context is {max_model_len} "
+                                f"tokens, so a prompt may have at most {max_model_len - 1}",
+                           param="messages" if isinstance(req, P.ChatCompletionRequest) else "prompt",
+                           code="context_length_exceeded")
+        max_tokens = req.max_tokens if req.max_tokens is not None else min(default_max or room, room)
+        if max_tokens > room:
+            raise APIError(400, f"max_tokens is {max_tokens}, but the prompt has {prompt_len} tokens and the "
+                                f"context {max_model_len}: at most {room} tokens can be generated",
+                           param="max_tokens", code="context_length_exceeded")
+        bad_ids = [t for t in req.stop_token_ids or [] if t >= vocab]
+        if bad_ids:
+            raise APIError(400, f"stop_token_ids must be in [0, {vocab}), got {bad_ids[:5]}", param="stop_token_ids")
+        try:
+            return SamplingParams(
+                temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
+                min_p=req.min_p or 0.0, max_tokens=max_tokens, stop=list(req.stop or []),
+                stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
+                seed=None if req.seed is None else (req.seed + j) % (2 ** 63),
+                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                logprobs=num_logprobs)
+        except ValueError as err:
+            raise APIError(400, str(err)) from None
+
+    def submit(seqs: list[tuple[list[int], Any]]) -> RequestHandle:
+        try:
+            return loop.submit(seqs)
+        except QueueFull as err:
+            raise APIError(503, f"server busy: {err}; retry later", "server_error", code="queue_full",
+                           headers={"Retry-After": "1"}) from None
+        except ShuttingDown as err:
+            raise APIError(503, str(err), "server_error", code="shutting_down", headers={"Retry-After": "5"}) from None
+        except EngineError as err:
+            raise APIError(503, str(err), "server_error", code="engine_unavailable",
+                           headers={"Retry-After": "5"}) from None
+
+    async def accepted(handle: RequestHandle) -> None:
+        try:
+            await handle.accepted
+        except ValueError as err:
+            raise APIError(400, str(err)) from None
+        except EngineError as err:
+            raise APIError(500, str(err), "server_error", code="engine_error") from None
+
+    async def collect(handle: RequestHandle, request: Request) -> list[_Choice] | None:
+        """Run the handle to the end; None if the client went away (the handle is aborted)."""
+        choices = [_Choice() for _ in range(handle.num)]
+
+        async def consume() -> None:
+            async for index, out in handle:
+                choices[index].update(out)
+
+        task = asyncio.ensure_future(consume())
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.25)
+                if done:
+                    task.result()
+                    return choices
+                if await request.is_disconnected():
+                    handle.abort()
+                    return None
+        except (EngineError, ValueError) as err:
+            raise APIError(500, str(err), "server_error", code="engine_error") from None
+        finally:
+            if not task.done():
+                task.cancel()
+            handle.abort()
+
+    def stream(events: AsyncIterator[str], handle: RequestHandle) -> StreamingResponse:
+        return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(handle.abort),
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def tokenizer_or_400(what: str) -> Any:
+        if tokenizer is None:
+            raise APIError(400, f"{what} needs a tokenizer, and this model has none (no tokenizer.json)")
+        return tokenizer
+
+    # ---- routes -----------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not loop.is_alive:
+            return JSONResponse({"status": "down"}, status_code=503)
+        return JSONResponse({"status": "draining" if loop.draining else "ok", **loop.stats()})
+
+    @app.get("/metrics")
+    async def metrics_text() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": created,
+                                            "owned_by": "dsv3", "root": model_path or served_model_name,
+                                            "max_model_len": max_model_len}]}
+
+    @app.post("/v1/completions", dependencies=[Depends(check_key)])
+    async def completions(req: P.CompletionRequest, request: Request) -> Any:
+        check_model(req.model)
+        prompt_ids = []
+        for p in req.prompts():
+            if isinstance(p, str):
+                ids = tokenizer_or_400("a text prompt").encode(p)
+            else:
+                ids = list(p)
+                bad = [t for t in ids if not 0 <= t < vocab]
+                if bad:
+                    raise APIError(400, f"prompt token ids must be in [0, {vocab}), got {bad[:5]}", param="prompt")
+            if not ids:
+                raise APIError(400, "the prompt is empty", param="prompt")
+            prompt_ids.append(ids)
+        seqs = [(ids, params_for(req, len(ids), req.logprobs, j, 16)) for ids in prompt_ids for j in range(req.n)]
+        handle = submit(seqs)
+        await accepted(handle)
+        meta = {"id": P.new_id("cmpl"), "object": "text_completion", "created": P.now(), "model": served_model_name}
+        prompt_tokens = sum(len(ids) for ids in prompt_ids)
+        holdback = max((len(s) for s in req.stop or []), default=1) - 1
+        if req.stream:
+            return stream(_completion_events(handle, req, meta, prompt_tokens, holdback, token_text), handle)
+        choices = await collect(handle, request)
+        if choices is None:
+            return Response(status_code=499)
+        out = []
+        for i, c in enumerate(choices):
+            lp = P.completion_logprobs(c.logprobs, token_text) if req.logprobs is not None else None
+            out.append({"index": i, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason})
+        cached = sum(choices[k * req.n].num_cached for k in range(len(prompt_ids)))
+        return {**meta, "choices": out,
+                "usage": P.usage(prompt_tokens, sum(len(c.token_ids) for c in choices), cached)}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    async def chat_completions(req: P.ChatCompletionRequest, request: Request) -> Any:
+        check_model(req.model)
+        tok = tokenizer_or_400("chat")
+        ids, prefix, parse_tools = _chat_prompt(tok, req)
+        seqs = [(ids, params_for(req, len(ids), req.num_logprobs, j, None)) for j in range(req.n)]
+        handle = submit(seqs)
+        await accepted(handle)
+        meta = {"id": P.new_id("chatcmpl"), "object": "chat.completion", "created": P.now(),
+                "model": served_model_name}
+        holdback = max((len(s) for s in req.stop or []), default=1) - 1
+        if req.stream:
+            return stream(_chat_events(handle, req, meta, len(ids), holdback, prefix, parse_tools, token_text), handle)
+        choices = await collect(handle, request)
+        if choices is None:
+            return Response(status_code=499)
+        out = []
+        for i, c in enumerate(choices):
+            content, calls = T.parse(prefix + c.text) if parse_tools else (c.text, [])
+            message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
+            reason = c.finish_reason
+            if calls:
+                message["tool_calls"] = [call.to_openai() for call in calls]
+                reason = "tool_calls" if reason == "stop" else reason
+            lp = P.chat_logprobs(c.logprobs, token_text) if req.logprobs else None
+            out.append({"index": i, "message": message, "logprobs": lp, "finish_reason": reason})
+        return {**meta, "choices": out,
+                "usage": P.usage(len(ids), sum(len(c.token_ids) for c in choices), choices[0].num_cached)}
+
+    return app
+
+
+def _vocab_size(engine: Any) -> int:
+    model = getattr(engine, "model", None)
+    args = getattr(model, "args", None)
+    vocab = getattr(args, "vocab_size", None) or getattr(engine, "vocab_size", None)
+    if vocab is None:
+        raise ValueError("the engine exposes no vocab size (engine.model.args.vocab_size or engine.vocab_size)")
+    return int(vocab)
+
+
+def _chat_prompt(tok: Any, req: P.ChatCompletionRequest) -> tuple[list[int], str, bool]:
+    """Prompt ids of a chat request, the forced assistant prefix (tool_choice) and whether to parse tool calls."""
+    messages = [m.to_template() for m in req.messages]
+    use_tools = bool(req.tools) and req.tool_choice != "none"
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if use_tools else None
+    if use_tools and "tools" not in tok.chat_template:  # the template has no place for tool definitions
+        first_other = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+        messages.insert(first_other, {"role": "system", "content": T.tools_system_prompt(tools)})
+    prefix = ""
+    if use_tools and req.tool_choice == "required":
+        prefix = T.forced_prefix(None)
+    elif use_tools and isinstance(req.tool_choice, P.NamedToolChoice):
+        prefix = T.forced_prefix(req.tool_choice.function.name)
+    try:
+        text = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
+    except Exception as err:  # noqa: BLE001 - a template error is the caller's conversation
+        raise APIError(400, f"cannot render the conversation with the chat template: {err}",
+                       param="messages") from None
+    return tok.encode(text + prefix, add_special_tokens=False), prefix, use_tools
+
+
+def _chunk(meta: dict[str, Any], choices: list[dict[str, Any]], with_usage: bool,
+           usage: dict[str, Any] | None = None) -> str:
+    body = {**meta, "choices": choices}
+    if with_usage:
+        body["usage"] = usage
+    return P.sse(body)
+
+
+def _visible(text: str, sent: int, final: bool, holdback: int) -> tuple[str, int]:
+    """The new text that is safe to send, and the new sent count."""
+    safe = len(text) if final else max(sent, len(text) - holdback)
+    return text[sent:safe], max(sent, safe)
+
+
+async def _completion_events(handle: RequestHandle, req: P.CompletionRequest, meta: dict[str, Any],
+                             prompt_tokens: int, holdback: int, token_text: P.TokenText) -> AsyncIterator[str]:
+    n = handle.num
+    sent, sent_tok, ntok = [0] * n, [0] * n, [0] * n
+    last: list[Any] = [None] * n
+    try:
+        async for index, out in handle:
+            final = isinstance(out, Aborted) or out.finished
+            if isinstance(out, Aborted):
+                text, reason, entries = (last[index].text if last[index] else ""), "abort", []
+            else:
+                last[index], text, reason = out, out.text, out.finish_reason
+                ntok[index] = len(out.token_ids)
+                entries = (out.logprobs or [])[sent_tok[index]:]
+                sent_tok[index] += len(entries)
+            offset = sent[index]
+            piece, sent[index] = _visible(text, sent[index], final, holdback)
+            lp = P.completion_logprobs(entries, token_text, offset) if req.logprobs is not None and entries else None
+            if piece or final or lp:
+                choice = {"index": index, "text": piece, "logprobs": lp, "finish_reason": reason if final else None}
+                yield _chunk(meta, [choice], req.include_usage)
+        if req.include_usage:
+            yield _chunk(meta, [], True, P.usage(prompt_tokens, sum(ntok)))
+        yield P.sse("[DONE]")
+    except (EngineError, ValueError) as err:
+        yield P.sse(P.error_body(str(err), "server_error", code="engine_error"))
+        yield P.sse("[DONE]")
+    finally:
+        handle.abort()
+
+
+async def _chat_events(handle: RequestHandle, req: P.ChatCompletionRequest, meta: dict[str, Any], prompt_tokens: int,
+                       holdback: int, prefix: str, parse_tools: bool, token_text: P.TokenText) -> AsyncIterator[str]:
+    n = handle.num
+    meta = {**meta, "object": "chat.completion.chunk"}
+    parsers = [T.StreamParser(prefix) for _ in range(n)]
+    sent, sent_tok, ntok, ncalls = [0] * n, [0] * n, [0] * n, [0] * n
+    last: list[Any] = [None] * n
+    try:
+        yield _chunk(meta, [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None} for i in range(n)], req.include_usage)
+        async for index, out in handle:
+            final = isinstance(out, Aborted) or out.finished
+            if isinstance(out, Aborted):
+                text, reason, entries = (last[index].text if last[index] else ""), "abort", []
+            else:
+                last[index], text, reason = out, out.text, out.finish_reason
+                ntok[index] = len(out.token_ids)
+                entries = (out.logprobs or [])[sent_tok[index]:]
+                sent_tok[index] += len(entries)
+            delta: dict[str, Any] = {}
+            if parse_tools:
+                piece, calls = parsers[index].feed(text, final, holdback)
+                if calls:
+                    delta["tool_calls"] = [c.to_openai(index=ncalls[index] + k) for k, c in enumerate(calls)]
+                    ncalls[index] += len(calls)
+            else:
+                piece, sent[index] = _visible(text, sent[index], final, holdback)
+            if piece:
+                delta = {"content": piece, **delta}
+            lp = P.chat_logprobs(entries, token_text) if req.logprobs and entries else None
+            if final and ncalls[index] and reason == "stop":
+                reason = "tool_calls"
+            if delta or final or lp:
+                choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason if final else None}
+                yield _chunk(meta, [choice], req.include_usage)
+        if req.include_usage:
+            yield _chunk(meta, [], True, P.usage(prompt_tokens, sum(ntok)))
+        yield P.sse("[DONE]")
+    except (EngineError, ValueError) as err:
+        yield P.sse(P.error_body(str(err), "server_error", code="engine_error"))
+        yield P.sse("[DONE]")
+    finally:
+        handle.abort()
