@@ -14,6 +14,7 @@ import sys
 # modules that provide add_parser(subparsers); each registers one or more verbs
 VERB_MODULES = (
     "dsv3.cli_info",
+    "dsv3.generate",  # generate, chat
     "dsv3.train.data",  # data prepare, data tokenize
     "dsv3.train.bpe",  # tokenizer train
 )

@@ -70,6 +70,13 @@ def _quantize_128(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scale
 
 
+def _dequantize_128(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    blocks = torch.zeros(s.shape[0] * 128, s.shape[1] * 128)
+    blocks[: q.shape[0], : q.shape[1]] = q.float()
+    blocks = blocks.view(s.shape[0], 128, s.shape[1], 128) * s[:, None, :, None]
+    return blocks.view(s.shape[0] * 128, -1)[: q.shape[0], : q.shape[1]].clone()
+
+
 def test_fp8_checkpoint_matches_dequantized_model(tmp_path):
     # dims above and not multiple of 128 so edge blocks are exercised
     make_v3(tmp_path / "bf16", hidden_size=160, intermediate_size=200, moe_intermediate_size=136, q_lora_rank=144)
@@ -80,10 +87,7 @@ def test_fp8_checkpoint_matches_dequantized_model(tmp_path):
         if quantize:
             q, s = _quantize_128(t)
             fp8[name], fp8[name + "_scale_inv"] = q, s
-            blocks = torch.zeros(s.shape[0] * 128, s.shape[1] * 128)
-            blocks[: t.shape[0], : t.shape[1]] = q.float()
-            blocks = blocks.view(s.shape[0], 128, s.shape[1], 128) * s[:, None, :, None]
-            dequantized[name] = blocks.view(s.shape[0] * 128, -1)[: t.shape[0], : t.shape[1]].clone()
+            dequantized[name] = _dequantize_128(q, s)
         else:
             fp8[name] = dequantized[name] = t
     for sub, tensors in (("fp8", fp8), ("deq", dequantized)):
@@ -97,12 +101,39 @@ def test_fp8_checkpoint_matches_dequantized_model(tmp_path):
     assert sum(t.dtype == torch.float8_e4m3fn for t in fp8.values()) > 10
     a = dsv3.load_model(tmp_path / "fp8", dtype=torch.float32)
     b = dsv3.load_model(tmp_path / "deq", dtype=torch.float32)
+    c = dsv3.load_model(tmp_path / "fp8", dtype=torch.float32, weights="fp8")  # FP8 kept in memory
+    fp8_params = [n for n, p in c.named_parameters() if p.dtype == torch.float8_e4m3fn]
+    assert len(fp8_params) == sum(t.dtype == torch.float8_e4m3fn for t in fp8.values())
     tokens = _tokens()
     with torch.no_grad():
-        assert (a(tokens) - b(tokens)).abs().max() <= 1e-5
+        ref = b(tokens)
+        assert (a(tokens) - ref).abs().max() <= 1e-5
+        assert (c(tokens) - ref).abs().max() <= 1e-4
 
 
 # ---- errors -------------------------------------------------------------------------------------
+def test_bf16_checkpoint_quantized_at_load_with_fp8_weights(tmp_path):
+    make_v3(tmp_path)
+    a = dsv3.load_model(tmp_path, dtype=torch.float32)
+    b = dsv3.load_model(tmp_path, dtype=torch.float32, weights="fp8")
+    assert b.layers[0].self_attn.kv_b_proj.weight.dtype == torch.float8_e4m3fn
+    assert b.lm_head.weight.dtype == torch.float32  # the head stays high precision, as in the release
+    # oracle: the fp32 model with each quantized weight replaced by its e4m3 round trip (test's own formula)
+    with torch.no_grad():
+        n_fp8 = 0
+        for name, module in b.named_modules():
+            if getattr(module, "weight_scale_inv", None) is not None:
+                ref_q, _ = _quantize_128(a.get_submodule(name).weight)
+                assert torch.equal(module.weight.view(torch.uint8), ref_q.view(torch.uint8)), name
+                a.get_submodule(name).weight.copy_(_dequantize_128(module.weight, module.weight_scale_inv))
+                n_fp8 += 1
+        assert n_fp8 > 10
+        tokens = _tokens()
+        assert (b(tokens) - a(tokens)).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="weights must be 'bf16' or 'fp8'"):
+        dsv3.load_model(tmp_path, weights="int4")
+
+
 def test_missing_folder_and_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint folder not found"):
         dsv3.load_model(tmp_path / "nope")

@@ -57,11 +57,17 @@ def _listing(title: str, items: list[str]) -> str:
 
 @torch.no_grad()
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
-               *, progress: bool = True) -> Transformer:
+               *, weights: str = "bf16", progress: bool = True) -> Transformer:
     """Read a checkpoint folder (`config.json` + `*.safetensors`, BF16 or FP8) into an eval-mode model.
+
+    `weights="bf16"` dequantizes FP8 tensors at load (the model computes in `dtype`); `weights="fp8"` keeps
+    FP8 weights in memory (`FP8Linear`: half the bytes; FP8 GEMM on Hopper, tile-wise dequantization
+    elsewhere) for every Linear the official checkpoint quantizes, quantizing BF16 tensors if needed.
 
     A config announcing MTP layers whose tensors are absent (as `transformers`' `save_pretrained` writes)
     loads without MTP, with a warning."""
+    if weights not in ("bf16", "fp8"):
+        raise ValueError(f"weights must be 'bf16' or 'fp8', got {weights!r}")
     path = Path(path)
     args = read_args(path).replace(dtype=_dtype_name(dtype))
     files, weight_map = weight_files(path)
@@ -79,6 +85,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 
     with torch.device("meta"):
         model = Transformer(args, dtype)
+        if weights == "fp8":
+            from dsv3.model.fp8_linear import convert_linears_to_fp8
+            convert_linears_to_fp8(model)
     model.to_empty(device=device)
     expected = model.state_dict()
     if args.tie_word_embeddings:
@@ -113,7 +122,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                 if tuple(tensor.shape) != tuple(target.shape):
                     mismatched.append(f"{name}: checkpoint {list(tensor.shape)} vs model {list(target.shape)}")
                     continue
-                if tensor.dtype in FP8_DTYPES:
+                scale_key = f"{key}_scale_inv"
+                if target.dtype in FP8_DTYPES:  # FP8 in memory: copy FP8 + scale, or quantize BF16 now
+                    from dsv3.kernels.fp8 import quantize_weight
+                    tensor, scale = ((tensor, scale_of(name, f)) if tensor.dtype in FP8_DTYPES
+                                     else quantize_weight(tensor.float()))
+                    expected[scale_key].copy_(scale)
+                    loaded.add(scale_key)
+                elif tensor.dtype in FP8_DTYPES:
                     from dsv3.kernels.fp8 import dequantize_weight
                     tensor = dequantize_weight(tensor, scale_of(name, f), dtype=torch.float32)
                 target.copy_(tensor)
