@@ -401,6 +401,22 @@ def generate_main(args: argparse.Namespace) -> int:
         return _fail("dsv3 generate", "interrupted", 130)
 
 
+def _engine(model: Any, tok: "Tokenizer", device: str, lengths: list[int]) -> Any:
+    """The engine's LLM. On CPU its cache is sized to what the prompts need (all of them running at
+    once) when that is below the engine's default; on GPU the engine takes its default share."""
+    from dsv3.engine import LLM
+    from dsv3.engine.model_runner import DEFAULT_CPU_CACHE_BYTES, cache_bytes_per_block
+
+    block_size, max_num_seqs = 16, 64
+    num_blocks = None
+    if device == "cpu":
+        longest = -(-max(lengths) // block_size) + 1  # blocks of the longest sequence, plus one spare
+        need = longest * min(len(lengths), max_num_seqs)
+        if need * cache_bytes_per_block(model, block_size) < DEFAULT_CPU_CACHE_BYTES:
+            num_blocks = need
+    return LLM(model, tokenizer=tok, num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs)
+
+
 def _generate(args: argparse.Namespace) -> int:
     from dsv3.tokenizer import load_tokenizer
 
@@ -416,9 +432,8 @@ def _generate(args: argparse.Namespace) -> int:
             raise UsageError(f"{which} has {len(ids)} tokens but the model's context is {context} tokens")
     params = _sampling(args)
     _check_device(args.device)
-    from dsv3.engine import LLM
-
-    llm = LLM(_load(path, args), tokenizer=tok)
+    model = _load(path, args)
+    llm = _engine(model, tok, args.device, [min(len(ids) + args.max_new_tokens, context) for ids in encoded])
 
     out_file = open(args.output, "w", encoding="utf-8") if args.output else None
     try:
