@@ -1,0 +1,119 @@
+"""Distributed setup and everything applied to the model from outside it, in torchtitan's order:
+FP8 linears → activation checkpointing → `torch.compile` → data parallel.
+
+- `init_distributed(device)`: under `torchrun` (WORLD_SIZE > 1) joins the process group (NCCL on CUDA,
+  gloo on CPU) and returns a `DistInfo`; a single process gets rank 0 of 1 and no group.
+- `parallelize(model, ...)` returns the module to call for training: the model itself, or a
+  `DistributedDataParallel` around it. DDP, not FSDP2: routed experts that receive no token in a micro-batch
+  have no gradient on that rank, which DDP handles (`find_unused_parameters`) by reducing zeros for them,
+  while sharded reduce-scatter would need every rank to produce the same gradient set. Buffers are not
+  broadcast: the gate biases are updated identically on every rank from all-reduced counts.
+
+Every transform keeps parameter names, so checkpoints and `save_model` see the plain `Transformer`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dsv3.train.fp8_linear import swap_to_fp8
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> cuda when available, else cpu; `cuda` without a GPU is an error naming the choice."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda[:N], got {name!r}")
+    return device
+
+
+def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
+    """Join the `torchrun` process group when WORLD_SIZE > 1; on CUDA each rank takes GPU LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo(), device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                device_id=device if device.type == "cuda" else None)
+    return DistInfo(rank, world, local_rank), device
+
+
+def _checkpointed(module: nn.Module) -> None:
+    """Recompute `module`'s forward in backward (non-reentrant; instance-level, names unchanged)."""
+    inner = module.forward
+
+    def forward(*args, **kwargs):
+        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+
+    module.forward = forward
+
+
+def compile_model(model: nn.Module) -> None:
+    """`torch.compile` the static-shaped parts of every block: attention, norms, dense MLPs, and each
+    expert with dynamic token counts. The MoE dispatch loop (data-dependent) stays eager."""
+    for block in model.blocks():
+        block.self_attn.compile()
+        block.input_layernorm.compile()
+        block.post_attention_layernorm.compile()
+        experts = getattr(block.mlp, "experts", None)
+        if experts is None:
+            block.mlp.compile()
+            continue
+        for expert in experts:
+            expert.compile(dynamic=True)
+        if block.mlp.shared_experts is not None:
+            block.mlp.shared_experts.compile()
+
+
+def parallelize(model: nn.Module, info: DistInfo, device: torch.device, *, fp8: bool = False,
+                activation_checkpointing: bool = False, compile: bool = False) -> nn.Module:
+    """Apply the training transforms in place and return the module to call (DDP wrapper when distributed)."""
+    if fp8:
+        swap_to_fp8(model)
+    if activation_checkpointing:
+        for block in model.blocks():
+            _checkpointed(block)
+    if compile:
+        compile_model(model)
+    if not info.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=True, broadcast_buffers=False)
+
+
+def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Mean over ranks (in place); identity for one process."""
+    if info.distributed:
+        dist.all_reduce(t)
+        t /= info.world_size
+    return t
