@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from dsv3.checkpoint.names import hf_to_ours, mtp_depth, ours_to_hf, shared_copy_of
 from dsv3.config import ModelArgs, _dtype_name
 from dsv3.model import Transformer
+from dsv3.model.layers import skip_torch_init
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _MAX_LISTED = 12
@@ -83,7 +84,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                           "has no MTP tensors; loading without MTP", stacklevel=2)
             args = args.replace(num_nextn_predict_layers=0)
 
-    with torch.device("meta"):
+    with torch.device("meta"), skip_torch_init():
         model = Transformer(args, dtype)
         if weights == "fp8":
             from dsv3.model.fp8_linear import convert_linears_to_fp8

@@ -23,8 +23,9 @@ class ParamCounts:
 
 
 def count_parameters(args: ModelArgs) -> ParamCounts:
+    from dsv3.model.layers import skip_torch_init
     from dsv3.model.transformer import Transformer
-    with torch.device("meta"):
+    with torch.device("meta"), skip_torch_init():
         model = Transformer(args)
 
     def n(module: torch.nn.Module) -> int:

@@ -6,6 +6,9 @@ Module and parameter names equal the Hugging Face DeepSeek-V3 names (`gate_proj`
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,3 +55,17 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@contextmanager
+def skip_torch_init() -> Iterator[None]:
+    """Build modules without torch's default initialisation, for meta-device construction where a loader
+    fills every tensor anyway (on meta, `normal_` pulls in torch's decompositions: seconds of imports)."""
+    saved = {cls: cls.reset_parameters for cls in (nn.Linear, nn.Embedding)}
+    try:
+        for cls in saved:
+            cls.reset_parameters = lambda self: None
+        yield
+    finally:
+        for cls, fn in saved.items():
+            cls.reset_parameters = fn

@@ -28,7 +28,8 @@ def inv_frequencies(args: ModelArgs) -> tuple[torch.Tensor, float]:
     """`(inv_freq [rope_dim / 2] float32, attention_factor)` for the model's rope settings."""
     dim = args.qk_rope_head_dim
     base = args.rope_theta
-    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    # computed on the CPU explicitly: under a meta-device context, arange would go through slow decompositions
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
     inv_extra = 1.0 / pos_freqs
     if not args.yarn:
         return inv_extra, 1.0
@@ -42,7 +43,7 @@ def inv_frequencies(args: ModelArgs) -> tuple[torch.Tensor, float]:
     high = min(math.ceil(correction_dim(args.beta_slow)), dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     extrapolate = 1 - ramp  # 1 where the original frequency is kept
     inv_freq = inv_inter * (1 - extrapolate) + inv_extra * extrapolate
     if args.mscale and args.mscale_all_dim:
