@@ -26,8 +26,9 @@ __all__ = ["add_parser", "run", "markdown_table", "parse_tasks"]
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 DEFAULT_TASKS = "ppl,hellaswag,arc_easy,arc_challenge,piqa,winogrande,mmlu,lambada,gsm8k,humaneval"
 ENGINES = ("auto", "llm", "simple")
+TABLE_SKIP = ("n", "seconds", "documents", "nll", "tokens", "bytes")  # in results.json, not in the table
 # which metric leads the table for each task kind
-HEADLINE = {"ppl": ["bits_per_byte", "token_perplexity"], "choice": ["acc", "acc_norm"], "lambada": ["acc", "ppl"],
+HEADLINE = {"ppl": ["bits_per_byte", "byte_perplexity", "token_perplexity"], "choice": ["acc", "acc_norm"], "lambada": ["acc", "ppl"],
             "gsm8k": ["exact_match"], "humaneval": ["pass@1"], "needle": ["mean_accuracy"]}
 
 
@@ -142,7 +143,7 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
         kind = TASKS[task].kind if task in TASKS else ""
         keys = [k for k in HEADLINE.get(kind, []) if k in metrics]
         keys += [k for k, v in metrics.items() if k not in keys and isinstance(v, (int, float))
-                 and not k.endswith("_stderr") and k not in ("n", "seconds", "documents")]
+                 and not k.endswith("_stderr") and k not in TABLE_SKIP]
         n = metrics.get("n", metrics.get("documents", ""))
         for k in keys:
             v = metrics[k]
@@ -211,7 +212,8 @@ def run(args: argparse.Namespace) -> int:
             items = load_task(task, args.data_dir, args.limit)
             if spec.kind == "choice":
                 metrics, records = multiple_choice.evaluate_choice(
-                    model, tokenizer, items, max_len=window, batch_size=args.batch_size, desc=task, progress=progress)
+                    model, tokenizer, items, max_len=window, batch_size=args.batch_size, desc=task, progress=progress,
+                    acc_norm=spec.acc_norm)
             elif spec.kind == "lambada":
                 metrics, records = multiple_choice.evaluate_lambada(
                     model, tokenizer, items, max_len=window, batch_size=args.batch_size, progress=progress)

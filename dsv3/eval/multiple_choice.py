@@ -65,24 +65,26 @@ def _max_len(model: Any, max_len: int | None) -> int:
 
 
 def evaluate_choice(model: Any, tokenizer: Any, items: Sequence[ChoiceItem], max_len: int | None = None,
-                    batch_size: int = 8, desc: str | None = None,
-                    progress: bool = True) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """acc / acc_norm (with standard errors) over the items, and one record per item."""
+                    batch_size: int = 8, desc: str | None = None, progress: bool = True,
+                    acc_norm: bool = True) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """acc and, with `acc_norm`, acc_norm (with standard errors) over the items, and one record per item."""
     if not items:
         raise ValueError("no items to evaluate")
     max_len = _max_len(model, max_len)
     spans = [pair_span(tokenizer, c, k, max_len) for item in items for c, k in zip(item.contexts, item.continuations)]
     scores = score_spans(model, spans, batch_size=batch_size, desc=desc, progress=progress)
-    acc, acc_norm, records, k = [], [], [], 0
+    acc, normed, records, k = [], [], [], 0
     for item in items:
         lls = [s.logprob for s in scores[k:k + len(item.choices)]]
         k += len(item.choices)
         raw, norm = choose(lls, item.choices)
         acc.append(float(raw == item.gold))
-        acc_norm.append(float(norm == item.gold))
+        normed.append(float(norm == item.gold))
         records.append({"id": item.id, "gold": item.gold, "pred": raw, "pred_norm": norm, "logprobs": lls})
-    metrics = {"acc": sum(acc) / len(acc), "acc_stderr": stderr(acc),
-               "acc_norm": sum(acc_norm) / len(acc_norm), "acc_norm_stderr": stderr(acc_norm), "n": len(items)}
+    metrics = {"acc": sum(acc) / len(acc), "acc_stderr": stderr(acc)}
+    if acc_norm:
+        metrics.update(acc_norm=sum(normed) / len(normed), acc_norm_stderr=stderr(normed))
+    metrics["n"] = len(items)
     return metrics, records
 
 

@@ -11,7 +11,7 @@ the question follows:
 The answer " N." is scored with one forward pass (`score_spans`): `found` = every answer token is the
 argmax, which is exactly "greedy decoding writes N." (teacher forcing and greedy decoding see the same
 prefixes while they agree), and `logprob` = its log-likelihood. A cell's accuracy is the mean of
-`found` over trials. Results: `needle.json` (every trial, the accuracy grid) and `needle.png` (the
+`found` over trials (`answer_logprob`: the mean log-likelihood, informative when nothing is found). Results: `needle.json` (every trial, the accuracy grid) and `needle.png` (the
 accuracy heat map, depth x length).
 """
 
@@ -107,11 +107,14 @@ def run_needle(model: Any, tokenizer: Any, filler: Sequence[str], lengths: Seque
     scores = score_spans(model, spans, batch_size=batch_size, desc="needle", progress=progress)
     for trial, score in zip(trials_out, scores):
         trial.found, trial.logprob = score.greedy, score.logprob
-    grid = [[sum(t.found for t in trials_out if t.length == L and t.depth == d) / trials for L in lengths]
-            for d in depths]
+    def cell(L: int, d: float, key: str) -> float:
+        return sum(getattr(t, key) for t in trials_out if t.length == L and t.depth == d) / trials
+
+    grid = [[cell(L, d, "found") for L in lengths] for d in depths]
+    logprob = [[cell(L, d, "logprob") for L in lengths] for d in depths]
     return {"lengths": lengths, "depths": [float(d) for d in depths], "trials_per_cell": trials,
             "accuracy": grid, "mean_accuracy": sum(map(sum, grid)) / (len(grid) * len(lengths)),
-            "trials": [asdict(t) for t in trials_out]}
+            "answer_logprob": logprob, "trials": [asdict(t) for t in trials_out]}
 
 
 def plot_heatmap(result: dict[str, Any], path: str | Path, title: str = "Needle in a haystack") -> Path:

@@ -242,6 +242,8 @@ class TaskSpec:
     kind: str
     description: str
     loader: Callable[[Path, int | None], list] | None = None  # None: reads the held-out text instead
+    acc_norm: bool = True  # multiple choice: also report length-normalised accuracy (lm-eval-harness does not
+    # for WinoGrande, whose options are names in the context, nor for MMLU's one-letter answers)
 
 
 TASKS: dict[str, TaskSpec] = {t.name: t for t in [
@@ -253,8 +255,8 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
              _arrow_loader(ARC_CHALLENGE_DIR, arc_item)),
     TaskSpec("piqa", "choice", "PIQA validation, 1,838 items, 2 solutions", _arrow_loader(PIQA_DIR, piqa_item)),
     TaskSpec("winogrande", "choice", "WinoGrande (xl) validation, 1,267 items, partial scoring",
-             _arrow_loader(WINOGRANDE_DIR, winogrande_item)),
-    TaskSpec("mmlu", "choice", "MMLU test, 57 subjects, 14,042 items, 0-shot letters", load_mmlu),
+             _arrow_loader(WINOGRANDE_DIR, winogrande_item), acc_norm=False),
+    TaskSpec("mmlu", "choice", "MMLU test, 57 subjects, 14,042 items, 0-shot letters", load_mmlu, acc_norm=False),
     TaskSpec("lambada", "lambada", "LAMBADA (OpenAI) test, 5,153 passages: last-word accuracy and ppl",
              load_lambada),
     TaskSpec("gsm8k", "gsm8k", "GSM8K test, 1,319 problems, 8-shot chain of thought, exact match", load_gsm8k),
