@@ -59,7 +59,8 @@ class RequestHandle:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.accepted: asyncio.Future = loop.create_future()  # None once every sequence is in the engine
         self.engine_ids: list[int | None] = [None] * num
-        self.finished = [False] * num
+        self.finished = [False] * num  # set by the engine thread
+        self._remaining = num  # sequences whose last output the consumer has not yet taken
         self.aborted = False  # the client went away: drop everything
         self._owner: EngineLoop | None = None
 
@@ -77,14 +78,13 @@ class RequestHandle:
     async def __aiter__(self) -> AsyncIterator[tuple[int, Any]]:
         """Yields `(index, RequestOutput)`, or `(index, Aborted)`, until every sequence is done;
         raises `EngineError` (or the engine's ValueError) on failure."""
-        remaining = self.num - sum(self.finished)
-        while remaining > 0:
+        while self._remaining > 0:  # counted from what arrived: `finished` runs ahead of the queue
             item = await self.queue.get()
             if isinstance(item, BaseException):
                 raise item
             index, out = item
             if isinstance(out, Aborted) or out.finished:
-                remaining -= 1
+                self._remaining -= 1
             yield index, out
 
     def abort(self) -> None:

@@ -108,7 +108,7 @@ class SamplingRequest(_Model):
     max_tokens: StrictInt | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: StrictInt | None = Field(None, ge=-1)
+    top_k: StrictInt | None = Field(None, ge=-1, le=2 ** 31 - 1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     n: StrictInt = Field(1, ge=1, le=MAX_N)
     stream: bool = False
