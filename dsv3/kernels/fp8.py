@@ -219,14 +219,25 @@ def _triton_kernels():
     return fp8_triton if fp8_triton.available() else None
 
 
+@functools.cache
+def _fp8_capable(device_index: int) -> bool:
+    """Triton's e4m3 type and FP8 tensor-core dots need sm89 (Ada) or newer."""
+    return torch.cuda.get_device_capability(device_index) >= (8, 9)
+
+
 def _use_triton(t: torch.Tensor, block: int) -> bool:
-    return t.is_cuda and block == 128 and _triton_kernels() is not None
+    if not t.is_cuda or block != 128 or _triton_kernels() is None:
+        return False
+    return _fp8_capable(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
 def quantize_act(
     x: torch.Tensor, block: int = 128, scale_fmt: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize `[..., K]` activations per 1×block tile: `(x_fp8 [..., K], scale [..., ceil(K/block)] float32)`."""
+    """Quantize `[..., K]` activations per 1×block tile: `(x_fp8 [..., K], scale [..., ceil(K/block)] float32)`.
+
+    On CUDA the scale comes back column-major (stride 1 along the tokens), the layout the GEMM reads.
+    """
     if _use_triton(x, block) and x.dim() >= 1 and x.shape[-1] > 0 and x.is_floating_point():
         _check_scale_fmt(scale_fmt)
         return _triton_kernels().act_quant(x, block, scale_fmt)
@@ -244,8 +255,8 @@ def fp8_gemm(
     """Block-scaled FP8 GEMM: `dequant(a [..., K]) @ dequant(w [N, K]).T -> [..., N]` in `out_dtype`.
 
     `a_scale` is `[..., ceil(K/block)]` (from `quantize_act`), `w_scale` is
-    `[ceil(N/block), ceil(K/block)]` (from `quantize_weight`). Accumulation is fp32. On CUDA with
-    Triton the Hopper kernel runs; elsewhere the PyTorch reference.
+    `[ceil(N/block), ceil(K/block)]` (from `quantize_weight`). Accumulation is fp32. On CUDA (sm89+)
+    with Triton the Triton kernel runs; elsewhere the PyTorch reference.
     """
     _check_gemm_shapes(a_fp8, a_scale, w_fp8, w_scale, block)
     if _use_triton(a_fp8, block):

@@ -40,6 +40,7 @@ def available() -> bool:
 
 
 if triton is not None:
+    _E4M3_MAX = tl.constexpr(FP8_MAX)  # jitted code may only read constexpr globals
 
     @triton.jit
     def _act_quant_kernel(
@@ -54,13 +55,13 @@ if triton is not None:
         mask = cols < K
         x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
         amax = tl.max(tl.abs(x), axis=1)  # [TILES]
-        scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, FP8_MAX, tl.float32)), 1.0)
+        scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, _E4M3_MAX, tl.float32)), 1.0)
         if UE8M0:
             bits = scale.to(tl.int32, bitcast=True)
             bump = ((bits & 0x7FFFFF) != 0).to(tl.int32)
             scale = ((((bits >> 23) & 0xFF) + bump) << 23).to(tl.float32, bitcast=True)
         y = tl.math.div_rn(x, tl.broadcast_to(scale[:, None], (TILES, BLOCK)))
-        y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
+        y = tl.minimum(tl.maximum(y, -_E4M3_MAX), _E4M3_MAX)
         tl.store(q_ptr + row * stride_qm + cols, y.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(s_ptr + row * stride_sm + tiles * stride_sk, scale, mask=tiles < N_TILES)
 
@@ -98,7 +99,9 @@ if triton is not None:
         a_ptrs = a_ptr + rows_a[:, None] * stride_am + (kt0 * BLOCK_K + offs_k)[None, :]  # [BM, BK]
         w_ptrs = w_ptr + rows_w[None, :] * stride_wn + (kt0 * BLOCK_K + offs_k)[:, None]  # [BK, BN]
         as_ptrs = as_ptr + rows_a * stride_asm + kt0 * stride_ask  # [BM]
-        ws_ptrs = ws_ptr + (rows_w // BLOCK_K) * stride_wsn + kt0  # [BN], one scale per 128 rows of W
+        # one weight scale per 128 rows of W: a single scalar when the tile sits inside one 128-row block
+        ws_ptrs = ws_ptr + (rows_w // BLOCK_K) * stride_wsn + kt0  # [BN]
+        ws_ptr1 = ws_ptr + (pid_n * BLOCK_N // BLOCK_K) * stride_wsn + kt0  # scalar
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kt in range(kt0, kt1):
@@ -110,12 +113,15 @@ if triton is not None:
                 a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
                 w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
             a_s = tl.load(as_ptrs)
-            w_s = tl.load(ws_ptrs)
-            acc += tl.dot(a, w) * (a_s[:, None] * w_s[None, :])
+            if BLOCK_N <= BLOCK_K:
+                acc += tl.dot(a, w) * (a_s * tl.load(ws_ptr1))[:, None]
+            else:
+                acc += tl.dot(a, w) * (a_s[:, None] * tl.load(ws_ptrs)[None, :])
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
             as_ptrs += stride_ask
             ws_ptrs += 1
+            ws_ptr1 += 1
 
         c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
         c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -146,14 +152,17 @@ if triton is not None:
         offs_n = off_n + tl.arange(0, BLOCK_N)
         as_ptrs = as_ptr + (offs_m % M) * stride_asm  # [BM]
         ws_ptrs = ws_ptr + ((offs_n % N) // BLOCK_K) * stride_wsn  # [BN]
+        ws_ptr1 = ws_ptr + (off_n // BLOCK_K) * stride_wsn  # scalar (BLOCK_N <= 128)
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kt in range(0, tl.cdiv(K, BLOCK_K)):
             a = a_desc.load([off_m, kt * BLOCK_K])  # [BM, BK]
             w = w_desc.load([off_n, kt * BLOCK_K])  # [BN, BK], K-major as FP8 wgmma wants
             a_s = tl.load(as_ptrs + kt * stride_ask)
-            w_s = tl.load(ws_ptrs + kt)
-            acc += tl.dot(a, w.T) * (a_s[:, None] * w_s[None, :])
+            if BLOCK_N <= BLOCK_K:
+                acc += tl.dot(a, w.T) * (a_s * tl.load(ws_ptr1 + kt))[:, None]
+            else:
+                acc += tl.dot(a, w.T) * (a_s[:, None] * tl.load(ws_ptrs + kt)[None, :])
 
         c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
@@ -169,17 +178,15 @@ if triton is not None:
         nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
     # large M (prefill, training-sized GEMMs): compute-bound tiles, direct store in the output dtype
-    _LARGE = [(128, 256, 3, 8), (128, 256, 4, 8), (256, 128, 3, 8), (128, 128, 4, 8), (128, 128, 5, 4),
-              (128, 128, 3, 4), (64, 256, 4, 4), (64, 128, 4, 4), (64, 64, 5, 4)]
+    # (BLOCK_M, BLOCK_N, stages, warps); compiled for sm90 ahead of time to check: 128x128 with 8 warps and
+    # the 64-row tiles need no register spills, the 256-wide ones spill a little (two 128x256 accumulators)
+    _LARGE = [(128, 256, 3, 8), (256, 128, 3, 8), (128, 128, 3, 8), (128, 128, 4, 8), (128, 128, 5, 8),
+              (128, 128, 4, 4), (64, 256, 4, 4), (64, 128, 4, 4), (64, 128, 6, 4), (64, 64, 5, 4)]
     _LARGE_M_CONFIGS = [_cfg(*c) for c in _LARGE]
     _TMA_CONFIGS = [_cfg(*c, tma=True) for c in _LARGE]
     # small M (decode): thin tiles, deep pipelines, optional split-K into an fp32 workspace
     _SMALL_M_CONFIGS = [
-        _cfg(bm, bn, stages, 4, group=1, split=split)
-        for bm in (16, 32, 64)
-        for bn in (32, 64, 128)
-        for stages in (4, 6)
-        for split in (1, 2, 4)
+        _cfg(bm, bn, 5, 4, group=1, split=split) for bm in (16, 32, 64) for bn in (32, 64, 128) for split in (1, 2, 4)
     ]
 
     def _prune_m(configs, named_args, **kwargs):
