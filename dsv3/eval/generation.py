@@ -318,22 +318,27 @@ def run_programs(sources: Sequence[str], timeout: float = 5.0, memory_mb: int = 
     results: list[ExecResult | None] = [None] * len(sources)
     pending = list(range(len(sources)))[::-1]
     running: dict[int, _Job] = {}
-    with tqdm(total=len(sources), desc=desc, unit="prog", disable=not progress, leave=False) as bar:
-        while pending or running:
-            while pending and len(running) < workers:
-                i = pending.pop()
-                running[i] = _Job(sources[i], timeout, memory_mb)
-            for i, job in list(running.items()):
-                if job.proc.poll() is not None:
-                    results[i] = job.finish(timed_out=False)
-                elif time.monotonic() > job.deadline:
-                    job.kill()
-                    results[i] = job.finish(timed_out=True)
-                else:
-                    continue
-                del running[i]
-                bar.update(1)
-            time.sleep(0.005)
+    try:
+        with tqdm(total=len(sources), desc=desc, unit="prog", disable=not progress, leave=False) as bar:
+            while pending or running:
+                while pending and len(running) < workers:
+                    i = pending.pop()
+                    running[i] = _Job(sources[i], timeout, memory_mb)
+                for i, job in list(running.items()):
+                    if job.proc.poll() is not None:
+                        results[i] = job.finish(timed_out=False)
+                    elif time.monotonic() > job.deadline:
+                        job.kill()
+                        results[i] = job.finish(timed_out=True)
+                    else:
+                        continue
+                    del running[i]
+                    bar.update(1)
+                time.sleep(0.005)
+    finally:  # an error or Ctrl-C here leaves no program running
+        for job in running.values():
+            job.kill()
+            job.finish(timed_out=True)
     return results  # type: ignore[return-value]
 
 
