@@ -17,6 +17,7 @@ VERB_MODULES = (
     "dsv3.generate",  # generate, chat
     "dsv3.train.data",  # data prepare, data tokenize
     "dsv3.train.bpe",  # tokenizer train
+    "dsv3.eval.cli",  # eval
 )
 
 

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/hf_models.py
+# tiny models are dominated by per-op overhead: one thread is faster, and steadier on a shared 2-core machine
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
