@@ -484,3 +484,11 @@ def test_convert_on_meta_then_load_state_dict():
     tokens = torch.randint(0, args.vocab_size, (1, 7))
     with torch.no_grad():
         torch.testing.assert_close(empty(tokens), model(tokens), rtol=0, atol=0)
+
+
+def test_dequantize_accepts_e8m0_scales():
+    """transformers stores ue8m0 scales as float8_e8m0fnu; the values (powers of two) are the same."""
+    q, s = fp8.quantize_weight(_weight(300, 200, seed=15), scale_fmt="ue8m0")
+    s8 = s.to(torch.float8_e8m0fnu)
+    assert torch.equal(s8.to(torch.float32), s)
+    assert torch.equal(fp8.dequantize_weight(q, s8, dtype=torch.float32), fp8.dequantize_weight(q, s, dtype=torch.float32))

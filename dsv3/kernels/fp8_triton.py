@@ -48,7 +48,7 @@ if triton is not None:
         stride_xm, stride_qm, stride_sm, stride_sk,
         BLOCK: tl.constexpr, TILES: tl.constexpr, UE8M0: tl.constexpr,
     ):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # rows * K may pass 2**31 for long prefills
         tile0 = tl.program_id(1) * TILES
         tiles = tile0 + tl.arange(0, TILES)  # [TILES]
         cols = tiles[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # [TILES, BLOCK]
@@ -96,7 +96,7 @@ if triton is not None:
         kt0 = pid_k * tiles_per_split
         kt1 = tl.minimum(kt0 + tiles_per_split, k_tiles)
 
-        a_ptrs = a_ptr + rows_a[:, None] * stride_am + (kt0 * BLOCK_K + offs_k)[None, :]  # [BM, BK]
+        a_ptrs = a_ptr + rows_a.to(tl.int64)[:, None] * stride_am + (kt0 * BLOCK_K + offs_k)[None, :]  # [BM, BK]
         w_ptrs = w_ptr + rows_w[None, :] * stride_wn + (kt0 * BLOCK_K + offs_k)[:, None]  # [BK, BN]
         as_ptrs = as_ptr + rows_a * stride_asm + kt0 * stride_ask  # [BM]
         # one weight scale per 128 rows of W: a single scalar when the tile sits inside one 128-row block
@@ -123,7 +123,7 @@ if triton is not None:
             ws_ptrs += 1
             ws_ptr1 += 1
 
-        c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
         c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         if SPLIT_K == 1:
             tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
@@ -164,7 +164,7 @@ if triton is not None:
             else:
                 acc += tl.dot(a, w.T) * (a_s[:, None] * tl.load(ws_ptrs + kt)[None, :])
 
-        c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
     def _cfg(bm, bn, stages, warps, group=8, split=1, tma=False):
