@@ -15,6 +15,7 @@ Every transform keeps parameter names, so checkpoints and `save_model` see the p
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -107,8 +108,12 @@ def parallelize(model: nn.Module, info: DistInfo, device: torch.device, *, fp8: 
     if not info.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters=True, broadcast_buffers=False)
+    with warnings.catch_warnings():
+        # torch >= 2.13 deprecates broadcast_buffers in favour of forward_sync_buffers (absent in older torch);
+        # the meaning we need, no per-forward buffer broadcast, is the same
+        warnings.simplefilter("ignore", FutureWarning)
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                       find_unused_parameters=True, broadcast_buffers=False)
 
 
 def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
