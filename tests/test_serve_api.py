@@ -213,6 +213,8 @@ def test_error_statuses_and_objects(main, client, oracle):
     assert_error(post("completions", content=b'{"prompt": "x", ', headers={"Content-Type": "application/json"}),
                  400)
     assert_error(post("completions", json={"prompt": "x" * 70000}), 413, code="request_too_large")
+    chunked = (b'{"prompt": "' + b"y" * 9000 if i == 0 else b"y" * 9000 for i in range(10))  # no Content-Length
+    assert_error(post("completions", content=chunked), 413, code="request_too_large")
     assert_error(httpx.get(f"{main.url}/nowhere"), 404)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=0)

@@ -267,7 +267,9 @@ def create_app(engine: Any, served_model_name: str = "dsv3", api_key: str | None
     async def health() -> JSONResponse:
         if not loop.is_alive:
             return JSONResponse({"status": "down"}, status_code=503)
-        return JSONResponse({"status": "draining" if loop.draining else "ok", **loop.stats()})
+        if loop.draining:  # shutting down: tell load balancers to stop sending
+            return JSONResponse({"status": "draining", **loop.stats()}, status_code=503)
+        return JSONResponse({"status": "ok", **loop.stats()})
 
     @app.get("/metrics")
     async def metrics_text() -> PlainTextResponse:
