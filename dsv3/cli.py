@@ -18,6 +18,7 @@ VERB_MODULES = (
     "dsv3.train.data",  # data prepare, data tokenize
     "dsv3.train.bpe",  # tokenizer train
     "dsv3.eval.cli",  # eval
+    "dsv3.train.cli",  # train
 )
 
 

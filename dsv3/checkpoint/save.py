@@ -19,8 +19,9 @@ from dsv3.config import _dtype_name
 from dsv3.model import Transformer
 
 
-def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """HF name -> tensor (CPU, contiguous, no shared storage), MTP copies of embedding/head included."""
+def hf_state_dict(model: Transformer, mtp_copies: bool = True) -> dict[str, torch.Tensor]:
+    """HF name -> tensor (CPU, contiguous, no shared storage), with the MTP copies of embedding/head unless
+    `mtp_copies=False` (our loader and `transformers` do not need them)."""
     args = model.args
     state = model.state_dict()
     if args.tie_word_embeddings:
@@ -28,17 +29,19 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         out[ours_to_hf(key, args.n_layers)] = tensor.detach().to("cpu").contiguous()
-    for k in range(args.num_nextn_predict_layers):
+    for k in range(args.num_nextn_predict_layers if mtp_copies else 0):
         for copy_name, main_key in SHARED_COPIES.items():
             out[ours_to_hf(f"mtp.{k}.{copy_name}", args.n_layers)] = state[main_key].detach().to("cpu").clone()
     return out
 
 
-def save_model(model: Transformer, path: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Save into `path` (created if needed). Returns the path."""
+def save_model(model: Transformer, path: str | Path, *, max_shard_bytes: int = 5 * 2**30,
+               mtp_copies: bool = True) -> Path:
+    """Save into `path` (created if needed). Returns the path. `mtp_copies=False` leaves out the copies of
+    the embedding and head that the official layout repeats in each MTP layer (smaller files)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = hf_state_dict(model)
+    tensors = hf_state_dict(model, mtp_copies)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in tensors.items():
