@@ -26,6 +26,7 @@ from dsv3.engine.sampling import Sampler, SamplerOutput
 from dsv3.engine.scheduler import SchedulerOutput
 from dsv3.engine.sequence import Sequence, TokenLogprob
 from dsv3.model import Transformer
+from dsv3.model.layers import use_column_major_weights
 from dsv3.model.mla import MLA
 
 DEFAULT_CPU_CACHE_BYTES = 512 * 2**20
@@ -48,7 +49,7 @@ class AttentionGroup:
 
     query_index: torch.Tensor  # [b, T] index into the flat batch of each sequence's new tokens
     context_slots: torch.Tensor  # [b, S] cache slots of each sequence's context (padded)
-    mask: torch.Tensor  # [b, T, S] additive float32: 0 where the query may see the key, -inf elsewhere
+    mask: torch.Tensor | None  # [b, T, S] additive float32: 0 where visible, -inf elsewhere; None: all visible
     flat_index: torch.Tensor  # [b * T] query_index flattened
     new_slots: torch.Tensor  # [b * T] cache slot of each new token, in flat_index order
 
@@ -62,6 +63,7 @@ class StepBatch:
     slots: torch.Tensor  # [N] cache slot of each new token
     groups: list[AttentionGroup]  # all decodes in one group, each prefill chunk in its own
     sample_index: torch.Tensor  # [M] flat index of the last token of each sampling sequence
+    decode_only: bool = False  # one group of single-token queries whose flat indices are 0..N-1
 
 
 class ModelRunner:
@@ -77,6 +79,8 @@ class ModelRunner:
         weight = model.embed_tokens.weight
         self.device = weight.device
         self.dtype = weight.dtype
+        if self.device.type == "cpu":
+            use_column_major_weights(model)  # faster single-token GEMVs (see its docstring)
         self.kv_lora_rank = self.args.kv_lora_rank
         per_block = cache_bytes_per_block(model, block_size, self.dtype)
         if num_blocks is None:
@@ -139,6 +143,7 @@ class ModelRunner:
             slots=slots,
             groups=groups,
             sample_index=torch.tensor(sample_index, dtype=torch.long, device=dev),
+            decode_only=len(decodes) == len(tokens),
         )
 
     def _group(self, query_index: torch.Tensor, query_pos: torch.Tensor, tables: list[list[int]]) -> AttentionGroup:
@@ -155,12 +160,14 @@ class ModelRunner:
             table[i, :k] = torch.tensor(row[:k])
         context_slots = (table[:, :, None] * bs + torch.arange(bs)).flatten(1)[:, :max_s]  # [b, S]
         new_slots = context_slots.gather(1, query_pos)  # [b, T]
-        key_pos = torch.arange(max_s)
-        visible = key_pos[None, None, :] <= query_pos[:, :, None]  # [b, T, S] causal (and within the context)
-        mask = torch.zeros(b, t, max_s).masked_fill(~visible, float("-inf"))
         dev = self.device
+        mask = None
+        if t > 1 or bool((context_len < max_s).any()):  # causal, or single queries over padded contexts
+            key_pos = torch.arange(max_s)
+            visible = key_pos[None, None, :] <= query_pos[:, :, None]  # [b, T, S] causal (and within the context)
+            mask = torch.zeros(b, t, max_s).masked_fill(~visible, float("-inf")).to(dev)
         return AttentionGroup(query_index=query_index.to(dev), context_slots=context_slots.to(dev),
-                              mask=mask.to(dev), flat_index=query_index.flatten().to(dev),
+                              mask=mask, flat_index=query_index.flatten().to(dev),
                               new_slots=new_slots.flatten().to(dev))
 
     # ---- attention over the paged cache -----------------------------------------------------
@@ -173,23 +180,37 @@ class ModelRunner:
         kv, k_pe = mla.latents(x[0], cos[0], sin[0])  # [N, C], [N, R]
         cache = self.kv_cache[layer_id].view(-1, self.kv_cache.shape[-1])  # [slots, C + R]
         cache[batch.slots] = torch.cat([kv, k_pe], dim=-1).to(cache.dtype)
-        q_lat = mla.absorb_query(q_nope)  # [N, H, C]
-        o_lat = torch.empty_like(q_lat)
-        heads = q_lat.shape[1]
+        # latent queries next to the rope queries: one product with the cached [c_kv ; k_pe] rows
+        q = torch.cat([mla.absorb_query(q_nope), q_pe.to(q_nope.dtype)], dim=-1).to(cache.dtype)  # [N, H, C + R]
+        if batch.decode_only:  # one group of single-token queries, in flat order
+            group = batch.groups[0]
+            o_lat = self._attend(mla, q[:, None], cache, group.context_slots, group.mask)[:, 0]  # [N, H, C]
+            return mla.latent_output(o_lat.to(q_nope.dtype))[None]  # [1, N, D]
+        o_lat = torch.empty(q.shape[0], q.shape[1], self.kv_lora_rank, dtype=cache.dtype, device=q.device)
+        heads = q.shape[1]
         for group in batch.groups:
-            context = cache[group.context_slots]  # [b, S, C + R]
-            ctx_kv, ctx_pe = context.split([self.kv_lora_rank, context.shape[-1] - self.kv_lora_rank], dim=-1)
             b, t = group.query_index.shape
-            tile = max(1, MAX_SCORE_ELEMENTS // (b * heads * context.shape[1]))  # bound the [b, H, T, S] scores
+            tile = max(1, MAX_SCORE_ELEMENTS // (b * heads * group.context_slots.shape[1]))  # bound [b, T, H, S]
             for lo in range(0, t, tile):
                 index = group.query_index[:, lo:lo + tile]  # [b, t']
-                scores = (torch.einsum("bthc,bsc->bhts", q_lat[index], ctx_kv)
-                          + torch.einsum("bthr,bsr->bhts", q_pe[index], ctx_pe))  # [b, H, t', S]
-                scores = scores.float() * mla.softmax_scale + group.mask[:, None, lo:lo + tile]
-                probs = scores.softmax(dim=-1)
-                o = torch.einsum("bhts,bsc->bthc", probs.to(ctx_kv.dtype), ctx_kv)  # [b, t', H, C]
-                o_lat[index.flatten()] = o.flatten(0, 1).to(o_lat.dtype)
-        return mla.latent_output(o_lat)[None]  # [1, N, D]
+                mask = None if group.mask is None else group.mask[:, lo:lo + tile]
+                o = self._attend(mla, q[index], cache, group.context_slots, mask)  # [b, t', H, C]
+                o_lat[index.flatten()] = o.flatten(0, 1)
+        return mla.latent_output(o_lat.to(q_nope.dtype))[None]  # [1, N, D]
+
+    def _attend(self, mla: MLA, q: torch.Tensor, cache: torch.Tensor, context_slots: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """Queries q `[b, T, H, C + R]` over the cached rows `context_slots` `[b, S]`; mask `[b, T, S]` additive
+        (None: every key visible). Returns latent outputs `[b, T, H, C]`."""
+        b, t, heads, _ = q.shape
+        context = cache[context_slots]  # [b, S, C + R]
+        scores = torch.bmm(q.reshape(b, t * heads, -1), context.transpose(1, 2))  # [b, T * H, S]
+        scores = scores.float().mul_(mla.softmax_scale)  # a fresh tensor either way
+        if mask is not None:
+            scores = (scores.view(b, t, heads, -1) + mask[:, :, None]).view(b, t * heads, -1)
+        probs = scores.softmax(dim=-1).to(context.dtype)
+        o = torch.bmm(probs, context[..., : self.kv_lora_rank])  # [b, T * H, C]
+        return o.view(b, t, heads, -1)
 
     # ---- one step ---------------------------------------------------------------------------
     @torch.inference_mode()

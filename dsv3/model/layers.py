@@ -1,4 +1,5 @@
-"""Small building blocks shared by attention, MoE and MTP: RMSNorm, the SwiGLU MLP, weight access.
+"""Small building blocks shared by attention, MoE and MTP: RMSNorm, the SwiGLU MLP, weight access, and the
+CPU decode weight layout.
 
 Module and parameter names equal the Hugging Face DeepSeek-V3 names (`gate_proj`, `up_proj`, `down_proj`,
 `weight`), so a state-dict key is the HF key without its `model.` prefix.
@@ -69,3 +70,25 @@ def skip_torch_init() -> Iterator[None]:
     finally:
         for cls, fn in saved.items():
             cls.reset_parameters = fn
+
+
+def use_column_major_weights(module: nn.Module) -> int:
+    """Re-store, in place, the weight of every float32 CPU `nn.Linear` in `module` with `out >= in` features
+    column-major (the transposed matrix contiguous; same shape, same values, same Parameter object).
+
+    MKL's single-token GEMV reads a `[out, in]` weight 1.1-2.3x faster in that layout when `out >= in`
+    (measured on AVX-512 CPUs: `[768, 256]` 1.7x, `[4096, 512]` 2.3x; wider-than-tall weights are faster
+    as they are), which is most of CPU decode time. Weights shared with an embedding stay untouched.
+    Returns the number of weights changed. The engine calls this for CPU models; `state_dict` tensors
+    then are non-contiguous views (the checkpoint writer makes them contiguous)."""
+    shared = {id(p) for m in module.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    changed = 0
+    with torch.no_grad():
+        for m in module.modules():
+            w = getattr(m, "weight", None)
+            if (type(m) is not nn.Linear or w is None or id(w) in shared or w.device.type != "cpu"
+                    or w.dtype != torch.float32 or m.out_features < m.in_features or not w.is_contiguous()):
+                continue
+            w.data = w.data.t().contiguous().t()
+            changed += 1
+    return changed

@@ -23,6 +23,19 @@ from dsv3.model.layers import RMSNorm, dense_weight, linear
 from dsv3.model.rope import apply_rope
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """`apply_rope` for the interleaved layout as one complex multiply (fewer small ops on the decode path;
+    the same products and sums as `apply_rope`). Falls back to `apply_rope` for the half-split layout."""
+    if not interleave:
+        return apply_rope(x, cos, sin, interleave)
+    dtype = x.dtype
+    h = x.float()
+    if h.stride(-1) != 1 or h.storage_offset() % 2 or any(s % 2 for s in h.stride()[:-1]):
+        h = h.contiguous()
+    pairs = torch.view_as_complex(h.unflatten(-1, (-1, 2)))  # [..., d/2] complex
+    return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2).to(dtype)
+
+
 class LatentCache:
     """Contiguous per-layer cache `[max_batch, max_seq, kv_lora_rank]` + `[max_batch, max_seq, rope_dim]`."""
 
@@ -72,24 +85,33 @@ class MLA(nn.Module):
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
         q = q.unflatten(-1, (self.n_heads, self.qk_dim))
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_pe = apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), self.interleave)
+        q_pe = _rotate(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), self.interleave)
         return q_nope, q_pe
 
     def latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x `[..., D]` -> the cached pair: kv `[..., kv_lora_rank]` (normalised), k_pe `[..., rope]` (rotated)."""
         kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        return self.kv_a_layernorm(kv), apply_rope(k_pe, cos, sin, self.interleave)
+        return self.kv_a_layernorm(kv), _rotate(k_pe, cos, sin, self.interleave)
+
+    def _kv_b_halves(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """`kv_b_proj` as per-head `W_uk [H, nope, C]` and `W_uv [H, v, C]` (views of the weight; FP8 dequantized)."""
+        w = dense_weight(self.kv_b_proj, dtype).unflatten(0, (self.n_heads, self.nope_dim + self.v_dim))
+        return w[:, : self.nope_dim], w[:, self.nope_dim:]
 
     def absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
-        """q_nope `[..., H, nope]` -> latent query `[..., H, kv_lora_rank]` (`q_nope W_uk`)."""
-        w = dense_weight(self.kv_b_proj, q_nope.dtype).view(self.n_heads, self.nope_dim + self.v_dim, -1)
-        return torch.einsum("...hd,hdc->...hc", q_nope, w[:, : self.nope_dim])
+        """q_nope `[..., H, nope]` -> latent query `[..., H, kv_lora_rank]` (`q_nope W_uk`, one batched matmul
+        over heads)."""
+        w_uk = self._kv_b_halves(q_nope.dtype)[0]
+        q = q_nope.reshape(-1, self.n_heads, self.nope_dim).transpose(0, 1)  # [H, M, nope]
+        q_lat = torch.bmm(q, w_uk)  # [H, M, C]
+        return q_lat.transpose(0, 1).reshape(*q_nope.shape[:-1], -1)
 
     def latent_output(self, o_lat: torch.Tensor) -> torch.Tensor:
         """Attention output in latent space `[..., H, kv_lora_rank]` -> `[..., D]` (`W_uv`, then `o_proj`)."""
-        w = dense_weight(self.kv_b_proj, o_lat.dtype).view(self.n_heads, self.nope_dim + self.v_dim, -1)
-        o = torch.einsum("...hc,hdc->...hd", o_lat, w[:, self.nope_dim:])
-        return self.o_proj(o.flatten(-2))
+        w_uv = self._kv_b_halves(o_lat.dtype)[1]
+        o = torch.bmm(o_lat.reshape(-1, self.n_heads, self.kv_lora_rank).transpose(0, 1), w_uv.transpose(1, 2))
+        o = o.transpose(0, 1).reshape(*o_lat.shape[:-2], self.n_heads * self.v_dim)  # [..., H * v]
+        return self.o_proj(o)
 
     def attend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
                mask: torch.Tensor | None, absorb: bool = True) -> torch.Tensor:

@@ -89,13 +89,26 @@ class MoE(nn.Module):
         return routed.view(shape)
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Sum over each token's chosen experts of `weight * expert(x)`; x `[N, D]`, weights/indices `[N, K]`."""
-        out = torch.zeros_like(x, dtype=torch.float32)
-        counts = torch.bincount(indices.flatten(), minlength=self.n_experts).tolist()
+        """Sum over each token's chosen experts of `weight * expert(x)`; x `[N, D]`, weights/indices `[N, K]`.
+
+        The (token, expert) pairs are sorted by expert once, so each expert that got tokens runs one MLP on a
+        contiguous slice of the gathered inputs; one host sync (the per-expert counts) per call. A single token
+        skips the sort: its K outputs are weighted and summed by one `[1, K] x [K, D]` product."""
+        if x.shape[0] == 1:
+            ys = torch.cat([self.experts[e](x) for e in indices[0].tolist()])  # [K, D]
+            return torch.mm(weights, ys.float()).to(x.dtype)  # [1, D], summed in float32 as below
+        k = indices.shape[1]
+        flat = indices.flatten()  # [N * K]
+        order = flat.argsort(stable=True)  # pairs grouped by expert, token order kept within an expert
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        token = order // k  # [N * K] token of each sorted pair
+        xs = x[token]  # [N * K, D]
+        ys = []
+        start = 0
         for e, count in enumerate(counts):
-            if count == 0:
-                continue
-            token, slot = torch.where(indices == e)
-            y = self.experts[e](x[token]) * weights[token, slot, None]
-            out.index_add_(0, token, y.float())
+            if count:
+                ys.append(self.experts[e](xs[start:start + count]))
+                start += count
+        y = torch.cat(ys) * weights.flatten()[order, None]  # [N * K, D]
+        out = torch.zeros_like(x, dtype=torch.float32).index_add_(0, token, y.float())
         return out.to(x.dtype)
