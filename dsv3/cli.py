@@ -15,6 +15,8 @@ import sys
 VERB_MODULES = (
     "dsv3.cli_info",
     "dsv3.generate",  # generate, chat
+    "dsv3.serve.cli",  # serve
+    "dsv3.checkpoint.convert",  # convert fp8-to-bf16, bf16-to-fp8
     "dsv3.train.data",  # data prepare, data tokenize
     "dsv3.train.bpe",  # tokenizer train
     "dsv3.eval.cli",  # eval
