@@ -29,7 +29,8 @@ ENGINES = ("auto", "llm", "simple")
 TABLE_SKIP = ("n", "seconds", "documents", "nll", "tokens", "bytes")  # in results.json, not in the table
 # which metric leads the table for each task kind
 HEADLINE = {"ppl": ["bits_per_byte", "byte_perplexity", "token_perplexity"], "choice": ["acc", "acc_norm"], "lambada": ["acc", "ppl"],
-            "gsm8k": ["exact_match"], "humaneval": ["pass@1"], "needle": ["mean_accuracy"]}
+            "gsm8k": ["exact_match"], "humaneval": ["pass@1"], "needle": ["mean_accuracy"],
+            "mtp": ["mtp_next_next_acc", "next_token_acc", "mtp_agrees_with_greedy"]}
 
 
 def _int_list(text: str) -> list[int]:
@@ -200,6 +201,9 @@ def run(args: argparse.Namespace) -> int:
             metrics: dict[str, Any] = perplexity.evaluate_perplexity(
                 model, tokenizer, texts, max_len=window, stride=stride, batch_size=args.batch_size,
                 progress=progress).to_dict()
+        elif spec.kind == "mtp":
+            from dsv3.eval.mtp import evaluate_mtp
+            metrics = evaluate_mtp(model, tokenizer, perplexity.read_texts(args.text, args.limit), max_len=window)
         elif spec.kind == "needle":
             result = needle.run_needle(model, tokenizer, perplexity.read_texts(args.text), lengths, depths,
                                        trials=min(args.needle_trials, args.limit or args.needle_trials),

@@ -263,6 +263,7 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec("humaneval", "humaneval", "HumanEval, 164 problems, greedy pass@1 in a sandboxed subprocess",
              load_humaneval),
     TaskSpec("needle", "needle", "needle in a haystack over context lengths x depths (--text as filler)"),
+    TaskSpec("mtp", "mtp", "MTP module: next-next-token accuracy on held-out text (--text)"),
 ]}
 
 
