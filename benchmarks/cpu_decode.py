@@ -4,7 +4,8 @@ A random DeepSeek-V3 checkpoint (small MoE shape, see `--dim` etc.) is written b
 `save_pretrained`; both peers load that folder. For each batch size, each repeat runs both peers
 (alternating, so machine load hits them alike) twice: with 1 new token (prefill + first token) and with
 `--new-tokens`; the decode time is the difference, so decode tokens/s = batch * (new_tokens - 1) /
-(t_full - t_first). Greedy outputs of the two peers must be equal token for token (asserted). Prints
+(t_full - t_first); the same difference in CPU time of the process (`decode_cpu_ms_per_step`) is less
+sensitive to other load on a shared machine (with one thread it excludes time spent waiting). Greedy outputs of the two peers must be equal token for token (asserted). Prints
 one JSON line per (batch, implementation) with medians over `--repeats`, and the ratio to transformers.
 
     python benchmarks/cpu_decode.py                       # batch 1 and 8, 1 thread
@@ -81,10 +82,11 @@ def write_checkpoint(args: argparse.Namespace, folder: Path) -> None:
     model.save_pretrained(folder)
 
 
-def timed(fn: Callable[[], list[list[int]]]) -> tuple[float, list[list[int]]]:
-    start = time.perf_counter()
+def timed(fn: Callable[[], list[list[int]]]) -> tuple[float, float, list[list[int]]]:
+    """(wall seconds, CPU seconds of this process, result)."""
+    start, cpu = time.perf_counter(), time.process_time()
     out = fn()
-    return time.perf_counter() - start, out
+    return time.perf_counter() - start, time.process_time() - cpu, out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,12 +142,15 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         first: dict[str, list[float]] = {k: [] for k in peers}
         full: dict[str, list[float]] = {k: [] for k in peers}
+        decode_cpu: dict[str, list[float]] = {k: [] for k in peers}
         for r in range(args.repeats):
             order = list(peers.items()) if r % 2 == 0 else list(reversed(peers.items()))
             for name, fn in order:
-                first[name].append(timed(lambda: fn(1))[0])
-                t, out = timed(lambda: fn(args.new_tokens))
+                t1, c1, _ = timed(lambda: fn(1))
+                t, c, out = timed(lambda: fn(args.new_tokens))
+                first[name].append(t1)
                 full[name].append(t)
+                decode_cpu[name].append(c - c1)
                 if out != outputs["transformers"]:
                     print(json.dumps({"error": "greedy outputs changed between runs", "impl": name}), flush=True)
                     return 1
@@ -157,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 prefill_s=statistics.median(first[name]),
                 decode_ms_per_step=1e3 * statistics.median(decode) / (args.new_tokens - 1),
                 decode_tok_s=batch * (args.new_tokens - 1) / statistics.median(decode),
+                decode_cpu_ms_per_step=1e3 * statistics.median(decode_cpu[name]) / (args.new_tokens - 1),
                 e2e_tok_s=batch * args.new_tokens / statistics.median(full[name]),
             )
         for name, row in rows.items():
@@ -166,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 dim=args.dim, layers=args.layers, experts=args.experts, topk=args.topk, vocab=args.vocab,
                 repeats=args.repeats, **{k: round(v, 4) for k, v in row.items()},
                 decode_ratio_vs_transformers=round(row["decode_tok_s"] / ref["decode_tok_s"], 3),
+                decode_cpu_ratio_vs_transformers=round(ref["decode_cpu_ms_per_step"] / row["decode_cpu_ms_per_step"], 3),
                 e2e_ratio_vs_transformers=round(row["e2e_tok_s"] / ref["e2e_tok_s"], 3),
                 outputs_equal=True, **env)), flush=True)
     if tmp is not None:

@@ -26,7 +26,7 @@ from dsv3.engine.sampling import Sampler, SamplerOutput
 from dsv3.engine.scheduler import SchedulerOutput
 from dsv3.engine.sequence import Sequence, TokenLogprob
 from dsv3.model import Transformer
-from dsv3.model.layers import use_column_major_weights
+from dsv3.model.layers import cpu_decode_layout
 from dsv3.model.mla import MLA
 
 DEFAULT_CPU_CACHE_BYTES = 512 * 2**20
@@ -80,7 +80,7 @@ class ModelRunner:
         self.device = weight.device
         self.dtype = weight.dtype
         if self.device.type == "cpu":
-            use_column_major_weights(model)  # faster single-token GEMVs (see its docstring)
+            cpu_decode_layout(model)  # faster single-token GEMVs (see its docstring)
         self.kv_lora_rank = self.args.kv_lora_rank
         per_block = cache_bytes_per_block(model, block_size, self.dtype)
         if num_blocks is None:
@@ -95,6 +95,7 @@ class ModelRunner:
         latent = self.args.kv_lora_rank + self.args.qk_rope_head_dim
         self.kv_cache = torch.zeros(self.args.n_layers, self.num_blocks, block_size, latent,
                                     device=self.device, dtype=self.dtype)  # [L, blocks, block_size, C + R]
+        self.layer_caches = list(self.kv_cache.view(self.args.n_layers, -1, latent).unbind(0))  # L x [slots, C + R]
         self.sampler = Sampler()
 
     def _default_cache_memory(self) -> int:
@@ -176,16 +177,18 @@ class ModelRunner:
         """The `attention` hook: x `[1, N, D]` -> `[1, N, D]`, writing this layer's latents to the cache."""
         if layer_id >= self.args.n_layers:
             raise ValueError(f"layer {layer_id} has no paged cache (MTP layers are not run by the engine)")
-        q_nope, q_pe = mla.queries(x[0], cos[0], sin[0])  # [N, H, nope], [N, H, R]
-        kv, k_pe = mla.latents(x[0], cos[0], sin[0])  # [N, C], [N, R]
-        cache = self.kv_cache[layer_id].view(-1, self.kv_cache.shape[-1])  # [slots, C + R]
-        cache[batch.slots] = torch.cat([kv, k_pe], dim=-1).to(cache.dtype)
+        q_nope, q_pe, kv, k_pe = mla.project(x[0], cos[0], sin[0])  # [N, H, nope], [N, H, R], [N, C], [N, R]
+        cache = self.layer_caches[layer_id]  # [slots, C + R]
+        latent = torch.cat([kv, k_pe], dim=-1)  # [N, C + R]
+        cache[batch.slots] = latent if latent.dtype == cache.dtype else latent.to(cache.dtype)
         # latent queries next to the rope queries: one product with the cached [c_kv ; k_pe] rows
-        q = torch.cat([mla.absorb_query(q_nope), q_pe.to(q_nope.dtype)], dim=-1).to(cache.dtype)  # [N, H, C + R]
+        q = torch.cat([mla.absorb_query(q_nope), q_pe], dim=-1)  # [N, H, C + R]
+        if q.dtype != cache.dtype:
+            q = q.to(cache.dtype)
         if batch.decode_only:  # one group of single-token queries, in flat order
             group = batch.groups[0]
-            o_lat = self._attend(mla, q[:, None], cache, group.context_slots, group.mask)[:, 0]  # [N, H, C]
-            return mla.latent_output(o_lat.to(q_nope.dtype))[None]  # [1, N, D]
+            o_lat = self._attend(mla, q.unsqueeze(1), cache, group.context_slots, group.mask)  # [N, 1, H, C]
+            return mla.latent_output(o_lat.squeeze(1).to(q_nope.dtype))[None]  # [1, N, D]
         o_lat = torch.empty(q.shape[0], q.shape[1], self.kv_lora_rank, dtype=cache.dtype, device=q.device)
         heads = q.shape[1]
         for group in batch.groups:

@@ -25,6 +25,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # the same operations in one call (bitwise equal in float32; fewer small ops when decoding)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
@@ -55,7 +58,22 @@ class MLP(nn.Module):
         self.down_proj = linear(inter_dim, dim, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self._fused_gate_up()
+        if gate_up is not None:  # one product for both halves (see `cpu_decode_layout`)
+            gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def _fused_gate_up(self) -> torch.Tensor | None:
+        """The `[2 * inter, dim]` weight whose halves are `gate_proj.weight` and `up_proj.weight`, while both
+        still live there and no gradient is wanted (the fused view is not tracked by autograd)."""
+        fused = self.__dict__.get("_gate_up")
+        if fused is None or torch.is_grad_enabled():
+            return None
+        weight, up_ptr = fused
+        if self.gate_proj.weight.data_ptr() != weight.data_ptr() or self.up_proj.weight.data_ptr() != up_ptr:
+            return None
+        return weight
 
 
 @contextmanager
@@ -72,23 +90,38 @@ def skip_torch_init() -> Iterator[None]:
             cls.reset_parameters = fn
 
 
-def use_column_major_weights(module: nn.Module) -> int:
-    """Re-store, in place, the weight of every float32 CPU `nn.Linear` in `module` with `out >= in` features
-    column-major (the transposed matrix contiguous; same shape, same values, same Parameter object).
+def _plain_cpu_fp32(m: nn.Module, shared: set[int]) -> bool:
+    w = getattr(m, "weight", None)
+    return (type(m) is nn.Linear and w is not None and id(w) not in shared and w.device.type == "cpu"
+            and w.dtype == torch.float32 and w.is_contiguous())
 
-    MKL's single-token GEMV reads a `[out, in]` weight 1.1-2.3x faster in that layout when `out >= in`
-    (measured on AVX-512 CPUs: `[768, 256]` 1.7x, `[4096, 512]` 2.3x; wider-than-tall weights are faster
-    as they are), which is most of CPU decode time. Weights shared with an embedding stay untouched.
-    Returns the number of weights changed. The engine calls this for CPU models; `state_dict` tensors
-    then are non-contiguous views (the checkpoint writer makes them contiguous)."""
+
+def cpu_decode_layout(module: nn.Module) -> int:
+    """Re-store float32 CPU weights in place for fast single-token products (same shapes, same values, the
+    same Parameter objects; returns the number of weights re-stored):
+
+    - `nn.Linear` with `out >= in` features: column-major (the transposed matrix contiguous). MKL's GEMV
+      reads such a `[out, in]` weight 1.1-2.3x faster in that layout (measured on AVX-512 CPUs: `[768, 256]`
+      1.7x, `[4096, 512]` 2.3x); wider-than-tall weights are faster as they are.
+    - an `MLP`'s `gate_proj` and `up_proj`: two halves of one column-major `[2 * inter, dim]` tensor, which
+      `MLP.forward` then multiplies at once in inference (`[512, 512]` in 88 us vs 2 x 51 us for the halves).
+
+    Weights shared with an embedding stay untouched. The engine calls this for CPU models; `state_dict`
+    tensors then are non-contiguous views (the checkpoint writer makes them contiguous)."""
     shared = {id(p) for m in module.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     changed = 0
     with torch.no_grad():
         for m in module.modules():
-            w = getattr(m, "weight", None)
-            if (type(m) is not nn.Linear or w is None or id(w) in shared or w.device.type != "cpu"
-                    or w.dtype != torch.float32 or m.out_features < m.in_features or not w.is_contiguous()):
-                continue
-            w.data = w.data.t().contiguous().t()
-            changed += 1
+            if (isinstance(m, MLP) and _plain_cpu_fp32(m.gate_proj, shared) and _plain_cpu_fp32(m.up_proj, shared)
+                    and m.gate_proj.weight.shape == m.up_proj.weight.shape):
+                inter = m.gate_proj.out_features
+                fused = torch.cat([m.gate_proj.weight, m.up_proj.weight]).t().contiguous().t()  # [2I, D]
+                m.gate_proj.weight.data = fused[:inter]
+                m.up_proj.weight.data = fused[inter:]
+                m.__dict__["_gate_up"] = (fused, m.up_proj.weight.data_ptr())
+                changed += 2
+        for m in module.modules():
+            if _plain_cpu_fp32(m, shared) and m.out_features >= m.in_features:
+                m.weight.data = m.weight.data.t().contiguous().t()
+                changed += 1
     return changed

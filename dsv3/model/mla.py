@@ -23,17 +23,15 @@ from dsv3.model.layers import RMSNorm, dense_weight, linear
 from dsv3.model.rope import apply_rope
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """`apply_rope` for the interleaved layout as one complex multiply (fewer small ops on the decode path;
-    the same products and sums as `apply_rope`). Falls back to `apply_rope` for the half-split layout."""
-    if not interleave:
-        return apply_rope(x, cos, sin, interleave)
+def _rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Interleaved RoPE as one complex multiply: x `[..., d]`, freqs `[..., d/2]` complex (`cos + i sin`,
+    broadcast). The same products and sums as `apply_rope(interleave=True)`, in float32, with fewer small ops."""
     dtype = x.dtype
-    h = x.float()
+    h = x if dtype == torch.float32 else x.float()
     if h.stride(-1) != 1 or h.storage_offset() % 2 or any(s % 2 for s in h.stride()[:-1]):
         h = h.contiguous()
-    pairs = torch.view_as_complex(h.unflatten(-1, (-1, 2)))  # [..., d/2] complex
-    return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2).to(dtype)
+    out = torch.view_as_real(torch.view_as_complex(h.unflatten(-1, (-1, 2))) * freqs).flatten(-2)
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
 class LatentCache:
@@ -82,21 +80,53 @@ class MLA(nn.Module):
     # ---- sub-steps ---------------------------------------------------------------------------
     def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x `[..., D]`, cos/sin `[..., rope/2]` -> q_nope `[..., H, nope]`, q_pe `[..., H, rope]` (rotated)."""
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
-        q = q.unflatten(-1, (self.n_heads, self.qk_dim))
-        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_pe = _rotate(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), self.interleave)
-        return q_nope, q_pe
+        freqs = torch.complex(cos, sin) if self.interleave else None
+        return self._queries(x, cos, sin, freqs)
 
     def latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x `[..., D]` -> the cached pair: kv `[..., kv_lora_rank]` (normalised), k_pe `[..., rope]` (rotated)."""
+        freqs = torch.complex(cos, sin) if self.interleave else None
+        return self._latents(x, cos, sin, freqs)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`queries` and `latents` of the same x in one call: -> q_nope, q_pe, kv, k_pe."""
+        freqs = torch.complex(cos, sin) if self.interleave else None
+        return *self._queries(x, cos, sin, freqs), *self._latents(x, cos, sin, freqs)
+
+    def _queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 freqs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
+        q = q.unflatten(-1, (self.n_heads, self.qk_dim))
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        if freqs is not None:
+            return q_nope, _rotate(q_pe, freqs.unsqueeze(-2))
+        return q_nope, apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), self.interleave)
+
+    def _latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 freqs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        return self.kv_a_layernorm(kv), _rotate(k_pe, cos, sin, self.interleave)
+        k_pe = _rotate(k_pe, freqs) if freqs is not None else apply_rope(k_pe, cos, sin, self.interleave)
+        return self.kv_a_layernorm(kv), k_pe
 
     def _kv_b_halves(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """`kv_b_proj` as per-head `W_uk [H, nope, C]` and `W_uv [H, v, C]` (views of the weight; FP8 dequantized)."""
+        """`kv_b_proj` as per-head `W_uk [H, nope, C]` and `W_uv [H, v, C]` (views of the weight; FP8 dequantized).
+
+        In inference mode the views of a plain weight are kept and reused while the weight's storage, version
+        and dtype stay the same (they cost a few small ops per call otherwise)."""
+        weight = self.kv_b_proj.weight
+        plain = getattr(self.kv_b_proj, "weight_scale_inv", None) is None and weight.dtype == dtype
+        key = None
+        if plain and torch.is_inference_mode_enabled():
+            key = (weight.data_ptr(), weight._version, weight.stride(), dtype)
+            cached = self.__dict__.get("_kv_b_views")
+            if cached is not None and cached[0] == key:
+                return cached[1]
         w = dense_weight(self.kv_b_proj, dtype).unflatten(0, (self.n_heads, self.nope_dim + self.v_dim))
-        return w[:, : self.nope_dim], w[:, self.nope_dim:]
+        halves = (w[:, : self.nope_dim], w[:, self.nope_dim:])
+        if key is not None:
+            self.__dict__["_kv_b_views"] = (key, halves)
+        return halves
 
     def absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
         """q_nope `[..., H, nope]` -> latent query `[..., H, kv_lora_rank]` (`q_nope W_uk`, one batched matmul
@@ -141,8 +171,7 @@ class MLA(nn.Module):
                 cache: LatentCache | None = None, start_pos: int = 0, absorb: bool = True) -> torch.Tensor:
         """x `[B, T, D]` -> `[B, T, D]`. With a cache, the new latents are stored at `start_pos` and the
         queries attend over everything cached for these rows."""
-        q_nope, q_pe = self.queries(x, cos, sin)
-        kv, k_pe = self.latents(x, cos, sin)
+        q_nope, q_pe, kv, k_pe = self.project(x, cos, sin)
         if cache is not None:
             kv, k_pe = cache.update(kv, k_pe, start_pos)
         return self.attend(q_nope, q_pe, kv, k_pe, mask, absorb)
