@@ -123,3 +123,9 @@ def test_builtin_recipes_are_valid():
     counts = count_parameters(small)
     stored = counts.main + counts.mtp_with_copies  # what save_model writes, MTP copies included
     assert stored * 2 < 60e6, f"small recipe writes {stored * 2 / 1e6:.1f} MB in bf16"
+
+
+def test_activation_checkpointing_gives_the_same_losses(data, tmp_path):
+    plain = train(tiny_config(steps=3), data, tmp_path / "plain")["history"]
+    recomputed = train(tiny_config(steps=3, activation_checkpointing=True), data, tmp_path / "ac")["history"]
+    assert [r["loss"] for r in recomputed] == pytest.approx([r["loss"] for r in plain], rel=1e-6)

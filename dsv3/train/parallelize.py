@@ -79,19 +79,16 @@ def _checkpointed(module: nn.Module) -> None:
 
 
 def compile_model(model: nn.Module) -> None:
-    """`torch.compile` the static-shaped parts of every block: attention, norms, dense MLPs, and each
-    expert with dynamic token counts. The MoE dispatch loop (data-dependent) stays eager."""
+    """`torch.compile` the static-shaped parts of every block: attention, norms, dense MLPs and shared
+    experts. The routed experts see a different token count at every call (recompiles), and the MoE
+    dispatch loop is data-dependent, so both stay eager."""
     for block in model.blocks():
         block.self_attn.compile()
         block.input_layernorm.compile()
         block.post_attention_layernorm.compile()
-        experts = getattr(block.mlp, "experts", None)
-        if experts is None:
+        if not hasattr(block.mlp, "experts"):
             block.mlp.compile()
-            continue
-        for expert in experts:
-            expert.compile(dynamic=True)
-        if block.mlp.shared_experts is not None:
+        elif block.mlp.shared_experts is not None:
             block.mlp.shared_experts.compile()
 
 

@@ -306,7 +306,10 @@ class Trainer:
             export.to_empty(device="cpu")
             export.load_state_dict({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
             save_model(export, path)
-            tok_dir = Path(self.data_meta.get("tokenizer", ""))
+            tok_dir = Path(self.data_meta.get("tokenizer", ""))  # as given to `dsv3 data tokenize`
+            if not (tok_dir / "tokenizer.json").is_file():
+                tqdm.write(f"note: tokenizer {tok_dir} (from {self.data_dir}/meta.json) not found from "
+                           f"{Path.cwd()}; copy tokenizer.json into {path} yourself")
             for name in ("tokenizer.json", "tokenizer_config.json"):
                 if (tok_dir / name).is_file():
                     shutil.copyfile(tok_dir / name, path / name)
