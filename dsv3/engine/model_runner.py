@@ -64,6 +64,7 @@ class StepBatch:
     groups: list[AttentionGroup]  # all decodes in one group, each prefill chunk in its own
     sample_index: torch.Tensor  # [M] flat index of the last token of each sampling sequence
     decode_only: bool = False  # one group of single-token queries whose flat indices are 0..N-1
+    rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None  # cos, sin, cos + i sin, per step
 
 
 class ModelRunner:
@@ -95,6 +96,8 @@ class ModelRunner:
         latent = self.args.kv_lora_rank + self.args.qk_rope_head_dim
         self.kv_cache = torch.zeros(self.args.n_layers, self.num_blocks, block_size, latent,
                                     device=self.device, dtype=self.dtype)  # [L, blocks, block_size, C + R]
+        self._block_offsets = torch.arange(block_size, device=self.device)
+        self._key_positions = torch.arange(self.args.max_seq_len, device=self.device)
         self.layer_caches = list(self.kv_cache.view(self.args.n_layers, -1, latent).unbind(0))  # L x [slots, C + R]
         self.sampler = Sampler()
 
@@ -111,6 +114,8 @@ class ModelRunner:
     # ---- batch preparation ------------------------------------------------------------------
     def prepare(self, out: SchedulerOutput) -> StepBatch:
         """Flatten the scheduled chunks into one batch and build every index tensor of the step."""
+        if all(item.num_tokens == 1 for item in out.scheduled):
+            return self._prepare_decode(out)
         tokens: list[int] = []
         positions: list[int] = []
         decodes: list[tuple[int, int, list[int]]] = []  # (flat index, position, block table)
@@ -147,6 +152,40 @@ class ModelRunner:
             decode_only=len(decodes) == len(tokens),
         )
 
+    def _prepare_decode(self, out: SchedulerOutput) -> StepBatch:
+        """`prepare` for a step where every sequence brings one token: one group, tables padded in Python and
+        turned into slots with a handful of tensor ops (the general path costs a few ops per sequence)."""
+        bs = self.block_size
+        tokens: list[int] = []
+        positions: list[int] = []
+        tables: list[list[int]] = []
+        sample_index: list[int] = []
+        for i, item in enumerate(out.scheduled):
+            seq, pos = item.seq, item.start
+            if len(seq.block_table) * bs <= pos:
+                raise RuntimeError(f"sequence {seq.seq_id} has {len(seq.block_table)} blocks for {pos + 1} tokens")
+            tokens += seq.token_slice(pos, pos + 1)
+            positions.append(pos)
+            tables.append(seq.block_table)
+            if item.sample:
+                sample_index.append(i)
+        b, max_s = len(tokens), max(positions) + 1
+        n_blocks = (max_s + bs - 1) // bs
+        dev = self.device
+        table = torch.tensor([row[:n_blocks] + [0] * (n_blocks - len(row)) for row in tables], device=dev)
+        context_slots = (table[:, :, None] * bs + self._block_offsets).flatten(1)[:, :max_s]  # [b, S]
+        new_slots = torch.tensor([row[p // bs] * bs + p % bs for row, p in zip(tables, positions)], device=dev)
+        pos = torch.tensor([positions], device=dev)  # [1, b]
+        mask = None
+        if min(positions) + 1 < max_s:  # padded contexts: hide the keys past each sequence's position
+            hidden = self._key_positions[:max_s][None, :] > pos[0, :, None]  # [b, S]
+            mask = torch.zeros(b, 1, max_s, device=dev).masked_fill_(hidden[:, None], float("-inf"))
+        query_index = torch.arange(b, device=dev)
+        group = AttentionGroup(query_index=query_index[:, None], context_slots=context_slots, mask=mask,
+                               flat_index=query_index, new_slots=new_slots)
+        return StepBatch(tokens=torch.tensor([tokens], device=dev), positions=pos, slots=new_slots, groups=[group],
+                         sample_index=torch.tensor(sample_index, dtype=torch.long, device=dev), decode_only=True)
+
     def _group(self, query_index: torch.Tensor, query_pos: torch.Tensor, tables: list[list[int]]) -> AttentionGroup:
         """Sequences that attend together: `query_index`/`query_pos` `[b, T]` (flat index and position of
         each new token, all rows full), `tables` their block tables."""
@@ -177,7 +216,10 @@ class ModelRunner:
         """The `attention` hook: x `[1, N, D]` -> `[1, N, D]`, writing this layer's latents to the cache."""
         if layer_id >= self.args.n_layers:
             raise ValueError(f"layer {layer_id} has no paged cache (MTP layers are not run by the engine)")
-        q_nope, q_pe, kv, k_pe = mla.project(x[0], cos[0], sin[0])  # [N, H, nope], [N, H, R], [N, C], [N, R]
+        if batch.rope is None:  # the same for every layer of the step
+            cos, sin = cos[0], sin[0]  # [N, R/2]
+            batch.rope = cos, sin, torch.complex(cos, sin) if mla.interleave else None
+        q_nope, q_pe, kv, k_pe = mla.project(x[0], *batch.rope)  # [N, H, nope], [N, H, R], [N, C], [N, R]
         cache = self.layer_caches[layer_id]  # [slots, C + R]
         latent = torch.cat([kv, k_pe], dim=-1)  # [N, C + R]
         cache[batch.slots] = latent if latent.dtype == cache.dtype else latent.to(cache.dtype)
@@ -187,8 +229,8 @@ class ModelRunner:
             q = q.to(cache.dtype)
         if batch.decode_only:  # one group of single-token queries, in flat order
             group = batch.groups[0]
-            o_lat = self._attend(mla, q.unsqueeze(1), cache, group.context_slots, group.mask)  # [N, 1, H, C]
-            return mla.latent_output(o_lat.squeeze(1).to(q_nope.dtype))[None]  # [1, N, D]
+            o_lat = self._attend_decode(mla, q, cache, group.context_slots, group.mask)  # [N, H, C]
+            return mla.latent_output(o_lat if o_lat.dtype == q_nope.dtype else o_lat.to(q_nope.dtype))[None]
         o_lat = torch.empty(q.shape[0], q.shape[1], self.kv_lora_rank, dtype=cache.dtype, device=q.device)
         heads = q.shape[1]
         for group in batch.groups:
@@ -200,6 +242,20 @@ class ModelRunner:
                 o = self._attend(mla, q[index], cache, group.context_slots, mask)  # [b, t', H, C]
                 o_lat[index.flatten()] = o.flatten(0, 1)
         return mla.latent_output(o_lat.to(q_nope.dtype))[None]  # [1, N, D]
+
+    def _attend_decode(self, mla: MLA, q: torch.Tensor, cache: torch.Tensor, context_slots: torch.Tensor,
+                       mask: torch.Tensor | None) -> torch.Tensor:
+        """`_attend` for one query per sequence: q `[b, H, C + R]`, mask `[b, 1, S]` or None -> `[b, H, C]`."""
+        context = cache[context_slots]  # [b, S, C + R]
+        scores = torch.bmm(q, context.transpose(1, 2))  # [b, H, S]
+        scores = scores.mul_(mla.softmax_scale) if scores.dtype == torch.float32 else \
+            scores.float().mul_(mla.softmax_scale)
+        if mask is not None:
+            scores = scores.add_(mask)
+        probs = scores.softmax(dim=-1)
+        if probs.dtype != context.dtype:
+            probs = probs.to(context.dtype)
+        return torch.bmm(probs, context[..., : self.kv_lora_rank])  # [b, H, C]
 
     def _attend(self, mla: MLA, q: torch.Tensor, cache: torch.Tensor, context_slots: torch.Tensor,
                 mask: torch.Tensor | None) -> torch.Tensor:

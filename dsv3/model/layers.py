@@ -90,38 +90,92 @@ def skip_torch_init() -> Iterator[None]:
             cls.reset_parameters = fn
 
 
+HUGE_PAGE = 2 << 20  # bytes; transparent huge pages on x86-64 Linux
+_ALIGN = 16  # elements (64 bytes) between weights in the shared buffer
+
+
+def _huge_page_buffer(numel: int) -> torch.Tensor:
+    """An uninitialised float32 CPU tensor of `numel` elements whose pages are advised as transparent huge
+    pages (Linux `madvise(MADV_HUGEPAGE)`, before first touch). Weights read once per token then stream
+    without a TLB miss and prefetcher restart every 4 KiB: single-token expert GEMVs measured ~20% faster.
+    Where the advice is unavailable the buffer is an ordinary allocation."""
+    pad = HUGE_PAGE // 4
+    raw = torch.empty(numel + pad, dtype=torch.float32)
+    start = (-raw.data_ptr() % HUGE_PAGE) // 4
+    buf = raw[start:start + numel]
+    try:
+        import ctypes
+        import sys
+        if sys.platform.startswith("linux"):
+            length = (numel * 4 + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
+            ctypes.CDLL(None).madvise(ctypes.c_void_p(buf.data_ptr()), ctypes.c_size_t(length), 14)  # MADV_HUGEPAGE
+    except (OSError, AttributeError):
+        pass
+    return buf
+
+
 def _plain_cpu_fp32(m: nn.Module, shared: set[int]) -> bool:
     w = getattr(m, "weight", None)
     return (type(m) is nn.Linear and w is not None and id(w) not in shared and w.device.type == "cpu"
-            and w.dtype == torch.float32 and w.is_contiguous())
+            and w.dtype == torch.float32 and w.is_contiguous() and m.__dict__.get("_decode_layout") != w.data_ptr())
 
 
 def cpu_decode_layout(module: nn.Module) -> int:
-    """Re-store float32 CPU weights in place for fast single-token products (same shapes, same values, the
-    same Parameter objects; returns the number of weights re-stored):
+    """Re-store the float32 CPU `nn.Linear` weights of `module` for fast single-token products: same shapes,
+    same values, the same Parameter objects, all moved into one buffer advised as huge pages (see
+    `_huge_page_buffer`). Returns the number of weights moved; a second call leaves them where they are.
 
-    - `nn.Linear` with `out >= in` features: column-major (the transposed matrix contiguous). MKL's GEMV
-      reads such a `[out, in]` weight 1.1-2.3x faster in that layout (measured on AVX-512 CPUs: `[768, 256]`
-      1.7x, `[4096, 512]` 2.3x); wider-than-tall weights are faster as they are.
-    - an `MLP`'s `gate_proj` and `up_proj`: two halves of one column-major `[2 * inter, dim]` tensor, which
-      `MLP.forward` then multiplies at once in inference (`[512, 512]` in 88 us vs 2 x 51 us for the halves).
+    - `out >= in` features: column-major (the transposed matrix contiguous). MKL's GEMV reads such a
+      `[out, in]` weight 1.1-2.3x faster in that layout (measured on AVX-512 CPUs: `[768, 256]` 1.7x,
+      `[4096, 512]` 2.3x); wider-than-tall weights stay row-major, which is faster for them.
+    - an `MLP`'s `gate_proj` and `up_proj`: the two halves of one column-major `[2 * inter, dim]` matrix,
+      which `MLP.forward` multiplies at once in inference (`[512, 512]` in 88 us vs 2 x 51 us).
 
     Weights shared with an embedding stay untouched. The engine calls this for CPU models; `state_dict`
-    tensors then are non-contiguous views (the checkpoint writer makes them contiguous)."""
+    tensors then are views, some non-contiguous (the checkpoint writer makes them contiguous)."""
     shared = {id(p) for m in module.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    changed = 0
+    plan: list[tuple[str, nn.Module]] = []
+    fused: set[int] = set()
+    for m in module.modules():
+        if (isinstance(m, MLP) and _plain_cpu_fp32(m.gate_proj, shared) and _plain_cpu_fp32(m.up_proj, shared)
+                and m.gate_proj.weight.shape == m.up_proj.weight.shape):
+            plan.append(("gate_up", m))
+            fused.update((id(m.gate_proj), id(m.up_proj)))
+    for m in module.modules():
+        if id(m) not in fused and _plain_cpu_fp32(m, shared):
+            plan.append(("col" if m.out_features >= m.in_features else "row", m))
+    if not plan:
+        return 0
+
+    def size(kind: str, m: nn.Module) -> int:
+        n = 2 * m.gate_proj.weight.numel() if kind == "gate_up" else m.weight.numel()
+        return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+    buf = _huge_page_buffer(sum(size(kind, m) for kind, m in plan))
+    offset = 0
     with torch.no_grad():
-        for m in module.modules():
-            if (isinstance(m, MLP) and _plain_cpu_fp32(m.gate_proj, shared) and _plain_cpu_fp32(m.up_proj, shared)
-                    and m.gate_proj.weight.shape == m.up_proj.weight.shape):
-                inter = m.gate_proj.out_features
-                fused = torch.cat([m.gate_proj.weight, m.up_proj.weight]).t().contiguous().t()  # [2I, D]
-                m.gate_proj.weight.data = fused[:inter]
-                m.up_proj.weight.data = fused[inter:]
-                m.__dict__["_gate_up"] = (fused, m.up_proj.weight.data_ptr())
-                changed += 2
-        for m in module.modules():
-            if _plain_cpu_fp32(m, shared) and m.out_features >= m.in_features:
-                m.weight.data = m.weight.data.t().contiguous().t()
-                changed += 1
-    return changed
+        for kind, m in plan:
+            block = buf[offset:offset + size(kind, m)]
+            offset += block.numel()
+            if kind == "gate_up":
+                inter, dim = m.gate_proj.weight.shape
+                w = block[: 2 * inter * dim].view(dim, 2 * inter)  # [D, 2I]: the fused weight transposed
+                w[:, :inter].copy_(m.gate_proj.weight.t())
+                w[:, inter:].copy_(m.up_proj.weight.t())
+                m.gate_proj.weight.data = w.t()[:inter]
+                m.up_proj.weight.data = w.t()[inter:]
+                m.__dict__["_gate_up"] = (w.t(), m.up_proj.weight.data_ptr())
+                for part in (m.gate_proj, m.up_proj):
+                    part.__dict__["_decode_layout"] = part.weight.data_ptr()
+                continue
+            out_f, in_f = m.weight.shape
+            if kind == "col":
+                w = block[: out_f * in_f].view(in_f, out_f)
+                w.copy_(m.weight.t())
+                m.weight.data = w.t()
+            else:
+                w = block[: out_f * in_f].view(out_f, in_f)
+                w.copy_(m.weight)
+                m.weight.data = w
+            m.__dict__["_decode_layout"] = m.weight.data_ptr()
+    return len(plan) + sum(kind == "gate_up" for kind, _ in plan)

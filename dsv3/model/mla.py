@@ -88,10 +88,14 @@ class MLA(nn.Module):
         freqs = torch.complex(cos, sin) if self.interleave else None
         return self._latents(x, cos, sin, freqs)
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`queries` and `latents` of the same x in one call: -> q_nope, q_pe, kv, k_pe."""
-        freqs = torch.complex(cos, sin) if self.interleave else None
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, freqs: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`queries` and `latents` of the same x in one call: -> q_nope, q_pe, kv, k_pe. `freqs`: `cos + i sin`
+        when the caller already has it (the engine computes it once per step)."""
+        if self.interleave and freqs is None:
+            freqs = torch.complex(cos, sin)
+        elif not self.interleave:
+            freqs = None
         return *self._queries(x, cos, sin, freqs), *self._latents(x, cos, sin, freqs)
 
     def _queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -110,7 +114,8 @@ class MLA(nn.Module):
         return self.kv_a_layernorm(kv), k_pe
 
     def _kv_b_halves(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """`kv_b_proj` as per-head `W_uk [H, nope, C]` and `W_uv [H, v, C]` (views of the weight; FP8 dequantized).
+        """`kv_b_proj` as per-head `W_uk [H, nope, C]` and `W_uv^T [H, C, v]` (views of the weight; FP8
+        dequantized).
 
         In inference mode the views of a plain weight are kept and reused while the weight's storage, version
         and dtype stay the same (they cost a few small ops per call otherwise)."""
@@ -123,7 +128,7 @@ class MLA(nn.Module):
             if cached is not None and cached[0] == key:
                 return cached[1]
         w = dense_weight(self.kv_b_proj, dtype).unflatten(0, (self.n_heads, self.nope_dim + self.v_dim))
-        halves = (w[:, : self.nope_dim], w[:, self.nope_dim:])
+        halves = (w[:, : self.nope_dim], w[:, self.nope_dim:].transpose(1, 2))
         if key is not None:
             self.__dict__["_kv_b_views"] = (key, halves)
         return halves
@@ -132,14 +137,15 @@ class MLA(nn.Module):
         """q_nope `[..., H, nope]` -> latent query `[..., H, kv_lora_rank]` (`q_nope W_uk`, one batched matmul
         over heads)."""
         w_uk = self._kv_b_halves(q_nope.dtype)[0]
-        q = q_nope.reshape(-1, self.n_heads, self.nope_dim).transpose(0, 1)  # [H, M, nope]
-        q_lat = torch.bmm(q, w_uk)  # [H, M, C]
-        return q_lat.transpose(0, 1).reshape(*q_nope.shape[:-1], -1)
+        flat = q_nope if q_nope.dim() == 3 else q_nope.reshape(-1, self.n_heads, self.nope_dim)  # [M, H, nope]
+        q_lat = torch.bmm(flat.transpose(0, 1), w_uk).transpose(0, 1)  # [M, H, C]
+        return q_lat if q_nope.dim() == 3 else q_lat.reshape(*q_nope.shape[:-1], -1)
 
     def latent_output(self, o_lat: torch.Tensor) -> torch.Tensor:
         """Attention output in latent space `[..., H, kv_lora_rank]` -> `[..., D]` (`W_uv`, then `o_proj`)."""
-        w_uv = self._kv_b_halves(o_lat.dtype)[1]
-        o = torch.bmm(o_lat.reshape(-1, self.n_heads, self.kv_lora_rank).transpose(0, 1), w_uv.transpose(1, 2))
+        w_uv_t = self._kv_b_halves(o_lat.dtype)[1]
+        flat = o_lat if o_lat.dim() == 3 else o_lat.reshape(-1, self.n_heads, self.kv_lora_rank)  # [M, H, C]
+        o = torch.bmm(flat.transpose(0, 1), w_uv_t)  # [H, M, v]
         o = o.transpose(0, 1).reshape(*o_lat.shape[:-2], self.n_heads * self.v_dim)  # [..., H * v]
         return self.o_proj(o)
 

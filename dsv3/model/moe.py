@@ -44,21 +44,21 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x `[N, D]` -> weights `[N, K]` float32, expert indices `[N, K]` int64."""
-        logits = F.linear(x.float(), self.weight.float())  # [N, E]
+        weight = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
+        logits = F.linear(x if x.dtype == torch.float32 else x.float(), weight)  # [N, E]
         scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if self.n_groups > 1 and self.topk_method != "greedy":
             grouped = choice.view(-1, self.n_groups, self.n_experts // self.n_groups)  # [N, G, E/G]
             if self.topk_method == "noaux_tc":
-                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+                group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
             else:
                 group_scores = grouped.amax(dim=-1)
-            keep = group_scores.topk(self.topk_groups, dim=-1).indices  # [N, topk_groups]
-            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
-            masked = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf") if self.topk_method == "noaux_tc"
-                                         else 0.0)
-            choice = masked.flatten(1)
-        indices = choice.topk(self.topk, dim=-1).indices  # [N, K]
+            keep = group_scores.topk(self.topk_groups, dim=-1)[1]  # [N, topk_groups]
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf") if self.topk_method == "noaux_tc"
+                                         else 0.0).flatten(1)
+        indices = choice.topk(self.topk, dim=-1)[1]  # [N, K]
         weights = scores.gather(1, indices)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -95,8 +95,9 @@ class MoE(nn.Module):
         contiguous slice of the gathered inputs; one host sync (the per-expert counts) per call. A single token
         skips the sort: its K outputs are weighted and summed by one `[1, K] x [K, D]` product."""
         if x.shape[0] == 1:
-            ys = torch.cat([self.experts[e](x) for e in indices[0].tolist()])  # [K, D]
-            return torch.mm(weights, ys.float()).to(x.dtype)  # [1, D], summed in float32 as below
+            ys = torch.cat([self.experts[e](x) for e in indices.tolist()[0]])  # [K, D]
+            out = torch.mm(weights, ys if ys.dtype == torch.float32 else ys.float())  # [1, D], float32 as below
+            return out if out.dtype == x.dtype else out.to(x.dtype)
         k = indices.shape[1]
         flat = indices.flatten()  # [N * K]
         order = flat.argsort(stable=True)  # pairs grouped by expert, token order kept within an expert
