@@ -1,6 +1,7 @@
 """Auxiliary-loss-free balancing: the bias moves by ±γ toward balance from the step's counts, stops when
 frozen, is never touched by the optimizer, and flattens a deliberately skewed router."""
 
+import pytest
 import torch
 
 from dsv3.train.balance import BiasBalancer
@@ -50,6 +51,20 @@ def test_frozen_bias_does_not_move():
         assert history[0].abs().max() > 0, kwargs  # the first step updates
         assert torch.equal(history[0], history[1]) and torch.equal(history[1], history[2]), kwargs
         assert balancer.frozen() and balancer.current_rate() == 0.0
+
+
+def test_early_rate_then_regular_rate():
+    model = tiny_model()
+    balancer = BiasBalancer(model, update_rate=0.001, early_rate=0.01, early_steps=2, freeze_after_steps=3)
+    deltas = []
+    with torch.no_grad():
+        for step in range(4):
+            before = torch.cat([g.e_score_correction_bias.clone() for g in moe_gates(model)])
+            model(_tokens(step), return_mtp=True, absorb=False)
+            balancer.observe()
+            balancer.step(tokens=64)
+            deltas.append((torch.cat([g.e_score_correction_bias for g in moe_gates(model)]) - before).abs().max().item())
+    assert deltas == pytest.approx([0.01, 0.01, 0.001, 0.0])
 
 
 def test_optimizer_never_touches_the_bias():

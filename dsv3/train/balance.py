@@ -7,8 +7,10 @@ whole step (all micro-batches, summed over data-parallel ranks):
     b_i -= γ  if expert i got more tokens than the layer's mean,
     b_i += γ  if it got fewer                      (b_i += γ · sign(mean - count_i)).
 
-γ is `update_rate`; it drops to 0 (the bias is frozen) once `freeze_after_steps` optimizer steps or
-`freeze_after_tokens` training tokens are reached, as the report freezes it for the last 500B tokens.
+γ is `update_rate` (optionally `early_rate` for the first `early_steps` steps: a short run from scratch
+needs a larger step to undo the router's early collapse than a 15T-token run does); it drops to 0 (the
+bias is frozen) once `freeze_after_steps` optimizer steps or `freeze_after_tokens` training tokens are
+reached, as the report freezes it for the last 500B tokens.
 Counting stays on the device (`bincount`, no host sync) until `step`, which also returns load statistics.
 """
 
@@ -43,11 +45,13 @@ class BiasBalancer:
     """Counts expert load over a step and moves every gate's correction bias toward balance."""
 
     def __init__(self, model: nn.Module, update_rate: float = 1e-3, freeze_after_steps: int | None = None,
-                 freeze_after_tokens: int | None = None, group: dist.ProcessGroup | None = None) -> None:
-        if update_rate < 0:
-            raise ValueError(f"bias update_rate must be >= 0, got {update_rate}")
+                 freeze_after_tokens: int | None = None, group: dist.ProcessGroup | None = None,
+                 early_rate: float | None = None, early_steps: int = 0) -> None:
+        if update_rate < 0 or (early_rate is not None and early_rate < 0):
+            raise ValueError(f"bias update rates must be >= 0, got {update_rate} and early {early_rate}")
         self.gates = [g for g in moe_gates(model) if g.e_score_correction_bias is not None]
         self.update_rate = update_rate
+        self.early_rate, self.early_steps = early_rate, early_steps
         self.freeze_after_steps = freeze_after_steps
         self.freeze_after_tokens = freeze_after_tokens
         self.group = group
@@ -62,7 +66,12 @@ class BiasBalancer:
         return self.freeze_after_tokens is not None and self.tokens >= self.freeze_after_tokens
 
     def current_rate(self) -> float:
-        return 0.0 if self.frozen() else self.update_rate
+        """γ of the next update: 0 when frozen, `early_rate` during the first `early_steps` steps."""
+        if self.frozen():
+            return 0.0
+        if self.early_rate is not None and self.steps < self.early_steps:
+            return self.early_rate
+        return self.update_rate
 
     def observe(self) -> None:
         """Add the routing of the last forward pass (each gate's `last_indices`) to the step's counts."""

@@ -68,6 +68,8 @@ class TrainConfig:
     mtp_switch_frac: float = 0.7
     balance_alpha: float = 1e-4  # α of the sequence-wise balance loss
     bias_update_rate: float = 1e-3  # γ of the bias update
+    bias_update_rate_early: float | None = None  # γ for the first `bias_early_steps` steps (None: same)
+    bias_early_steps: int = 0
     bias_freeze_step: int | None = None  # γ becomes 0 after this many steps (None: never)
     bias_freeze_tokens: int | None = None  # ... or after this many training tokens
     precision: str = "bf16"  # autocast dtype over float32 masters: bf16 or fp32 (no autocast)
@@ -90,7 +92,7 @@ class TrainConfig:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "ckpt_every", "weight_decay", "grad_clip", "balance_alpha", "bias_update_rate",
+        for name in ("eval_every", "ckpt_every", "bias_early_steps", "weight_decay", "grad_clip", "balance_alpha", "bias_update_rate",
                      "mtp_weight", "mtp_weight_late", "final_lr"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -224,7 +226,8 @@ class Trainer:
         self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.info.world_size
         self.loader = PackedLoader(self.data_dir, "train", cfg.seq_len, cfg.batch_size, seed=cfg.seed,
                                    rank=self.info.rank, world_size=self.info.world_size)
-        self.balancer = BiasBalancer(self.model, cfg.bias_update_rate, cfg.bias_freeze_step, cfg.bias_freeze_tokens)
+        self.balancer = BiasBalancer(self.model, cfg.bias_update_rate, cfg.bias_freeze_step, cfg.bias_freeze_tokens,
+                                     early_rate=cfg.bias_update_rate_early, early_steps=cfg.bias_early_steps)
         state = None
         if resume:
             state = self._load_checkpoint(latest)
@@ -358,6 +361,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        bias_rate = self.balancer.current_rate()
         load = self.balancer.step(self.tokens_per_step)
         self.step += 1
         if self.device.type == "cuda":
@@ -365,7 +369,7 @@ class Trainer:
         seconds = time.perf_counter() - start
         tokens_per_s = self.tokens_per_step / seconds
         record = {"step": self.step, "loss": loss, "ce": ce, "mtp": mtp, "balance": balance, "grad_norm": gnorm,
-                  "lr": lr, "mtp_weight": mtp_weight, "bias_rate": self.balancer.current_rate(),
+                  "lr": lr, "mtp_weight": mtp_weight, "bias_rate": bias_rate,
                   "tokens": self.step * self.tokens_per_step, "tokens_per_s": tokens_per_s,
                   "mfu": tokens_per_s * self.flops_per_token / (self.cfg.peak_tflops * 1e12 * self.info.world_size)
                   if self.device.type == "cuda" else None}
