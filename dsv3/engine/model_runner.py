@@ -114,7 +114,7 @@ class ModelRunner:
     # ---- batch preparation ------------------------------------------------------------------
     def prepare(self, out: SchedulerOutput) -> StepBatch:
         """Flatten the scheduled chunks into one batch and build every index tensor of the step."""
-        if all(item.num_tokens == 1 for item in out.scheduled):
+        if out.scheduled and all(item.num_tokens == 1 for item in out.scheduled):
             return self._prepare_decode(out)
         tokens: list[int] = []
         positions: list[int] = []
