@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dsv3.config import ModelArgs
-from dsv3.engine.cuda_graphs import DecodeGraphs, padded_size
+from dsv3.engine.cuda_graphs import DecodeGraphs, PrefillGraphs, padded_size
 from dsv3.model import Transformer
 from dsv3.model.fast import FastDecoder, FusedMLP, FusedMoE, FusedRMSNorm, prepare_fast, slots_for
 
@@ -100,6 +100,23 @@ def test_chunked_prefill_equals_whole_prefill():
     torch.testing.assert_close(torch.cat([first, second], 1), whole, atol=1e-5, rtol=1e-5)
 
 
+def test_padded_prefill_equals_unpadded():
+    model = prepare_fast(_model())
+    prompts = [torch.randint(0, model.args.vocab_size, (n,)) for n in (5, 8, 2)]
+    tables = _tables(3, 2, 8)
+    padded = torch.zeros(3, 8, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        padded[i, : len(p)] = p
+    cache = _cache(model, 8)
+    logits = FastDecoder(model, cache).prefill(padded, 0, tables, lengths=torch.tensor([5, 8, 2]))
+    for i, p in enumerate(prompts):
+        alone = _cache(model, 8)
+        expected = FastDecoder(model, alone).prefill(p[None], 0, tables[i:i + 1])
+        torch.testing.assert_close(logits[i], expected[0], atol=1e-5, rtol=1e-5)
+        rows = tables[i].long()
+        torch.testing.assert_close(cache[:, rows], alone[:, rows], atol=1e-5, rtol=1e-5)  # padding wrote nothing
+
+
 def test_graphs_refuse_cpu_and_bad_arguments():
     model = prepare_fast(_model())
     dec = FastDecoder(model, _cache(model, 8))
@@ -109,6 +126,10 @@ def test_graphs_refuse_cpu_and_bad_arguments():
         DecodeGraphs(dec, max_blocks=0)
     with pytest.raises(ValueError, match="kv_cache"):
         FastDecoder(model, torch.zeros(2, 8, PAGE, 5))
+    with pytest.raises(ValueError, match="max_blocks"):
+        PrefillGraphs(dec, max_blocks=2, lengths=[16])
+    with pytest.raises(ValueError, match="CUDA"):
+        PrefillGraphs(dec, max_blocks=2, lengths=[8]).capture()
 
 
 # ---- GPU ---------------------------------------------------------------------------------------------
@@ -161,3 +182,19 @@ def test_padded_graph_equals_eager_and_leaves_padding_inert(dtype):
     assert torch.equal(flat[:, untouched], flat_before[:, untouched])  # the padded row wrote nothing
     torch.testing.assert_close(flat[:, slots], flat_written[:, slots], atol=1e-4 if dtype == "float32" else 2e-2,
                                rtol=1e-3)
+
+
+@pytest.mark.gpu
+def test_prefill_graph_equals_eager_prefill():
+    model = prepare_fast(_model().cuda())
+    prompt = torch.randint(0, model.args.vocab_size, (7,), device="cuda")
+    tables = _tables(1, 4, 10, "cuda")
+    eager_cache = _cache(model, 10, "cuda")
+    expected = FastDecoder(model, eager_cache).prefill(prompt[None], 0, tables)
+    cache = _cache(model, 10, "cuda")
+    graphs = PrefillGraphs(FastDecoder(model, cache), max_blocks=4, lengths=[4, 8, 16])
+    graphs.capture()
+    assert cache.abs().sum() == 0  # capture wrote nothing
+    got = graphs.run(prompt, tables[0])
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cache, eager_cache, atol=1e-5, rtol=1e-5)  # the padded 8th token wrote nothing

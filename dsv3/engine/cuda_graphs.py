@@ -14,6 +14,11 @@ Typical use (the engine's model runner, on steps where every scheduled sequence 
     graphs = DecodeGraphs(FastDecoder(model, runner.kv_cache), max_blocks=max_blocks_per_seq)
     graphs.capture()                                  # once, after warm-up allocations
     logits, greedy = graphs.run(tokens, positions, slots, block_tables, seq_lens)
+
+`PrefillGraphs` does the same for fresh prompts (start position 0) of one sequence, padded up to the
+nearest captured length (padding sits after the prompt: causal attention keeps it invisible, its
+latents are not written). An eager prefill is bound by the host (about 40 launches per layer); a
+replay is not.
 """
 
 from __future__ import annotations
@@ -112,3 +117,70 @@ class DecodeGraphs:
         self.graphs[size].replay()
         logits, greedy = self.outputs[size]
         return logits[:bsz], greedy[:bsz]
+
+
+DEFAULT_PREFILL_LENGTHS = (128, 256, 512, 1024, 2048)
+
+
+class PrefillGraphs:
+    """One captured `FastDecoder.prefill` of a single fresh sequence per padded prompt length."""
+
+    def __init__(self, decoder: FastDecoder, max_blocks: int,
+                 lengths: tuple[int, ...] | list[int] = DEFAULT_PREFILL_LENGTHS) -> None:
+        if not lengths or min(lengths) < 1:
+            raise ValueError(f"lengths must be positive, got {lengths}")
+        block = decoder.block_size
+        if max(lengths) > max_blocks * block:
+            raise ValueError(f"longest captured length {max(lengths)} needs {-(-max(lengths) // block)} blocks; "
+                             f"max_blocks is {max_blocks}")
+        self.decoder = decoder
+        self.sizes = sorted(set(int(t) for t in lengths))
+        dev = decoder.kv_cache.device
+        self.tokens = torch.zeros(1, self.sizes[-1], dtype=torch.long, device=dev)
+        self.block_tables = torch.zeros(1, max_blocks, dtype=torch.int32, device=dev)
+        self.lengths = torch.zeros(1, dtype=torch.long, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.pool = None
+
+    def _step(self, t: int) -> torch.Tensor:
+        return self.decoder.prefill(self.tokens[:, :t], 0, self.block_tables, lengths=self.lengths)
+
+    @torch.no_grad()
+    def capture(self, warmup: int = 1) -> None:
+        if not self.decoder.kv_cache.is_cuda:
+            raise ValueError("CUDA graphs need the model and cache on a CUDA device")
+        self.lengths.zero_()  # warm-up and capture write nothing to the cache
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for t in reversed(self.sizes):
+                for _ in range(warmup):
+                    self._step(t)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        for t in reversed(self.sizes):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.outputs[t] = self._step(t)
+            if self.pool is None:
+                self.pool = graph.pool()
+            self.graphs[t] = graph
+        torch.cuda.synchronize()
+
+    @torch.no_grad()
+    def run(self, tokens: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+        """tokens `[T]` of one fresh prompt, its block table `[n]` int32 -> last-token logits `[1, vocab]`
+        (a view of a static buffer). Longer prompts than the largest captured length run eagerly."""
+        t = tokens.shape[0]
+        size = padded_size(t, self.sizes)
+        if size is None or size not in self.graphs:
+            return self.decoder.prefill(tokens[None], 0, block_table[None].to(torch.int32))
+        if block_table.shape[0] > self.block_tables.shape[1]:
+            raise ValueError(f"block table has {block_table.shape[0]} entries; captured with "
+                             f"{self.block_tables.shape[1]}")
+        self.tokens[0, :t].copy_(tokens, non_blocking=True)
+        self.block_tables[0, : block_table.shape[0]].copy_(block_table, non_blocking=True)
+        self.lengths.fill_(t)
+        self.graphs[size].replay()
+        return self.outputs[size]

@@ -263,10 +263,13 @@ def _config(rows_per_expert: float, n_rows: int, routed: bool = True) -> dict:
     (`M_SPLIT`, sized for the busiest expert: `n_rows`). Static for a given token count: graph-safe."""
     if _INTERPRET:
         return dict(BM=16, BN=16, BK=32, M_SPLIT=2, num_warps=4, num_stages=1)
-    if rows_per_expert <= 16:
+    # one row chunk should cover a typical expert: every extra chunk streams the expert's weights again
+    if rows_per_expert <= 6:
         cfg = dict(BM=16, BN=32, BK=128, num_warps=4, num_stages=4)
+    elif rows_per_expert <= 24:
+        cfg = dict(BM=32, BN=32, BK=128, num_warps=4, num_stages=4)
     elif rows_per_expert <= 128:
-        cfg = dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=4)
+        cfg = dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=4)
     else:
         cfg = dict(BM=64, BN=128, BK=64, num_warps=8, num_stages=3)
     chunks = triton.cdiv(n_rows, cfg["BM"])

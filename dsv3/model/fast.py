@@ -18,8 +18,8 @@ holding, and a module is either prepared or not (no global switch).
 `FastDecoder(model, kv_cache)` runs whole steps over the engine's paged latent cache
 `[n_layers, num_blocks, block_size, C + R]` with the fused kernels: `decode` (one token per sequence,
 absorbed MLA through `dsv3.kernels.mla_decode`, fixed shapes for a given batch, no host sync: the unit
-`dsv3.engine.cuda_graphs` captures) and `prefill` (equal-length chunks, expanded MLA through PyTorch's
-SDPA, latents written to the cache). On CPU it runs the same code with the kernels' references.
+`dsv3.engine.cuda_graphs` captures) and `prefill` (chunks of equal padded length, expanded MLA through
+PyTorch's SDPA, latents written to the cache; fresh prompts can be captured too). On CPU it runs the same code with the kernels' references.
 """
 
 from __future__ import annotations
@@ -263,6 +263,7 @@ class FastDecoder:
         self.block_size = kv_cache.shape[2]
         self.dtype = model.embed_tokens.weight.dtype
         self.absorbed = [_AbsorbedMLA(layer.self_attn, self.dtype) for layer in model.layers]
+        model.rotary.to(kv_cache.device)  # its frequencies must live where the step runs (graph capture)
 
     # -- shared pieces --
     def _queries(self, mla: MLA, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -325,17 +326,24 @@ class FastDecoder:
 
     # -- prefill --
     @torch.no_grad()
-    def prefill(self, tokens: torch.Tensor, start_pos: int, block_tables: torch.Tensor,
-                last_only: bool = True) -> torch.Tensor:
+    def prefill(self, tokens: torch.Tensor, start_pos: int, block_tables: torch.Tensor, last_only: bool = True,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
         """tokens `[B, T]` at positions `start_pos .. start_pos + T - 1` of each sequence (earlier positions
-        already cached) -> logits `[B, vocab]` of the last token (or `[B, T, vocab]`). Writes the latents."""
+        already cached) -> logits `[B, vocab]` of each row's last token (or `[B, T, vocab]`); writes the latents.
+
+        `lengths [B]` (optional, device tensor): row b has only `lengths[b]` real tokens, the rest is padding
+        at the end (its latents are not written, its logits not returned), so prompts of different lengths
+        share one call and fixed shapes (what `PrefillGraphs` captures). No host sync."""
         bsz, seqlen = tokens.shape
         dev = tokens.device
         bs = self.block_size
         total = start_pos + seqlen
         pos = torch.arange(start_pos, total, device=dev)
         positions = pos.expand(bsz, -1).reshape(-1)  # [N]
-        slots = (block_tables[:, pos // bs].long() * bs + pos % bs).reshape(-1)  # [N]
+        slots = block_tables[:, pos // bs].long() * bs + pos % bs  # [B, T]
+        if lengths is not None:
+            slots = torch.where(torch.arange(seqlen, device=dev)[None, :] < lengths[:, None], slots, -1)
+        slots = slots.reshape(-1)  # [N]
         ctx = torch.arange(total, device=dev)
         ctx_slots = block_tables[:, ctx // bs].long() * bs + ctx % bs  # [B, S]
         cos, sin = self.model.rotary(positions)
@@ -358,9 +366,11 @@ class FastDecoder:
             return mla.o_proj(o.transpose(1, 2).reshape(bsz * seqlen, -1))  # [N, D]
 
         h = self._layers(self.model.embed_tokens(tokens).view(bsz * seqlen, -1), attention)
-        if last_only:
-            h = h.view(bsz, seqlen, -1)[:, -1]
-        return self.model.lm_head(h).view(bsz, -1) if last_only else self.model.lm_head(h).view(bsz, seqlen, -1)
+        h = h.view(bsz, seqlen, -1)
+        if not last_only:
+            return self.model.lm_head(h)
+        last = h[:, -1] if lengths is None else h[torch.arange(bsz, device=dev), (lengths - 1).clamp(min=0)]
+        return self.model.lm_head(last)  # [B, vocab]
 
 
 def slots_for(block_tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
