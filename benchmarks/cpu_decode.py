@@ -1,12 +1,14 @@
 """Benchmark: CPU greedy decoding, `dsv3.LLM.generate` vs `transformers`' `generate`, one run, one checkpoint.
 
 A random DeepSeek-V3 checkpoint (small MoE shape, see `--dim` etc.) is written by `transformers`'
-`save_pretrained`; both peers load that folder. For each batch size, each repeat runs both peers
-(alternating, so machine load hits them alike) twice: with 1 new token (prefill + first token) and with
-`--new-tokens`; the decode time is the difference, so decode tokens/s = batch * (new_tokens - 1) /
-(t_full - t_first); the same difference in CPU time of the process (`decode_cpu_ms_per_step`) is less
-sensitive to other load on a shared machine (with one thread it excludes time spent waiting). Greedy outputs of the two peers must be equal token for token (asserted). Prints
-one JSON line per (batch, implementation) with medians over `--repeats`, and the ratio to transformers.
+`save_pretrained`; both peers load that folder in the same process and dtype. For each batch size, each
+repeat runs both peers (alternating, so machine load hits them alike) twice: with 1 new token (prefill +
+first token) and with `--new-tokens`; the decode time is the difference, so decode tokens/s =
+batch * (new_tokens - 1) / (t_full - t_first). The same difference in CPU time of the process
+(`decode_cpu_ms_per_step`) is steadier on a shared machine (with one thread it leaves out time spent
+waiting for a core). Greedy outputs of the two peers must be equal token for token (asserted, every
+run). Prints one JSON line per (batch, implementation) with medians over `--repeats` and the ratios to
+transformers (> 1: dsv3 faster).
 
     python benchmarks/cpu_decode.py                       # batch 1 and 8, 1 thread
     python benchmarks/cpu_decode.py --threads 2 --batch 1 --repeats 7
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,7 +47,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and prompts (default 0)")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="folder to write the checkpoint to (default: a temporary folder)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    checks = [("threads", args.threads >= 1, ">= 1"), ("prompt-len", args.prompt_len >= 1, ">= 1"),
+              ("new-tokens", args.new_tokens >= 2, ">= 2"), ("repeats", args.repeats >= 1, ">= 1"),
+              ("warmup", args.warmup >= 1, ">= 1"), ("dim", args.dim >= 64 and args.dim % 64 == 0,
+                                                     "a multiple of 64"),
+              ("layers", args.layers >= 2, ">= 2 (the first is dense)"),
+              ("experts", args.experts >= 8 and args.experts % 4 == 0, "a multiple of 4, >= 8 (4 groups)"),
+              ("topk", 1 <= args.topk <= args.experts // 2, f"in [1, experts / 2 = {args.experts // 2}]"),
+              ("vocab", args.vocab >= 16, ">= 16"), ("batch", min(args.batch) >= 1, ">= 1")]
+    for name, ok, allowed in checks:
+        if not ok:
+            p.error(f"--{name} must be {allowed}, got {getattr(args, name.replace('-', '_'))}")
+    return args
 
 
 def hf_config(args: argparse.Namespace):
@@ -92,6 +107,7 @@ def timed(fn: Callable[[], list[list[int]]]) -> tuple[float, float, list[list[in
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    import transformers
     from transformers import DeepseekV3ForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -111,12 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     max_len = args.prompt_len + args.new_tokens
-    llm = dsv3.LLM(folder, device="cpu", dtype=dtype, cache_memory=None,
-                   num_blocks=max(args.batch) * ((max_len + 15) // 16) + 8)
+    llm = dsv3.LLM(folder, device="cpu", dtype=dtype, num_blocks=max(args.batch) * ((max_len + 15) // 16) + 8)
     g = torch.Generator().manual_seed(args.seed + 1)
-    env = dict(torch=torch.__version__, threads=args.threads, dtype=args.dtype, cpus=os.cpu_count(),
-               load_1min=os.getloadavg()[0], experts_impl=hf.config._experts_implementation,
-               attn_impl=hf.config._attn_implementation)
+    env = dict(torch=torch.__version__, transformers=transformers.__version__, threads=args.threads,
+               dtype=args.dtype, cpus=os.cpu_count(),
+               hf_experts_impl=getattr(hf.config, "_experts_implementation", None),
+               hf_attn_impl=getattr(hf.config, "_attn_implementation", None))
 
     for batch in args.batch:
         prompts = torch.randint(3, args.vocab, (batch, args.prompt_len), generator=g)
@@ -124,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         def run_hf(n: int) -> list[list[int]]:
             with torch.inference_mode():
                 out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
-                                  min_new_tokens=n, do_sample=False)
+                                  do_sample=False)  # no EOS: always n tokens
             return out[:, args.prompt_len:].tolist()
 
         def run_dsv3(n: int) -> list[list[int]]:
@@ -143,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         first: dict[str, list[float]] = {k: [] for k in peers}
         full: dict[str, list[float]] = {k: [] for k in peers}
         decode_cpu: dict[str, list[float]] = {k: [] for k in peers}
-        for r in range(args.repeats):
+        for r in tqdm(range(args.repeats), desc=f"batch {batch}", unit="repeat", leave=False):
             order = list(peers.items()) if r % 2 == 0 else list(reversed(peers.items()))
             for name, fn in order:
                 t1, c1, _ = timed(lambda: fn(1))
@@ -174,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 decode_ratio_vs_transformers=round(row["decode_tok_s"] / ref["decode_tok_s"], 3),
                 decode_cpu_ratio_vs_transformers=round(ref["decode_cpu_ms_per_step"] / row["decode_cpu_ms_per_step"], 3),
                 e2e_ratio_vs_transformers=round(row["e2e_tok_s"] / ref["e2e_tok_s"], 3),
-                outputs_equal=True, **env)), flush=True)
+                outputs_equal=True, load_1min=round(os.getloadavg()[0], 2), **env)), flush=True)
     if tmp is not None:
         tmp.cleanup()
     return 0
