@@ -52,6 +52,10 @@ class SpanScore:
     greedy: bool  # every scored token was the argmax (greedy decoding would produce them)
 
 
+# rows x width per forward pass: bounds the [B, H, T, T] attention scores when windows are long
+MAX_BATCH_TOKENS = 16384
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -70,8 +74,13 @@ def score_spans(model: Any, spans: Sequence[Span], batch_size: int = 8, desc: st
     order = sorted(range(len(spans)), key=lambda i: -len(spans[i].tokens))
     out: list[SpanScore | None] = [None] * len(spans)
     with tqdm(total=len(spans), desc=desc or "scoring", unit="seq", disable=not progress, leave=False) as bar:
-        for b0 in range(0, len(order), batch_size):
-            batch = [spans[i] for i in order[b0:b0 + batch_size]]
+        starts = []  # batches of at most batch_size rows and MAX_BATCH_TOKENS padded tokens (longest first)
+        b0 = 0
+        while b0 < len(order):
+            starts.append(b0)
+            b0 += max(1, min(batch_size, MAX_BATCH_TOKENS // max(len(spans[order[b0]].tokens) - 1, 1)))
+        for b0, b1 in zip(starts, starts[1:] + [len(order)]):
+            batch = [spans[i] for i in order[b0:b1]]
             width = max(len(s.tokens) for s in batch) - 1
             inputs = torch.zeros(len(batch), width, dtype=torch.long)  # [B, T], right padded with id 0
             rows, cols, targets = [], [], []
