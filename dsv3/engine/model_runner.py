@@ -14,6 +14,12 @@ the device. The attention is plain PyTorch, so it runs on CPU as well as GPU: al
 attend in one batch (their context slots gathered and padded to `[B, S_max]`), each prefill chunk
 on its own with a causal mask by position (padding a long chunk with many short decodes would
 waste `T x S` memory).
+
+Steps where every sequence brings one token (plain decoding) take a shorter path: index tensors from
+Python lists, one rope frequency tensor for all layers, no mask unless contexts are padded, and queries
+`[q_nope W_uk ; q_pe]` multiplied once with the cached `[c_kv ; k_pe]` rows. On CPU the runner re-stores
+the model's float32 weights for single-token products (`dsv3.model.layers.cpu_decode_layout`: column-major
+where that is faster, fused gate/up, one huge-page buffer); values and outputs are unchanged.
 """
 
 from __future__ import annotations
@@ -149,7 +155,6 @@ class ModelRunner:
             slots=slots,
             groups=groups,
             sample_index=torch.tensor(sample_index, dtype=torch.long, device=dev),
-            decode_only=len(decodes) == len(tokens),
         )
 
     def _prepare_decode(self, out: SchedulerOutput) -> StepBatch:

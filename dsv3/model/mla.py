@@ -8,8 +8,9 @@ them, numerically equal and switchable per call:
 - absorbed: `kv_b_proj`'s key half is folded into the query (`q_nope W_uk` lives in latent space) and its
   value half is applied after attending over the latents, so keys/values are never materialised.
 
-The sub-steps (`queries`, `latents`, `attend`) are public so the engine can run them over its own paged
-cache; `forward` is the self-contained path with an optional contiguous cache.
+The sub-steps (`queries`, `latents`, `project` = both, `absorb_query`, `latent_output`, `attend`) are public
+so the engine can run them over its own paged cache; `forward` is the self-contained path with an optional
+contiguous cache. Rope on the interleaved layout runs as one complex multiply (`_rotate`).
 """
 
 from __future__ import annotations

@@ -110,6 +110,8 @@ class MoE(nn.Module):
             if count:
                 ys.append(self.experts[e](xs[start:start + count]))
                 start += count
-        y = torch.cat(ys) * weights.flatten()[order, None]  # [N * K, D]
-        out = torch.zeros_like(x, dtype=torch.float32).index_add_(0, token, y.float())
+        out = torch.zeros_like(x, dtype=torch.float32)
+        if ys:  # no tokens, no experts
+            y = torch.cat(ys) * weights.flatten()[order, None]  # [N * K, D]
+            out.index_add_(0, token, y.float())
         return out.to(x.dtype)
