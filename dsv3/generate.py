@@ -39,7 +39,7 @@ DEFAULT_MAX_NEW_TOKENS = 512
 DEFAULT_TEMPERATURE = 0.3  # DeepSeek-V3's recommended model temperature
 DEFAULT_CHAT_CONTEXT = 8192  # chat cache size when the model allows more (the 671B model allows 163840)
 PREFILL_CHUNK = 2048  # prompt tokens per forward; Ctrl-C is checked between chunks
-DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+DTYPES = {"auto": None, "bf16": "bfloat16", "fp32": "float32"}  # auto: float32 on a CPU (faster there), else bf16
 CHAT_HELP = "commands: /reset (new conversation), /system TEXT (set the system prompt), /exit; " \
             "Ctrl-C stops an answer, Ctrl-D exits"
 
@@ -72,8 +72,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="random seed for sampling (default: none, a fresh draw each run)")
     p.add_argument("--device", default="cpu", metavar="DEV",
                    help="cpu, cuda or cuda:N (default: %(default)s)")
-    p.add_argument("--dtype", default="bf16", metavar="DTYPE",
-                   help="weights and activations: bf16 or fp32 (default: %(default)s)")
+    p.add_argument("--dtype", default="auto", metavar="DTYPE",
+                   help="weights and activations: bf16, fp32, or auto = fp32 on a CPU (faster there), bf16 on a "
+                        "GPU (default: %(default)s)")
     p.add_argument("--system", default=None, metavar="TEXT",
                    help="system prompt for chat-formatted prompts (default: none)")
 
@@ -205,7 +206,8 @@ def _load(path: Path, args: argparse.Namespace) -> Any:
     import torch
 
     import dsv3
-    return dsv3.load_model(path, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]))
+    name = DTYPES[args.dtype] or ("float32" if args.device == "cpu" else "bfloat16")
+    return dsv3.load_model(path, device=args.device, dtype=getattr(torch, name))
 
 
 # ---- decoding over the model's cache -----------------------------------------------------------
