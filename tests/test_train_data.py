@@ -242,3 +242,10 @@ def test_cli_train_and_tokenize(built, tmp_path, capsys):
     data.add_parser(args.add_subparsers())
     parsed = args.parse_args(["data", "prepare", "--output", "x", "--sources", "brown", "austen"])
     assert parsed.sources == ["brown", "austen"] and parsed.val_fraction == 0.02
+
+
+def test_shards_carry_their_tokenizer(built):
+    shards, tok = built["shards"], built["tok"]
+    assert built["meta"]["tokenizer"] == "."
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (shards / name).read_bytes() == (tok / name).read_bytes()

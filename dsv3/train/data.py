@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -128,13 +129,17 @@ def tokenize_corpus(
         "bos_id": bos_id,
         "eos_id": eos_id,
         "document_format": "BOS text EOS",
-        "tokenizer": str(tokenizer_dir),
+        "tokenizer": ".",  # a copy of the tokenizer files sits beside the shards (paths resolve from here)
+        "tokenizer_source": str(tokenizer_dir),
         "tokenizer_sha256": hashlib.sha256(tok_file.read_bytes()).hexdigest(),
         "val_fraction": val_fraction,
         "inputs": [str(p) for p in inputs],
         "splits": stats,
         "seconds": round(time.time() - start, 1),
     }
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # shards travel with their tokenizer
+        if (tokenizer_dir / name).is_file():
+            shutil.copyfile(tokenizer_dir / name, output / name)
     (output / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 

@@ -309,7 +309,10 @@ class Trainer:
             export.to_empty(device="cpu")
             export.load_state_dict({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
             save_model(export, path)
-            tok_dir = Path(self.data_meta.get("tokenizer", ""))  # as given to `dsv3 data tokenize`
+            given = Path(self.data_meta.get("tokenizer", ""))  # relative to the shard folder (older: to cwd)
+            tok_dir = given if given.is_absolute() else Path(self.data_dir) / given
+            if not (tok_dir / "tokenizer.json").is_file():
+                tok_dir = given
             if not (tok_dir / "tokenizer.json").is_file():
                 tqdm.write(f"note: tokenizer {tok_dir} (from {self.data_dir}/meta.json) not found from "
                            f"{Path.cwd()}; copy tokenizer.json into {path} yourself")
