@@ -1,6 +1,6 @@
-"""Tests of dsv3.train.corpus: markup stripping, Brown tags, dedup, the split, the R
-serialization reader (on streams written here by hand from the format), and `data prepare`
-end to end on stand-in sources (no network)."""
+"""Tests of dsv3.train.corpus and the modules it reads with: markup stripping, Brown tags and
+dedup (textclean), the split, the R serialization reader (rdata; on streams written here by hand
+from the format), and `data prepare` end to end on stand-in sources (no network)."""
 
 import argparse
 import gzip
@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 
 from dsv3.train import corpus
-from dsv3.train.corpus import (
-    Source, SourceError, austen_chapters, content_hash, dedup, is_validation, read_lazyload,
-    read_r_serialized, strip_brown_tags, strip_rst,
-)
+from dsv3.train.corpus import Source, SourceError, is_validation
+from dsv3.train.rdata import read_lazyload, read_r_serialized
+from dsv3.train.textclean import austen_chapters, content_hash, dedup, strip_brown_tags, strip_rst
 
 # ----------------------------------------------------------------------------- markup
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dsv3 import chat as chat_cli
 from dsv3 import generate as gen
 from dsv3.tokenizer import load_tokenizer
 
@@ -237,13 +238,13 @@ def test_chat_subprocess_keeps_cache(ckpt) -> None:
 def _chat_in_process(path: Path, lines: list[str], extra: list[str] = ()) -> tuple[int, str, str]:
     args = _parse(["chat", "--model", str(path), "--max-new-tokens", "6", "--stats", *GREEDY, *extra])
     stdin, stdout, stderr = io.StringIO("".join(line + "\n" for line in lines)), io.StringIO(), io.StringIO()
-    rc = gen._chat(args, stdin, stdout, stderr)
+    rc = chat_cli._chat(args, stdin, stdout, stderr)
     return rc, stdout.getvalue(), stderr.getvalue()
 
 
 def test_chat_ctrl_c_stops_answer_not_program(ckpt, monkeypatch) -> None:
     path, model, tok = ckpt
-    feed = gen.Session.feed
+    feed = chat_cli.Session.feed
     decode_steps = []
 
     def feed_and_interrupt(self, ids):
@@ -254,7 +255,7 @@ def test_chat_ctrl_c_stops_answer_not_program(ckpt, monkeypatch) -> None:
                 os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during the first answer
         return logits
 
-    monkeypatch.setattr(gen.Session, "feed", feed_and_interrupt)
+    monkeypatch.setattr(chat_cli.Session, "feed", feed_and_interrupt)
     previous = signal.getsignal(signal.SIGINT)
     rc, out, err = _chat_in_process(path, ["first question", "second question"])
     assert signal.getsignal(signal.SIGINT) is previous  # the handler is restored after each answer
@@ -348,7 +349,7 @@ def test_help_documents_every_flag() -> None:
     gen.add_parser(sub)
     for verb in ("generate", "chat"):
         p = sub.choices[verb]
-        assert p.get_default("func") is (gen.generate_main if verb == "generate" else gen.chat_main)
+        assert p.get_default("func") is (gen.generate_main if verb == "generate" else chat_cli.chat_main)
         for action in p._actions:
             if action.option_strings and action.dest != "help":
                 assert action.help and "default" in action.help, f"{verb} {action.option_strings}"
@@ -363,7 +364,7 @@ def test_session_cache_equals_full_forward(ckpt) -> None:
 
     path, model, tok = ckpt
     ours = dsv3.load_model(path, device="cpu", dtype=torch.float32)
-    session = gen.Session(ours, 64)
+    session = chat_cli.Session(ours, 64)
     ids = tok.encode("one two three four five six")
     session.feed(ids[:3])
     session.feed(ids[3:5])
