@@ -323,5 +323,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="fraction of documents held out for validation (by text hash)")
     p.add_argument("--min-chars", type=int, default=200, help="drop documents shorter than this")
     p.add_argument("--skip-failed", action="store_true",
-                   help="go on without a source that fails to download (default: stop)")
+                   help="go on without a source that fails to download (off: stop at the first failure)")
     p.set_defaults(func=_cmd_prepare)
