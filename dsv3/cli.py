@@ -11,6 +11,10 @@ import importlib
 import os
 import sys
 
+# optional dependencies and the pip extra that brings each
+EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "httpx": "serve", "pyarrow": "eval", "matplotlib": "eval",
+          "tensorboard": "train"}
+
 # modules that provide add_parser(subparsers); each registers one or more verbs
 VERB_MODULES = (
     "dsv3.cli_info",
@@ -42,6 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except ModuleNotFoundError as err:
+        if args.debug or os.environ.get("DSV3_DEBUG"):
+            raise
+        name = (err.name or "").split(".")[0]
+        extra = EXTRAS.get(name)
+        hint = f"pip install 'dsv3[{extra}]'" if extra else f"pip install {name}"
+        print(f"dsv3 {args.verb}: error: needs the Python package {name!r}: {hint}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("dsv3: interrupted", file=sys.stderr)
         return 130

@@ -36,3 +36,14 @@ def test_every_flag_has_help():
         for action in parser._actions:
             if action.option_strings and action.dest != "help":
                 assert action.help, f"{parser.prog}: {action.option_strings} has no help"
+
+
+def test_missing_optional_dependency_names_the_extra(monkeypatch, capsys):
+    import dsv3.cli_info
+
+    def needs_uvicorn(args):
+        raise ModuleNotFoundError("No module named 'uvicorn'", name="uvicorn")
+
+    monkeypatch.setattr(dsv3.cli_info, "run", needs_uvicorn)
+    assert main(["info"]) == 1
+    assert capsys.readouterr().err.strip() == "dsv3 info: error: needs the Python package 'uvicorn': pip install 'dsv3[serve]'"
