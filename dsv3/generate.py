@@ -89,6 +89,8 @@ def add_parser(subparsers: Any) -> None:
     gen.add_argument("--output", metavar="FILE", default=None,
                      help="write JSONL (prompt, text, prompt_tokens, completion_tokens, finish_reason) here "
                           "(default: none; one prompt streams plain text to stdout, several print JSONL there)")
+    gen.add_argument("--fast", action="store_true",
+                     help="GPU only: fused MoE/MLA kernels and CUDA graphs for decode steps (default: off)")
     _add_common(gen)
     gen.set_defaults(func=generate_main)
 
@@ -316,9 +318,10 @@ def generate_main(args: argparse.Namespace) -> int:
         return _fail("dsv3 generate", "interrupted", 130)
 
 
-def _engine(model: Any, tok: "Tokenizer", device: str, lengths: list[int]) -> Any:
+def _engine(model: Any, tok: "Tokenizer", device: str, lengths: list[int], fast: bool = False) -> Any:
     """The engine's LLM. On CPU its cache is sized to what the prompts need (all of them running at
-    once) when that is below the engine's default; on GPU the engine takes its default share."""
+    once) when that is below the engine's default; on GPU the engine takes its default share. `fast`: the
+    GPU decode path (fused kernels, CUDA graphs)."""
     from dsv3.engine import LLM
     from dsv3.engine.model_runner import DEFAULT_CPU_CACHE_BYTES, cache_bytes_per_block
 
@@ -329,13 +332,16 @@ def _engine(model: Any, tok: "Tokenizer", device: str, lengths: list[int]) -> An
         need = longest * min(len(lengths), max_num_seqs)
         if need * cache_bytes_per_block(model, block_size) < DEFAULT_CPU_CACHE_BYTES:
             num_blocks = need
-    return LLM(model, tokenizer=tok, num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs)
+    return LLM(model, tokenizer=tok, num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
+               fast=fast)
 
 
 def _generate(args: argparse.Namespace) -> int:
     from dsv3.tokenizer import load_tokenizer
 
     _check_common(args)
+    if args.fast and not args.device.startswith("cuda"):
+        raise UsageError(f"--fast needs a CUDA device (--device cuda), got --device {args.device}")
     path = _resolve_model(args.model)
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.input_file)
     tok = load_tokenizer(path)
@@ -348,7 +354,8 @@ def _generate(args: argparse.Namespace) -> int:
     params = _sampling(args)
     _check_device(args.device)
     model = _load(path, args)
-    llm = _engine(model, tok, args.device, [min(len(ids) + args.max_new_tokens, context) for ids in encoded])
+    llm = _engine(model, tok, args.device, [min(len(ids) + args.max_new_tokens, context) for ids in encoded],
+                  fast=args.fast)
 
     out_file = open(args.output, "w", encoding="utf-8") if args.output else None
     try:

@@ -74,16 +74,25 @@ class LLM:
                  dtype: torch.dtype | str = torch.bfloat16, num_blocks: int | None = None,
                  cache_memory: int | None = None, block_size: int = 16, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True) -> None:
+                 enable_prefix_caching: bool = True, fast: bool = False) -> None:
         """`model`: a checkpoint folder or a loaded `Transformer` (used as is: its device and dtype).
         `tokenizer`: a `dsv3.tokenizer.Tokenizer`, a folder holding tokenizer.json, or None to use the
         model folder's (if any; without one only token-id prompts work and `.text` stays empty).
         Cache size: `num_blocks` blocks of `block_size` tokens, else `cache_memory` bytes, else a
-        default (80% of free GPU memory, 512 MiB on CPU)."""
+        default (80% of free GPU memory, 512 MiB on CPU).
+        `fast` (GPU only, default off): fused MoE/MLA kernels and CUDA graphs for decode steps
+        (`dsv3.engine.fast_runner`; graphs captured here for decode batches up to `max_num_seqs`). It
+        rewrites the model's modules in place (`dsv3.model.fast.prepare_fast`), so a `Transformer` passed
+        in is changed; it needs BF16/FP16/FP32 weights. Prefill and mixed steps keep the PyTorch path.
+        Raises ValueError off CUDA."""
         if isinstance(dtype, str):
             if dtype not in ("bfloat16", "float16", "float32"):
                 raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}")
             dtype = getattr(torch, dtype)
+        if fast:  # before loading anything
+            where = model.embed_tokens.weight.device if isinstance(model, Transformer) else torch.device(device)
+            if where.type != "cuda":
+                raise ValueError(f"fast=True needs a CUDA device, got {where}")
         folder: Path | None = None
         if isinstance(model, Transformer):
             self.model = model.eval()
@@ -94,7 +103,8 @@ class LLM:
         else:
             raise ValueError(f"model must be a checkpoint folder or a Transformer, got {type(model).__name__}")
         self.tokenizer = self._load_tokenizer(tokenizer, folder)
-        self.runner = ModelRunner(self.model, block_size=block_size, num_blocks=num_blocks, cache_memory=cache_memory)
+        self.runner = ModelRunner(self.model, block_size=block_size, num_blocks=num_blocks, cache_memory=cache_memory,
+                                  fast=fast, max_num_seqs=max_num_seqs)
         self.block_manager = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching)
         limit = min(self.model.args.max_seq_len, self.block_manager.capacity_tokens)
         if max_model_len is None:

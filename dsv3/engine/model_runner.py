@@ -20,6 +20,10 @@ Python lists, one rope frequency tensor for all layers, no mask unless contexts 
 `[q_nope W_uk ; q_pe]` multiplied once with the cached `[c_kv ; k_pe]` rows. On CPU the runner re-stores
 the model's float32 weights for single-token products (`dsv3.model.layers.cpu_decode_layout`: column-major
 where that is faster, fused gate/up, one huge-page buffer); values and outputs are unchanged.
+
+`fast=True` (CUDA only, off by default): the model gets the fused GPU modules (`prepare_fast`, in place,
+before the cache is sized) and pure-decode steps run through `dsv3.engine.fast_runner.FastRunner` (Triton
+MLA decode over this same cache, replayed from CUDA graphs); prefill and mixed steps keep the path above.
 """
 
 from __future__ import annotations
@@ -77,7 +81,9 @@ class ModelRunner:
     """Paged latent cache + one forward per scheduler step + sampling."""
 
     def __init__(self, model: Transformer, block_size: int = 16, num_blocks: int | None = None,
-                 cache_memory: int | None = None) -> None:
+                 cache_memory: int | None = None, fast: bool = False, max_num_seqs: int = 64) -> None:
+        """`fast`: decode steps through the fused kernels and CUDA graphs (CUDA only); `max_num_seqs`: the
+        largest decode batch, whose graph is captured (only used with `fast`)."""
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.model = model
@@ -86,6 +92,12 @@ class ModelRunner:
         weight = model.embed_tokens.weight
         self.device = weight.device
         self.dtype = weight.dtype
+        if fast:
+            if self.device.type != "cuda":
+                raise ValueError(f"fast=True needs a CUDA device, got {self.device}")
+            from dsv3.engine.fast_runner import FastRunner, capture_sizes
+            capture_sizes(max_num_seqs)  # checks max_num_seqs before any work
+            FastRunner.prepare(model)  # fused modules first: stacking the experts needs memory the cache would take
         if self.device.type == "cpu":
             cpu_decode_layout(model)  # faster single-token GEMVs (see its docstring)
         self.kv_lora_rank = self.args.kv_lora_rank
@@ -106,6 +118,7 @@ class ModelRunner:
         self._key_positions = torch.arange(self.args.max_seq_len, device=self.device)
         self.layer_caches = list(self.kv_cache.view(self.args.n_layers, -1, latent).unbind(0))  # L x [slots, C + R]
         self.sampler = Sampler()
+        self.fast_runner = FastRunner(self, max_num_seqs) if fast else None  # captures the decode graphs
 
     def _default_cache_memory(self) -> int:
         if self.device.type == "cuda":
@@ -283,6 +296,11 @@ class ModelRunner:
         `out.scheduled` order."""
         if out.is_empty:
             return []
+        if self.fast_runner is not None:
+            logits = self.fast_runner.decode(out)  # [M, V] of the sampling sequences; None: not a decode step
+            if logits is not None:
+                sampling = [item.seq for item in out.scheduled if item.sample]
+                return self._to_python(self.sample(logits, sampling), sampling) if sampling else []
         batch = self.prepare(out)
 
         def attention(layer_id: int, mla: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight dtype; auto = bfloat16 on GPU, float32 on CPU")
     p.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: sized from memory)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    p.add_argument("--fast", action="store_true",  # the formatter appends "(default: False)"
+                   help="GPU only: fused MoE/MLA kernels and CUDA graphs for decode steps")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest accepted request body (413 above)")
     p.add_argument("--shutdown-grace", type=float, default=30.0,
                    help="seconds in-flight requests may run after SIGTERM before they are aborted")
@@ -94,7 +96,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Path]:
     engine = LLM(path, device=device, dtype=dtype, num_blocks=args.num_blocks, block_size=args.block_size,
                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max(args.max_num_batched_tokens,
                                                                             args.max_num_seqs),
-                 max_model_len=args.max_model_len)
+                 max_model_len=args.max_model_len, fast=args.fast)
     name = args.served_model_name or path.resolve().name
     app = create_app(engine, served_model_name=name, api_key=args.api_key, max_waiting=args.max_waiting,
                      max_body_bytes=args.max_body_bytes, shutdown_grace=args.shutdown_grace, model_path=str(path))

@@ -1,0 +1,243 @@
+"""`LLM(fast=True)`: the GPU decode path (fused kernels + CUDA graphs over the engine's paged cache).
+
+CPU: `fast=True` is refused off CUDA before anything is loaded or changed, `fast=False` leaves the model and
+the runner as they were, the CLI flags, and the step packing of `FastRunner` (run eagerly with the kernels'
+PyTorch references) against `transformers`' greedy generate. GPU (`gpu` marker): greedy tokens of
+`LLM(fast=True)` equal `LLM(fast=False)` (and `transformers`) token for token, on a tiny float32 checkpoint,
+with prompts of different lengths, requests finishing at different steps, chunked prefill, preemption and
+prefix-cache hits."""
+
+import argparse
+
+import pytest
+import torch
+
+import dsv3
+from dsv3.engine import LLM, SamplingParams
+from dsv3.engine.fast_runner import FastRunner, capture_sizes
+from dsv3.engine.model_runner import ModelRunner
+from dsv3.model.fast import FusedMoE, FusedRMSNorm
+from engine_fixtures import Oracle, random_prompts
+
+MAX_NEW = 10
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_v3_fast")
+    return folder, Oracle(folder)
+
+
+def greedy(n=MAX_NEW, logprobs=None):
+    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=logprobs)
+
+
+def is_prepared(model) -> bool:
+    return any(isinstance(m, (FusedMoE, FusedRMSNorm)) for m in model.modules())
+
+
+# ---- CPU -------------------------------------------------------------------------------------------
+def test_fast_needs_cuda_and_changes_nothing_before_refusing(ckpt):
+    folder, _ = ckpt
+    with pytest.raises(ValueError, match="fast=True needs a CUDA device"):
+        LLM(folder, device="cpu", dtype=torch.float32, num_blocks=8, fast=True)
+    model = dsv3.load_model(folder, dtype=torch.float32, progress=False)
+    with pytest.raises(ValueError, match="fast=True needs a CUDA device"):
+        LLM(model, num_blocks=8, fast=True)
+    with pytest.raises(ValueError, match="fast=True needs a CUDA device"):
+        ModelRunner(model, num_blocks=8, fast=True)
+    assert not is_prepared(model)
+
+
+def test_fast_off_is_the_default_path(ckpt):
+    folder, oracle = ckpt
+    model = dsv3.load_model(folder, dtype=torch.float32, progress=False)
+    llm = LLM(model, num_blocks=32, block_size=4, max_num_seqs=3, max_num_batched_tokens=8)
+    assert llm.runner.fast_runner is None and not is_prepared(model)
+    prompts = random_prompts([5, 11, 2], seed=7)
+    for prompt, out in zip(prompts, llm.generate(prompts, greedy(), use_tqdm=False)):
+        assert out.token_ids == oracle.greedy(prompt, MAX_NEW)
+
+
+def test_capture_sizes():
+    assert capture_sizes(1) == [1]
+    assert capture_sizes(6) == [1, 2, 4, 6]
+    assert capture_sizes(64) == [1, 2, 4, 8, 16, 24, 32, 48, 64]
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        capture_sizes(0)
+
+
+def test_eager_fast_runner_on_cpu_equals_transformers(ckpt):
+    """The packing of decode steps (tokens, slots, block tables, sampling rows) and the cache shared with the
+    PyTorch path, through `FastDecoder` eagerly (no graphs): what the GPU path runs, minus the kernels."""
+    folder, oracle = ckpt
+    model = dsv3.load_model(folder, dtype=torch.float32, progress=False)
+    llm = LLM(model, num_blocks=14, block_size=4, max_num_seqs=4, max_num_batched_tokens=9)
+    llm.runner.fast_runner = FastRunner(llm.runner, max_num_seqs=4, graphs=False)
+    assert is_prepared(model)
+    prompts = random_prompts([6, 1, 12, 4, 9], seed=8)
+    lengths = [10, 3, 7, 12, 5]
+    outputs = llm.generate(prompts, [greedy(n) for n in lengths], use_tqdm=False)
+    for prompt, n, out in zip(prompts, lengths, outputs):
+        assert out.token_ids == oracle.greedy(prompt, n), f"prompt of {len(prompt)} tokens"
+    assert llm.runner.fast_runner.num_steps > 0
+    assert llm.num_preemptions > 0
+    assert llm.block_manager.num_free_blocks == 14
+
+
+def _record_steps(runner):
+    """Spy on `FastRunner.decode`: (batch, sampling rows) of each step it ran."""
+    fast = runner.fast_runner
+    real = fast.decode
+    steps = []
+
+    def decode(out):
+        logits = real(out)
+        if logits is not None:
+            steps.append((len(out.scheduled), logits.shape[0]))
+        return logits
+
+    fast.decode = decode
+    return steps
+
+
+def test_eager_fast_runner_with_one_token_prefill_chunks(ckpt):
+    """A budget of 4 tokens with 3 sequences decoding leaves 1 token per step for the 4th prompt: decode-shaped
+    steps where one row writes its latent but does not sample."""
+    folder, oracle = ckpt
+    model = dsv3.load_model(folder, dtype=torch.float32, progress=False)
+    llm = LLM(model, num_blocks=32, block_size=4, max_num_seqs=4, max_num_batched_tokens=4)
+    llm.runner.fast_runner = FastRunner(llm.runner, max_num_seqs=4, graphs=False)
+    steps = _record_steps(llm.runner)
+    prompts = random_prompts([1, 2, 1, 11], seed=9)
+    outputs = llm.generate(prompts, greedy(), use_tqdm=False)
+    for prompt, out in zip(prompts, outputs):
+        assert out.token_ids == oracle.greedy(prompt, MAX_NEW), f"prompt of {len(prompt)} tokens"
+    assert any(m < b for b, m in steps)
+
+
+def _serve_parser():
+    from dsv3.serve.cli import add_parser
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_parser(sub)
+    return sub.choices["serve"]
+
+
+def _generate_parser():
+    from dsv3.generate import add_parser
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_parser(sub)
+    return sub.choices["generate"]
+
+
+def test_cli_fast_flags_default_off(ckpt, capsys):
+    from dsv3.generate import generate_main
+    from dsv3.serve.cli import main as serve_main
+    assert _serve_parser().parse_args([]).fast is False
+    assert _serve_parser().parse_args(["--fast"]).fast is True
+    serve_help = " ".join(_serve_parser().format_help().split())
+    assert "GPU only: fused MoE/MLA kernels and CUDA graphs for decode steps (default: False)" in serve_help
+    gen = _generate_parser()
+    assert gen.parse_args(["--prompt", "w5"]).fast is False
+    assert gen.parse_args(["--prompt", "w5", "--fast"]).fast is True
+    help_text = " ".join(gen.format_help().split())
+    assert "GPU only: fused MoE/MLA kernels and CUDA graphs for decode steps (default: off)" in help_text
+    folder, _ = ckpt
+    capsys.readouterr()
+    # refused before the model is loaded: one line, non-zero exit
+    assert generate_main(gen.parse_args(["--prompt", "w5", "--model", str(folder), "--fast"])) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--fast needs a CUDA device" in err
+    assert serve_main(["--model", str(folder), "--fast", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fast=True needs a CUDA device" in err
+
+
+# ---- GPU -------------------------------------------------------------------------------------------
+def _pair(folder, **kwargs):
+    """The same checkpoint in two engines on the GPU, float32: the PyTorch path and the fast path."""
+    slow = LLM(folder, device="cuda", dtype=torch.float32, **kwargs)
+    fast = LLM(folder, device="cuda", dtype=torch.float32, fast=True, **kwargs)
+    assert slow.runner.fast_runner is None and not is_prepared(slow.model)
+    assert fast.runner.fast_runner is not None and is_prepared(fast.model)
+    return slow, fast
+
+
+def _same(slow_outputs, fast_outputs):
+    for s, f in zip(slow_outputs, fast_outputs):
+        assert f.token_ids == s.token_ids, f"prompt of {len(s.prompt_token_ids)} tokens"
+        assert f.finish_reason == s.finish_reason
+
+
+@pytest.mark.gpu
+def test_fast_equals_default_path_for_a_batch_finishing_at_different_steps(ckpt):
+    folder, oracle = ckpt
+    slow, fast = _pair(folder, num_blocks=64, block_size=4, max_num_seqs=6, max_num_batched_tokens=8)
+    assert sorted(fast.runner.fast_runner.graphs.graphs) == [1, 2, 4, 6]
+    prompts = random_prompts([3, 13, 7, 22, 1, 9], seed=11)
+    lengths = [10, 4, 12, 7, 9, 2]  # the batch shrinks 6 -> 5 -> ... : replays padded to 6, 4, 2
+    params = [greedy(n, logprobs=2 if i % 2 else None) for i, n in enumerate(lengths)]
+    expected = slow.generate(prompts, params, use_tqdm=False)
+    got = fast.generate(prompts, params, use_tqdm=False)
+    _same(expected, got)
+    for prompt, n, out in zip(prompts, lengths, got):
+        assert out.token_ids == oracle.greedy(prompt, n)
+    for s, f in zip(expected, got):  # the raw log-probabilities of the chosen tokens agree
+        if s.logprobs is not None:
+            assert [lp.token_id for lp in f.logprobs] == [lp.token_id for lp in s.logprobs]
+            torch.testing.assert_close(torch.tensor([lp.logprob for lp in f.logprobs]),
+                                       torch.tensor([lp.logprob for lp in s.logprobs]), atol=1e-4, rtol=1e-4)
+    assert fast.runner.fast_runner.num_steps > 0
+    assert fast.block_manager.num_free_blocks == 64
+
+
+@pytest.mark.gpu
+def test_fast_equals_default_path_with_one_token_prefill_chunks(ckpt):
+    folder, oracle = ckpt
+    slow, fast = _pair(folder, num_blocks=32, block_size=4, max_num_seqs=4, max_num_batched_tokens=4)
+    steps = _record_steps(fast.runner)
+    prompts = random_prompts([1, 2, 1, 11, 5], seed=9)
+    expected = slow.generate(prompts, greedy(), use_tqdm=False)
+    got = fast.generate(prompts, greedy(), use_tqdm=False)
+    _same(expected, got)
+    for prompt, out in zip(prompts, got):
+        assert out.token_ids == oracle.greedy(prompt, MAX_NEW)
+    assert any(m < b for b, m in steps)  # decode-shaped steps with a row that does not sample
+
+
+@pytest.mark.gpu
+def test_fast_equals_default_path_with_preemption(ckpt):
+    folder, oracle = ckpt
+    # 12 blocks of 4 = 48 tokens; four requests need 14-22 tokens each
+    slow, fast = _pair(folder, num_blocks=12, block_size=4, max_num_seqs=4, max_num_batched_tokens=16)
+    prompts = random_prompts([6, 10, 12, 4], seed=2)
+    expected = slow.generate(prompts, greedy(), use_tqdm=False)
+    got = fast.generate(prompts, greedy(), use_tqdm=False)
+    assert fast.num_preemptions > 0
+    _same(expected, got)
+    for prompt, out in zip(prompts, got):
+        assert out.token_ids == oracle.greedy(prompt, MAX_NEW)
+    assert fast.runner.fast_runner.num_steps > 0
+    assert fast.block_manager.num_free_blocks == 12
+
+
+@pytest.mark.gpu
+def test_fast_with_prefix_hits_one_token_tails_and_batch_one(ckpt):
+    folder, oracle = ckpt
+    slow, fast = _pair(folder, num_blocks=64, block_size=4, max_num_seqs=4, max_num_batched_tokens=32)
+    prefix = random_prompts([16], seed=4)[0]
+    first = [prefix + [7]]
+    tails = [prefix + [t] for t in (9, 30, 101)]  # after the cache hit, one token each: a decode-shaped step
+    for llm in (slow, fast):
+        llm.generate(first, greedy(), use_tqdm=False)
+    expected = slow.generate(tails, greedy(), use_tqdm=False)
+    got = fast.generate(tails, greedy(), use_tqdm=False)
+    assert fast.prefix_cache_hit_tokens >= 3 * 16
+    _same(expected, got)
+    for prompt, out in zip(tails, got):
+        assert out.token_ids == oracle.greedy(prompt, MAX_NEW)
+    one = LLM(folder, device="cuda", dtype=torch.float32, num_blocks=16, block_size=4, max_num_seqs=1, fast=True)
+    assert sorted(one.runner.fast_runner.graphs.graphs) == [1]
+    out = one.generate(first, greedy(32), use_tqdm=False)[0]
+    assert out.token_ids == oracle.greedy(first[0], 32)
+    assert one.runner.fast_runner.num_steps >= 31
