@@ -391,21 +391,33 @@ def _visible(text: str, sent: int, final: bool, holdback: int) -> tuple[str, int
     return text[sent:safe], max(sent, safe)
 
 
+class _ChoiceStream:
+    """What one choice of a streamed response has seen so far: its last output, token count and how many
+    logprob entries were sent."""
+
+    def __init__(self) -> None:
+        self.last: Any = None
+        self.tokens = 0
+        self.sent_logprobs = 0
+
+    def advance(self, out: Any) -> tuple[bool, str, str | None, list]:
+        """-> (final, full text so far, finish reason, logprob entries not sent yet) for an engine output."""
+        if isinstance(out, Aborted):
+            return True, (self.last.text if self.last else ""), "abort", []
+        self.last, self.tokens = out, len(out.token_ids)
+        entries = (out.logprobs or [])[self.sent_logprobs:]
+        self.sent_logprobs += len(entries)
+        return out.finished, out.text, out.finish_reason, entries
+
+
 async def _completion_events(handle: RequestHandle, req: P.CompletionRequest, meta: dict[str, Any],
                              prompt_tokens: int, holdback: int, token_text: P.TokenText) -> AsyncIterator[str]:
     n = handle.num
-    sent, sent_tok, ntok = [0] * n, [0] * n, [0] * n
-    last: list[Any] = [None] * n
+    sent = [0] * n
+    streams = [_ChoiceStream() for _ in range(n)]
     try:
         async for index, out in handle:
-            final = isinstance(out, Aborted) or out.finished
-            if isinstance(out, Aborted):
-                text, reason, entries = (last[index].text if last[index] else ""), "abort", []
-            else:
-                last[index], text, reason = out, out.text, out.finish_reason
-                ntok[index] = len(out.token_ids)
-                entries = (out.logprobs or [])[sent_tok[index]:]
-                sent_tok[index] += len(entries)
+            final, text, reason, entries = streams[index].advance(out)
             offset = sent[index]
             piece, sent[index] = _visible(text, sent[index], final, holdback)
             lp = P.completion_logprobs(entries, token_text, offset) if req.logprobs is not None and entries else None
@@ -413,7 +425,7 @@ async def _completion_events(handle: RequestHandle, req: P.CompletionRequest, me
                 choice = {"index": index, "text": piece, "logprobs": lp, "finish_reason": reason if final else None}
                 yield _chunk(meta, [choice], req.include_usage)
         if req.include_usage:
-            yield _chunk(meta, [], True, P.usage(prompt_tokens, sum(ntok)))
+            yield _chunk(meta, [], True, P.usage(prompt_tokens, sum(c.tokens for c in streams)))
         yield P.sse("[DONE]")
     except (EngineError, ValueError) as err:
         yield P.sse(P.error_body(str(err), "server_error", code="engine_error"))
@@ -427,20 +439,13 @@ async def _chat_events(handle: RequestHandle, req: P.ChatCompletionRequest, meta
     n = handle.num
     meta = {**meta, "object": "chat.completion.chunk"}
     parsers = [T.StreamParser(prefix) for _ in range(n)]
-    sent, sent_tok, ntok, ncalls = [0] * n, [0] * n, [0] * n, [0] * n
-    last: list[Any] = [None] * n
+    sent, ncalls = [0] * n, [0] * n
+    streams = [_ChoiceStream() for _ in range(n)]
     try:
         yield _chunk(meta, [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                              "finish_reason": None} for i in range(n)], req.include_usage)
         async for index, out in handle:
-            final = isinstance(out, Aborted) or out.finished
-            if isinstance(out, Aborted):
-                text, reason, entries = (last[index].text if last[index] else ""), "abort", []
-            else:
-                last[index], text, reason = out, out.text, out.finish_reason
-                ntok[index] = len(out.token_ids)
-                entries = (out.logprobs or [])[sent_tok[index]:]
-                sent_tok[index] += len(entries)
+            final, text, reason, entries = streams[index].advance(out)
             delta: dict[str, Any] = {}
             if parse_tools:
                 piece, calls = parsers[index].feed(text, final, holdback)
@@ -458,7 +463,7 @@ async def _chat_events(handle: RequestHandle, req: P.ChatCompletionRequest, meta
                 choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason if final else None}
                 yield _chunk(meta, [choice], req.include_usage)
         if req.include_usage:
-            yield _chunk(meta, [], True, P.usage(prompt_tokens, sum(ntok)))
+            yield _chunk(meta, [], True, P.usage(prompt_tokens, sum(c.tokens for c in streams)))
         yield P.sse("[DONE]")
     except (EngineError, ValueError) as err:
         yield P.sse(P.error_body(str(err), "server_error", code="engine_error"))
