@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -30,7 +30,6 @@ class SpeculativeResult:
     accepted: int = 0
     seconds: float = 0.0
     finish_reason: str = "length"
-    extra: dict = field(default_factory=dict)
 
     @property
     def acceptance(self) -> float:
@@ -91,7 +90,6 @@ def speculative_greedy(model: Transformer, prompt: list[int], max_new_tokens: in
             else:
                 nxt, draft = choice[0], _draft(model, [choice[0]], h2[:, :1], pos + 1)
                 pos += 1
-        result.token_ids = out[:max_new_tokens]
         result.seconds = time.perf_counter() - start
         return result
     finally:
