@@ -318,7 +318,8 @@ def test_triton_fp8_gemm_matches_reference(triton_device, m_shape, n, k, variant
     torch.testing.assert_close(out32.cpu(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
     if triton_device == "cuda" and variant == "auto":  # the public wrapper dispatches to the kernel
         # split-K adds partial tiles atomically (order varies), so equal up to fp32 rounding
-        torch.testing.assert_close(fp8.fp8_gemm(*args, out_dtype=torch.float32), out32, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fp8.fp8_gemm(*args, out_dtype=torch.float32, backend="triton"), out32,
+                                   rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu
@@ -333,7 +334,7 @@ def test_triton_fp8_gemm_large_bf16_and_dispatch():
         w = torch.randn(1536, 2048, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
         aq, asc = fp8.quantize_act(a)
         wq, wsc = fp8.quantize_weight(w)
-        out = fp8.fp8_gemm(aq, asc, wq, wsc)
+        out = fp8.fp8_gemm(aq, asc, wq, wsc, backend="triton")
         ref = fp8.fp8_gemm_ref(aq, asc, wq, wsc, out_dtype=torch.float32)
         direct = fp8_triton.fp8_gemm(aq, asc, wq, wsc, torch.bfloat16)
         assert out.dtype == torch.bfloat16
@@ -342,6 +343,42 @@ def test_triton_fp8_gemm_large_bf16_and_dispatch():
         # and close to the unquantized product: FP8 costs a few percent at most
         full = a.float() @ w.float().T
         assert (out.float() - full).norm() / full.norm() < 5e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_fp8_gemm_auto_dispatch_scaled_mm(out_dtype):
+    """Large M with whole 128-blocks goes to cuBLAS' block-scaled `_scaled_mm` where the build supports it;
+    whichever backend `auto` picks, it equals the reference; small M and ragged shapes stay on Triton."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    g = torch.Generator(device="cuda").manual_seed(15)
+    for m, n, k in ((65, 256, 384), (1000, 1536, 2048), (4096, 512, 7168), (300, 300, 256)):
+        a = torch.randn(m, k, device="cuda", generator=g, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
+        aq, asc = fp8.quantize_act(a)
+        wq, wsc = fp8.quantize_weight(w)
+        ref = fp8.fp8_gemm_ref(aq, asc, wq, wsc, out_dtype=torch.float32)
+        out = fp8.fp8_gemm(aq, asc, wq, wsc, out_dtype=out_dtype)
+        assert out.dtype == out_dtype and out.shape == (m, n)
+        assert (out.float() - ref).norm() / ref.norm() < 1e-2
+        expect_cublas = n % 128 == 0 and k % 128 == 0 and fp8._scaled_mm_supported(a.device, out_dtype)
+        assert fp8._scaled_mm_applies(aq, wq, out_dtype, 128) == expect_cublas
+        if expect_cublas:  # the forced backends agree with each other and with auto
+            torch.testing.assert_close(out, fp8.fp8_gemm(aq, asc, wq, wsc, out_dtype=out_dtype, backend="scaled_mm"))
+            tri = fp8.fp8_gemm(aq, asc, wq, wsc, out_dtype=out_dtype, backend="triton")
+            assert (out.float() - tri.float()).norm() / ref.norm() < 1e-2
+    small = torch.randn(16, 256, device="cuda", generator=g)
+    assert not fp8._scaled_mm_applies(fp8.quantize_act(small)[0], fp8.quantize_weight(torch.randn(256, 256))[0].cuda(),
+                                      torch.bfloat16, 128)
+
+
+def test_fp8_gemm_backend_choice_on_cpu():
+    aq, asc, wq, wsc, ref = _gemm_case((5,), 256, 256, seed=16)
+    torch.testing.assert_close(fp8.fp8_gemm(aq, asc, wq, wsc, out_dtype=torch.float32, backend="ref"), ref)
+    torch.testing.assert_close(fp8.fp8_gemm(aq, asc, wq, wsc, out_dtype=torch.float32), ref)  # auto on CPU: ref
+    with pytest.raises(ValueError, match="backend must be"):
+        fp8.fp8_gemm(aq, asc, wq, wsc, backend="cutlass")
 
 
 # ---- FP8Linear (weights kept FP8 in memory) ----
