@@ -1,10 +1,14 @@
 """Benchmark: `dsv3 train` throughput and MFU, bf16 vs `--fp8`, on the same data, seed and steps.
 
-Prints one JSON line per run (tokens/s as the median over the second half of the steps, MFU, final training
-CE and validation CE) and a summary line with the FP8/bf16 speed ratio and the relative loss gap (the issue's
-targets: MFU >= 35% in bf16, FP8 >= 1.2x bf16 tokens/s, loss gap <= 0.25% after 1,000 steps).
+Each mode builds the trainer of `dsv3 train` (same model, data order, schedule, losses, balancing) and runs
+its `train_step` for `--steps` steps, then the validation pass; no checkpoint or export is written (they
+would time the disk). Prints one JSON line per run (tokens/s as the median over the second half of the
+steps, MFU, the last training CE and the validation CE) and a summary line with the FP8/bf16 speed ratio and
+the relative validation-loss gap (the issue's targets: MFU >= 35% in bf16, FP8 >= 1.2x bf16 tokens/s, loss
+gap <= 0.25% after 1,000 steps). `--profile N` adds, after the timed steps, a torch.profiler pass over N
+steps and prints the GPU time split by kernel family. A mode that fails prints its error and the others run.
 
-    python benchmarks/train.py --data data/shards --device cuda                   # ~1B-parameter MoE
+    python benchmarks/train.py --data data/shards --device cuda --compile       # ~1B-parameter MoE
     python benchmarks/train.py --data data/shards --device cpu --model tiny --steps 4 --batch-size 2 --seq-len 64
 """
 
@@ -15,6 +19,9 @@ import json
 import statistics
 import sys
 import tempfile
+import time
+import traceback
+from collections import defaultdict
 from pathlib import Path
 
 # a ~1B-total-parameter DeepSeek-V3-style MoE: 0.86B main + 0.06B MTP with vocab 8192 (0.20B activated)
@@ -27,30 +34,83 @@ MOE_1B = {
     "max_seq_len": 4096, "init_std": 0.006,
 }
 
+# kernel-name fragments -> family, first match wins (names of cuBLAS, flash attention, Triton, inductor)
+FAMILIES = (("scaled_mm", "fp8 gemm"), ("sm90_xmma_gemm_e4m3", "fp8 gemm"), ("e4m3", "fp8 gemm"),
+            ("grouped", "grouped gemm"), ("flash", "attention"), ("fmha", "attention"), ("attention", "attention"),
+            ("gemm", "gemm"), ("nvjet", "gemm"), ("cutlass", "gemm"), ("act_quant", "fp8 quantize"),
+            ("quant", "fp8 quantize"), ("triton", "fused (triton)"), ("elementwise", "elementwise"),
+            ("reduce", "reduce"), ("index", "gather/scatter"), ("scatter", "gather/scatter"),
+            ("gather", "gather/scatter"), ("sort", "sort"), ("copy", "copy"), ("memcpy", "copy"),
+            ("memset", "memset"), ("adam", "optimizer"), ("foreach", "optimizer"))
+
 
 def _median(values: list) -> float | None:
     values = [v for v in values if v is not None]  # MFU is None on a CPU (no peak to compare with)
     return statistics.median(values) if values else None
 
 
+def _family(name: str) -> str:
+    low = name.lower()
+    for key, family in FAMILIES:
+        if key in low:
+            return family
+    return "other"
+
+
+def profile_steps(trainer, steps: int) -> dict:
+    """GPU time per kernel family (ms per step) over `steps` training steps."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            trainer.train_step()
+        torch.cuda.synchronize()
+    split: dict[str, float] = defaultdict(float)
+    top: dict[str, float] = defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type.name != "CUDA":
+            continue
+        us = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+        split[_family(ev.name)] += us / 1000 / steps
+        top[ev.name[:90]] += us / 1000 / steps
+    total = sum(split.values())
+    return {"gpu_ms_per_step": round(total, 2),
+            "split_ms": {k: round(v, 2) for k, v in sorted(split.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms": {k: round(v, 2) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]}}
+
+
 def run_one(args: argparse.Namespace, fp8: bool, out: Path) -> dict:
-    from dsv3.train.trainer import TrainConfig, train
+    from dsv3.train.trainer import TrainConfig, Trainer
     model = MOE_1B if args.model == "moe_1b" else args.model
     cfg = TrainConfig(model=model, seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps,
                       warmup_steps=max(1, min(100, args.steps // 10)), lr=args.lr, final_lr=args.lr / 10,
                       fp8=fp8, compile=args.compile, seed=0, eval_every=0, eval_batches=args.eval_batches,
                       ckpt_every=0, log_every=max(1, args.steps // 10), device=args.device,
                       peak_tflops=args.peak_tflops)
-    train(cfg, args.data, out)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "tokens_per_s" in r]
-    tail = steps[len(steps) // 2:] or steps
-    last = steps[-1]
-    vals = [r["val_loss"] for r in rows if "val_loss" in r]
-    return {"mode": "fp8" if fp8 else "bf16", "steps": args.steps, "tokens_per_step": args.batch_size * args.seq_len,
-            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in tail),
-            "mfu": _median([r.get("mfu") for r in tail]), "final_ce": last["ce"],
-            "val_loss": vals[-1] if vals else None}
+    start = time.perf_counter()
+    trainer = Trainer(cfg, args.data, out)
+    rows = []
+    for step in range(cfg.steps):
+        rows.append(trainer.train_step())
+        if step == 0:
+            first = time.perf_counter() - start
+        if args.log_every and (step + 1) % args.log_every == 0:
+            r = rows[-1]
+            print(f"  {'fp8' if fp8 else 'bf16'} step {r['step']}: ce {r['ce']:.4f} mtp {r['mtp']:.4f} "
+                  f"{r['tokens_per_s']:,.0f} tok/s", flush=True)
+    tail = rows[len(rows) // 2:] or rows
+    result = {"mode": "fp8" if fp8 else "bf16", "compile": args.compile, "steps": cfg.steps,
+              "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "tokens_per_step": trainer.tokens_per_step,
+              "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in tail)),
+              "mfu": _median([r.get("mfu") for r in tail]), "final_ce": rows[-1]["ce"],
+              "final_mtp": rows[-1]["mtp"], "load_max": rows[-1].get("load_max"),
+              "first_step_s": round(first, 1), "val_loss": trainer.evaluate()}
+    if args.profile and args.device != "cpu":
+        result["profile"] = profile_steps(trainer, args.profile)
+    if args.device != "cpu":
+        import torch
+        result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,21 +123,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     p.add_argument("--eval-batches", type=int, default=20, help="validation batches at the end (default 20)")
     p.add_argument("--device", default="cuda", help="cuda or cpu (default cuda)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model parts (default off)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the blocks (default off)")
     p.add_argument("--peak-tflops", type=float, default=790.0,
                    help="dense bf16 peak for MFU (default 790, measured on the H200 here)")
     p.add_argument("--modes", default="bf16,fp8", help="comma-separated: bf16, fp8 (default both)")
+    p.add_argument("--profile", type=int, default=0, help="profile this many extra steps per mode (default 0)")
+    p.add_argument("--log-every", type=int, default=0, help="print a progress line every N steps (default 0: off)")
     args = p.parse_args(argv)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in args.modes.split(","):
-            results[mode] = run_one(args, mode == "fp8", Path(tmp) / mode)
+            try:
+                results[mode] = run_one(args, mode == "fp8", Path(tmp) / mode)
+            except Exception as exc:  # keep measuring the other mode; report this one's failure
+                traceback.print_exc()
+                print(json.dumps({"mode": mode, "error": f"{type(exc).__name__}: {exc}"[:500]}), flush=True)
+                continue
             print(json.dumps(results[mode]), flush=True)
+            if args.device != "cpu":
+                import torch
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
     if "bf16" in results and "fp8" in results:
         b, f = results["bf16"], results["fp8"]
         gap = None if b["val_loss"] is None else (f["val_loss"] - b["val_loss"]) / b["val_loss"]
         print(json.dumps({"summary": True, "fp8_speedup": f["tokens_per_s"] / b["tokens_per_s"],
-                          "bf16_mfu": b["mfu"], "relative_val_loss_gap": gap}), flush=True)
+                          "bf16_mfu": b["mfu"], "fp8_mfu": f["mfu"], "relative_val_loss_gap": gap,
+                          "train_ce_gap": (f["final_ce"] - b["final_ce"]) / b["final_ce"]}), flush=True)
     return 0
 
 

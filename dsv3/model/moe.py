@@ -11,6 +11,15 @@ Routing, for sigmoid (DeepSeek-V3) or softmax (DeepSeek-V2) scores `s`:
 The bias `e_score_correction_bias` is a float32 buffer: training moves it outside the optimizer
 (auxiliary-loss-free balancing). The gate keeps the last routing (`last_scores`, `last_indices`) so the
 trainer can count expert load and compute the sequence-wise balance loss.
+
+Two ways to run the routed experts, equal up to rounding:
+- `routed_loop` (the reference, used in inference): sort the (token, expert) pairs by expert, read the
+  per-expert counts on the host, run each expert's MLP on its slice;
+- `routed_grouped` (training): the same sort, but the counts stay on the device: their cumulative sum gives
+  the group offsets of `torch._grouped_mm` over the experts' weights stacked at call time (`[E, I, D]`), so
+  there is no host sync and no Python loop, and `torch.compile` can take the whole block. Parameters stay
+  per expert, so names and checkpoints are unchanged; autograd splits the stacked gradient back.
+`routed` picks the grouped path in training mode when every expert is a plain `nn.Linear` MLP.
 """
 
 from __future__ import annotations
@@ -90,10 +99,26 @@ class MoE(nn.Module):
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Sum over each token's chosen experts of `weight * expert(x)`; x `[N, D]`, weights/indices `[N, K]`.
+        Training mode with plain expert weights: `routed_grouped`; otherwise the reference `routed_loop`."""
+        if self.training and x.shape[0] > 1 and self.grouped_ok():
+            return self.routed_grouped(x, weights, indices)
+        return self.routed_loop(x, weights, indices)
 
-        The (token, expert) pairs are sorted by expert once, so each expert that got tokens runs one MLP on a
-        contiguous slice of the gathered inputs; one host sync (the per-expert counts) per call. A single token
-        skips the sort: its K outputs are weighted and summed by one `[1, K] x [K, D]` product."""
+    def grouped_ok(self) -> bool:
+        """True when `routed_grouped` applies: `torch._grouped_mm` exists and every expert projection is a
+        plain floating-point `nn.Linear` (not an FP8 checkpoint weight, not an FP8 training linear)."""
+        if not hasattr(torch, "_grouped_mm"):
+            return False
+        first = self.experts[0]
+        return all(type(getattr(first, name)) is nn.Linear and getattr(first, name).weight.is_floating_point()
+                   and getattr(first, name).weight.element_size() >= 2
+                   for name in ("gate_proj", "up_proj", "down_proj"))
+
+    def routed_loop(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Reference path. The (token, expert) pairs are sorted by expert once, so each expert that got tokens
+        runs one MLP on a contiguous slice of the gathered inputs; one host sync (the per-expert counts) per
+        call. A single token skips the sort: its K outputs are weighted and summed by one `[1, K] x [K, D]`
+        product."""
         if x.shape[0] == 1:
             ys = torch.cat([self.experts[e](x) for e in indices.tolist()[0]])  # [K, D]
             out = torch.mm(weights, ys if ys.dtype == torch.float32 else ys.float())  # [1, D], float32 as below
@@ -114,4 +139,34 @@ class MoE(nn.Module):
         if ys:  # no tokens, no experts
             y = torch.cat(ys) * weights.flatten()[order, None]  # [N * K, D]
             out.index_add_(0, token, y.float())
+        return out.to(x.dtype)
+
+    def stacked_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The experts' weights stacked for grouped GEMMs, in `dtype`: gate and up as one `[E, 2I, D]`
+        (each expert's gate rows, then its up rows) and down as `[E, D, I]`. Differentiable: gradients flow
+        back to every expert's own Parameters."""
+        gate = torch.stack([e.gate_proj.weight for e in self.experts]).to(dtype)  # [E, I, D]
+        up = torch.stack([e.up_proj.weight for e in self.experts]).to(dtype)  # [E, I, D]
+        down = torch.stack([e.down_proj.weight for e in self.experts]).to(dtype)  # [E, D, I]
+        return torch.cat([gate, up], dim=1), down
+
+    def routed_grouped(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """`routed` without a host sync: grouped GEMMs over the pairs sorted by expert (see the module doc).
+        Runs in the autocast dtype when autocast is on (the grouped GEMM is not an autocast op)."""
+        n, k = indices.shape
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        flat = indices.flatten()  # [N * K]
+        order = flat.argsort(stable=True)  # pairs grouped by expert, token order kept within an expert
+        counts = torch.zeros(self.n_experts, dtype=torch.int32, device=x.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))  # [E], static shape (no bincount)
+        offsets = counts.cumsum(0, dtype=torch.int32)  # [E] end of each expert's rows
+        token = order // k  # [N * K]
+        xs = x.to(dtype)[token]  # [N * K, D]
+        w13, w2 = self.stacked_weights(dtype)
+        h = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offsets)  # [N * K, 2I]
+        gate, up = h.chunk(2, dim=-1)
+        y = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offsets)  # [N * K, D]
+        y = y.float() * weights.flatten()[order, None]  # [N * K, D] float32
+        out = torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, token, y)
         return out.to(x.dtype)

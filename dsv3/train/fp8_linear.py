@@ -11,12 +11,14 @@ All three GEMMs of `y = x Wᵀ` run on e4m3 operands with fine-grained scales an
 Every scale is the online max-abs of its tile / 448 (`dsv3.kernels.fp8`). The master weight stays in
 float32 (the optimizer updates it); the FP8 weight and its scales are recomputed at every forward.
 
-Two ways to run a GEMM: `emulate` dequantizes both FP8 operands to float32 and multiplies in float32 (any
-device, the test oracle's arithmetic); otherwise the forward and dgrad GEMMs call
-`dsv3.kernels.fp8.fp8_gemm` (Triton on CUDA, the same emulation elsewhere). The wgrad GEMM is always
-emulated, since `fp8_gemm` takes per-block weight scales and wgrad's right operand is per-tile. For the
-wgrad tiles the activation is requantized from its original precision (the report re-tiles its stored FP8
-copy; that double rounding is not modelled).
+Three ways to run the GEMMs:
+- `emulate`: dequantize both FP8 operands to float32 and multiply in float32 (any device; the test oracle);
+- on CUDA where cuBLAS has the block-scaled recipes (Hopper): all three GEMMs on e4m3 tensor cores through
+  `dsv3.train.fp8_gemms` (`F.scaled_mm`), bf16 outputs for y and dx, fp32 for dW;
+- other CUDA GPUs: forward and dgrad through `dsv3.kernels.fp8.fp8_gemm` (Triton), wgrad emulated.
+For the wgrad tiles the activation is requantized from its original precision (the report re-tiles its
+stored FP8 copy; that double rounding is not modelled). Under `torch.compile` the FP8 linear runs eagerly
+(a graph break): its kernels are opaque to the compiler anyway.
 
 `swap_to_fp8(model)` replaces the model's `nn.Linear` layers by `FP8Linear` (sharing the same Parameter, so
 names and state dicts are unchanged), except the output head; the embedding, router gates and norms are
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.kernels.fp8 import dequantize_weight, fp8_gemm, quantize_act, quantize_weight
+from dsv3.train import fp8_gemms
 
 BLOCK = 128
 
@@ -61,15 +64,21 @@ class FP8LinearFunction(torch.autograd.Function):
         out_dtype = _out_dtype(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # [M, K]
+        cublas = not emulate and fp8_gemms.blockwise_supported(x.device)
         with torch.autocast(x.device.type, enabled=False):
-            x_q, x_s = quantize_act(x2, BLOCK)  # [M, K], [M, K/128]
-            w_q, w_s = quantize_weight(weight.detach(), BLOCK)  # [N, K], [N/128, K/128]
-            if emulate:
-                y = dequantize_act(x_q, x_s) @ dequantize_weight(w_q, w_s, BLOCK, torch.float32).T
+            if cublas:
+                w_q, w_s = fp8_gemms.quantize_weight_padded(weight)  # [N', K'], [N'/128, K'/128]
+                y = fp8_gemms.gemm_forward(x2, w_q, w_s, weight.shape[0], out_dtype)
             else:
-                y = fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=torch.float32)
+                x_q, x_s = quantize_act(x2, BLOCK)  # [M, K], [M, K/128]
+                w_q, w_s = quantize_weight(weight.detach(), BLOCK)  # [N, K], [N/128, K/128]
+                if emulate:
+                    y = dequantize_act(x_q, x_s) @ dequantize_weight(w_q, w_s, BLOCK, torch.float32).T
+                else:
+                    y = fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=torch.float32)
         ctx.save_for_backward(x2, w_q, w_s)
-        ctx.emulate, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = emulate, shape, x.dtype, weight.dtype
+        ctx.emulate, ctx.cublas, ctx.x_shape, ctx.x_dtype, ctx.w_shape, ctx.w_dtype = (
+            emulate, cublas, shape, x.dtype, weight.shape, weight.dtype)
         return y.to(out_dtype).view(*shape[:-1], weight.shape[0])  # [..., N]
 
     @staticmethod
@@ -78,6 +87,12 @@ class FP8LinearFunction(torch.autograd.Function):
         dy = grad_out.reshape(-1, grad_out.shape[-1])  # [M, N]
         dx = dw = None
         with torch.autocast(dy.device.type, enabled=False):
+            if ctx.cublas:
+                if ctx.needs_input_grad[0]:
+                    dx = fp8_gemms.gemm_dgrad(dy, w_q, w_s, ctx.w_shape[1], ctx.x_dtype).view(ctx.x_shape)
+                if ctx.needs_input_grad[1]:
+                    dw = fp8_gemms.gemm_wgrad(dy, x2).to(ctx.w_dtype)  # [N, K]
+                return dx, dw, None
             if ctx.needs_input_grad[0]:
                 dy_q, dy_s = quantize_act(dy, BLOCK)  # 1x128 tiles along N
                 if ctx.emulate:
@@ -92,6 +107,7 @@ class FP8LinearFunction(torch.autograd.Function):
         return dx, dw, None
 
 
+@torch.compiler.disable
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, emulate: bool = True) -> torch.Tensor:
     """x `[..., K]`, weight `[N, K]` -> `[..., N]` through the FP8 GEMMs."""
     if x.shape[-1] != weight.shape[1]:
@@ -113,14 +129,19 @@ class FP8Linear(nn.Linear):
         return super().extra_repr() + f", fp8=e4m3, emulate={self.emulate}"
 
 
-def swap_to_fp8(model: nn.Module, emulate: bool | None = None, skip: tuple[str, ...] = ("lm_head",)) -> int:
+def swap_to_fp8(model: nn.Module, emulate: bool | None = None, skip: tuple[str, ...] = ("lm_head",),
+                routed_experts: bool = True) -> int:
     """Replace every bias-free `nn.Linear` of `model` (except names ending in `skip`) by an `FP8Linear`
-    sharing its weight. `emulate=None` emulates on CPU and uses the FP8 kernels on CUDA. Returns the count."""
+    sharing its weight. `emulate=None` emulates on CPU and uses the FP8 kernels on CUDA.
+    `routed_experts=False` leaves the routed experts (`...mlp.experts.{e}...`) as plain linears, so the MoE
+    keeps its sync-free grouped bf16 path (there is no grouped FP8 kernel yet). Returns the count."""
     swapped = 0
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             full = f"{parent_name}.{name}" if parent_name else name
             if type(child) is not nn.Linear or child.bias is not None or full.split(".")[-1] in skip:
+                continue
+            if not routed_experts and ".experts." in f".{full}":
                 continue
             device = child.weight.device
             new = FP8Linear(child.in_features, child.out_features,

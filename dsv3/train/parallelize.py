@@ -1,5 +1,5 @@
 """Distributed setup and everything applied to the model from outside it, in torchtitan's order:
-FP8 linears → activation checkpointing → `torch.compile` → data parallel.
+FP8 linears → fused (SDPA) attention → activation checkpointing → `torch.compile` → data parallel.
 
 - `init_distributed(device)`: under `torchrun` (WORLD_SIZE > 1) joins the process group (NCCL on CUDA,
   gloo on CPU) and returns a `DistInfo`; a single process gets rank 0 of 1 and no group.
@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from dsv3.train.attention import use_sdpa
 from dsv3.train.fp8_linear import swap_to_fp8
 
 
@@ -78,11 +79,18 @@ def _checkpointed(module: nn.Module) -> None:
     module.forward = forward
 
 
-def compile_model(model: nn.Module) -> None:
-    """`torch.compile` the static-shaped parts of every block: attention, norms, dense MLPs and shared
-    experts. The routed experts see a different token count at every call (recompiles), and the MoE
-    dispatch loop is data-dependent, so both stay eager."""
+def compile_model(model: nn.Module) -> str:
+    """`torch.compile` each transformer block whole when its MoE runs the sync-free grouped path (training
+    mode, plain expert weights): routing, dispatch, grouped GEMMs and combine then have static shapes. With
+    emulated FP8 experts (the reference loop, data-dependent) only the static parts are compiled: attention,
+    norms, dense MLPs and shared experts. Returns "blocks" or "parts"."""
+    grouped = all(block.mlp.grouped_ok() for block in model.blocks() if hasattr(block.mlp, "experts"))
+    # the blocks share one code object; room for the dense/MoE/MTP variants and recompiles (default 8)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for block in model.blocks():
+        if grouped:
+            block.compile()
+            continue
         block.self_attn.compile()
         block.input_layernorm.compile()
         block.post_attention_layernorm.compile()
@@ -90,13 +98,19 @@ def compile_model(model: nn.Module) -> None:
             block.mlp.compile()
         elif block.mlp.shared_experts is not None:
             block.mlp.shared_experts.compile()
+    return "blocks" if grouped else "parts"
 
 
 def parallelize(model: nn.Module, info: DistInfo, device: torch.device, *, fp8: bool = False,
-                activation_checkpointing: bool = False, compile: bool = False) -> nn.Module:
-    """Apply the training transforms in place and return the module to call (DDP wrapper when distributed)."""
+                activation_checkpointing: bool = False, compile: bool = False, sdpa: bool = True) -> nn.Module:
+    """Apply the training transforms in place and return the module to call (DDP wrapper when distributed).
+    `sdpa`: causal attention through `F.scaled_dot_product_attention` (`dsv3.train.attention`)."""
     if fp8:
-        swap_to_fp8(model)
+        # on CUDA the routed experts stay bf16 on the grouped path (no grouped FP8 GEMM yet); on CPU they are
+        # emulated FP8 linears on the reference loop, as every other linear
+        swap_to_fp8(model, routed_experts=device.type != "cuda")
+    if sdpa:
+        use_sdpa(model)
     if activation_checkpointing:
         for block in model.blocks():
             _checkpointed(block)

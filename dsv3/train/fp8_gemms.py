@@ -1,0 +1,123 @@
+"""The three FP8 GEMMs of a training linear on CUDA, through cuBLAS block-scaled FP8 (`F.scaled_mm`).
+
+DeepSeek-V3's tiles map onto cuBLAS's block-wise scaling recipes (Hopper, cuBLASLt >= 12.9):
+
+| GEMM | A (row-major, `[M, K]`) | B (column-major, `[K, N]`) | recipe |
+| --- | --- | --- | --- |
+| forward `y = x Wᵀ` | x, 1×128 tiles | Wᵀ, 128×128 blocks | BlockWise1x128 × BlockWise128x128 |
+| dgrad `dx = dy W` | dy, 1×128 tiles | W, 128×128 blocks | BlockWise1x128 × BlockWise128x128 |
+| wgrad `dW = dyᵀ x` | dyᵀ, 128 tokens per channel | x, 128 tokens per channel | BlockWise1x128 × BlockWise1x128 |
+
+Every product accumulates in fp32 with one scale per 128 elements of the contraction, as in the report. The
+contraction and the 128-blocked dimensions are zero-padded to multiples of 128 where needed (zero rows and
+columns change neither the tile max-abs nor the sums), so any shape works.
+
+Scale layouts cuBLAS wants (checked by torch): a 1×128 scale of an `[R, C]` operand is `[R, C/128]` with
+stride `(1, R)`; a 128×128 scale of B `[K, N]` is `[ceil4(K/128), N/128]` with stride `(1, ceil4(K/128))`.
+
+`blockwise_supported(device)` probes once whether the recipes run (an sm90 GPU and a torch/cuBLAS that has
+them); `dsv3.train.fp8_linear` falls back to the Triton forward/dgrad kernels and an emulated wgrad otherwise.
+The emulated GEMMs of `fp8_linear` are the oracle these are tested against (tests/test_train_fp8_gemms.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from dsv3.kernels.fp8 import quantize_act, quantize_weight
+
+BLOCK = 128
+
+
+def _ceil(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _pad_cols(x: torch.Tensor, cols: int) -> torch.Tensor:
+    """`[R, C]` -> `[R, cols]` with zero columns appended (no copy when already that wide)."""
+    return x if x.shape[1] == cols else F.pad(x, (0, cols - x.shape[1]))
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    return x if x.shape[0] == rows else F.pad(x, (0, 0, 0, rows - x.shape[0]))
+
+
+def _col_major(s: torch.Tensor) -> torch.Tensor:
+    """A 1×128 scale `[R, T]` with stride `(1, R)` (a view when it already is)."""
+    s = s.to(torch.float32)
+    return s if s.stride(0) == 1 and (s.shape[1] == 1 or s.stride(1) == s.shape[0]) else s.t().contiguous().t()
+
+
+def _block_scale(s: torch.Tensor) -> torch.Tensor:
+    """128×128 scales `[out_blocks, contraction_blocks]` -> cuBLAS's B layout `[ceil4(cb), out_blocks]`,
+    stride `(1, ceil4(cb))` (the contraction blocks zero-padded to a multiple of 4)."""
+    s = s.to(torch.float32)
+    return _pad_cols(s, _ceil(s.shape[1], 4)).contiguous().t()
+
+
+def quantize_weight_padded(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W `[N, K]` -> e4m3 `[N', K']` and 128×128 scales `[N'/128, K'/128]`, both dims zero-padded to multiples
+    of 128 (the padding blocks quantize to zero)."""
+    n, k = w.shape
+    w = _pad_rows(_pad_cols(w.detach(), _ceil(k, BLOCK)), _ceil(n, BLOCK))
+    return quantize_weight(w, BLOCK)
+
+
+def gemm_forward(x: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor, n: int,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    """x `[M, K]` (high precision) quantized in 1×128 tiles, times padded FP8 Wᵀ -> `[M, n]` `out_dtype`."""
+    x_q, x_s = quantize_act(_pad_cols(x, w_q.shape[1]), BLOCK)  # [M, K'], [M, K'/128]
+    y = F.scaled_mm(x_q, w_q.t(), _col_major(x_s), F.ScalingType.BlockWise1x128,
+                    _block_scale(w_s), F.ScalingType.BlockWise128x128, output_dtype=out_dtype)  # [M, N']
+    return y if y.shape[1] == n else y[:, :n]
+
+
+def gemm_dgrad(dy: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor, k: int,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    """dy `[M, N]` quantized in 1×128 tiles along N, times padded FP8 W `[N', K']` -> dx `[M, k]`."""
+    dy_q, dy_s = quantize_act(_pad_cols(dy, w_q.shape[0]), BLOCK)  # [M, N'], [M, N'/128]
+    w_t = w_q.t().contiguous()  # [K', N']: B = W as [N', K'] column-major
+    dx = F.scaled_mm(dy_q, w_t.t(), _col_major(dy_s), F.ScalingType.BlockWise1x128,
+                     _block_scale(w_s.t()), F.ScalingType.BlockWise128x128, output_dtype=out_dtype)  # [M, K']
+    return dx if dx.shape[1] == k else dx[:, :k]
+
+
+def gemm_wgrad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dW `[N, K]` float32 `= dyᵀ x` with dy `[M, N]` and x `[M, K]` quantized in 128×1 tiles (128 tokens
+    per channel); the token count is zero-padded to a multiple of 128."""
+    m, n = dy.shape
+    k = x.shape[1]
+    rows = _ceil(m, BLOCK)
+    kp = _ceil(k, 16)
+    dy_t, dy_ts = quantize_act(_pad_rows(dy, rows).t(), BLOCK)  # [N, M'], [N, M'/128]
+    x_t, x_ts = quantize_act(_pad_cols(_pad_rows(x, rows), kp).t(), BLOCK)  # [K, M'], [K, M'/128]
+    dw = F.scaled_mm(dy_t, x_t.t(), _col_major(dy_ts), F.ScalingType.BlockWise1x128,
+                     _col_major(x_ts), F.ScalingType.BlockWise1x128, output_dtype=torch.float32)  # [N, K]
+    return dw if kp == k else dw[:, :k]
+
+
+@functools.cache
+def _probe(device_index: int) -> bool:
+    if not hasattr(F, "scaled_mm") or torch.cuda.get_device_capability(device_index) != (9, 0):
+        return False
+    try:
+        device = torch.device("cuda", device_index)
+        x = torch.randn(256, 256, device=device)
+        w_q, w_s = quantize_weight_padded(torch.randn(128, 256, device=device))
+        gemm_forward(x, w_q, w_s, 128, torch.bfloat16)
+        gemm_dgrad(torch.randn(256, 128, device=device), w_q, w_s, 256, torch.bfloat16)
+        gemm_wgrad(torch.randn(256, 128, device=device), x)
+        torch.cuda.synchronize(device)
+        return True
+    except (RuntimeError, NotImplementedError, ValueError, AttributeError):
+        return False
+
+
+def blockwise_supported(device: torch.device) -> bool:
+    """Whether the cuBLAS block-scaled FP8 recipes run on `device` (probed once per GPU)."""
+    if device.type != "cuda":
+        return False
+    return _probe(device.index if device.index is not None else torch.cuda.current_device())
