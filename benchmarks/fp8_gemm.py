@@ -11,7 +11,8 @@ of the dequantized operands. Shapes are DeepSeek-V3 671B projections.
 
 Implementations:
 - `bf16`: `torch.matmul(a_bf16, w_bf16.T)` (cuBLAS), the peer.
-- `dsv3_fp8`: `dsv3.kernels.fp8.fp8_gemm` on pre-quantized operands (Triton kernel, automatic variant);
+- `dsv3_fp8`: `dsv3.kernels.fp8.fp8_gemm` on pre-quantized operands, what the model calls (cuBLAS block-scaled
+  `_scaled_mm` for M > 64 where the build supports it, else our Triton kernel, automatic variant);
   `dsv3_fp8_ptr` / `dsv3_fp8_tma`: the two kernel variants forced (pointer loads vs TMA loads).
 - `dsv3_fp8+act_quant`: the same plus quantizing the bf16 activations, i.e. what an FP8 Linear costs.
 - `scaled_mm_block`: `torch._scaled_mm` with 1×128 / 128×128 block scales where this PyTorch + CUDA
@@ -142,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         for m in args.m:
             for row in run_case(m, n, k, args.rep_ms):
                 print(json.dumps(row), flush=True)
+    for (dev, dtype, n, k), why in fp8.scaled_mm_errors.items():  # shapes `fp8_gemm` kept on Triton, and why
+        print(json.dumps({"scaled_mm_refused": {"N": n, "K": k, "out_dtype": str(dtype), "why": why}}), flush=True)
     return 0
 
 

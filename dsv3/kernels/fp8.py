@@ -251,7 +251,7 @@ def scaled_mm_block(
 
     cuBLAS reads the activation scales outer-dim-major (`[M, Kb]` with stride `(1, M)`), the weight
     column-major (`w.t()`) and its scales as `[Kb, Nb]`. Shapes must be whole 128-blocks (checked by
-    `_scaled_mm_applies`)."""
+    `_scaled_mm_applies`); unsupported builds raise RuntimeError."""
     k, n = a_fp8.shape[-1], w_fp8.shape[0]
     a2 = a_fp8.reshape(-1, k)
     s2 = a_scale.reshape(-1, a_scale.shape[-1]).to(torch.float32)
@@ -262,42 +262,49 @@ def scaled_mm_block(
 
 
 _SCALED_MM_MIN_M = 65  # below: our Triton decode kernels (split-K) beat cuBLAS' block-scaled GEMM
-_scaled_mm_probe: dict[tuple[int, torch.dtype], bool] = {}
-
-
-def _scaled_mm_supported(device: torch.device, out_dtype: torch.dtype) -> bool:
-    """Whether this torch + CUDA build runs block-scaled `_scaled_mm` correctly, found once per (device, dtype)
-    by a small product checked against the reference. Never probed during CUDA-graph capture (False there
-    until an eager call has probed)."""
-    key = (device.index if device.index is not None else torch.cuda.current_device(), out_dtype)
-    if key not in _scaled_mm_probe:
-        if torch.cuda.is_current_stream_capturing():
-            return False
-        ok = False
-        if hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(key[0]) >= (9, 0):
-            try:
-                gen = torch.Generator(device=device).manual_seed(0)
-                a = torch.randn(128, 256, device=device, generator=gen)
-                w = torch.randn(256, 256, device=device, generator=gen)
-                aq, asc = quantize_act_ref(a)
-                wq, wsc = quantize_weight(w)
-                got = scaled_mm_block(aq, asc, wq, wsc, out_dtype).float()
-                ref = fp8_gemm_ref(aq, asc, wq, wsc, torch.float32)
-                ok = bool(((got - ref).norm() / ref.norm()) < 1e-2)
-            except (RuntimeError, TypeError, ValueError, NotImplementedError):
-                ok = False
-        _scaled_mm_probe[key] = ok
-    return _scaled_mm_probe[key]
+# (device index, out dtype, N, K) -> whether block-scaled `_scaled_mm` ran and matched the reference there
+_scaled_mm_ok: dict[tuple[int, torch.dtype, int, int], bool] = {}
+scaled_mm_errors: dict[tuple[int, torch.dtype, int, int], str] = {}  # why a shape was refused (diagnostics)
 
 
 def _scaled_mm_applies(a_fp8: torch.Tensor, w_fp8: torch.Tensor, out_dtype: torch.dtype, block: int) -> bool:
+    """Shape and build checks for cuBLAS; a (device, dtype, N, K) never tried yet counts as applicable (the
+    first call tries it and checks it, see `_scaled_mm_checked`) except during CUDA-graph capture."""
     n, k = w_fp8.shape
     m = a_fp8.numel() // max(1, k)
     if block != 128 or m < _SCALED_MM_MIN_M or n % 128 or k % 128 or w_fp8.stride(-1) != 1:
         return False
-    if out_dtype not in (torch.bfloat16, torch.float32):
+    if out_dtype not in (torch.bfloat16, torch.float32) or not hasattr(torch, "_scaled_mm"):
         return False
-    return _scaled_mm_supported(a_fp8.device, out_dtype)
+    index = a_fp8.device.index if a_fp8.device.index is not None else torch.cuda.current_device()
+    if torch.cuda.get_device_capability(index) < (9, 0):
+        return False
+    key = (index, out_dtype, n, k)
+    return _scaled_mm_ok.get(key, not torch.cuda.is_current_stream_capturing())
+
+
+def _scaled_mm_checked(a_fp8, a_scale, w_fp8, w_scale, out_dtype) -> torch.Tensor | None:
+    """`scaled_mm_block`, the first time per (device, dtype, N, K) checked against the reference on up to
+    128 rows; None (and that shape remembered as refused) when cuBLAS refuses it or disagrees."""
+    n, k = w_fp8.shape
+    index = a_fp8.device.index if a_fp8.device.index is not None else torch.cuda.current_device()
+    key = (index, out_dtype, n, k)
+    if _scaled_mm_ok.get(key):
+        return scaled_mm_block(a_fp8, a_scale, w_fp8, w_scale, out_dtype)
+    try:
+        out = scaled_mm_block(a_fp8, a_scale, w_fp8, w_scale, out_dtype)
+        rows = min(128, a_fp8.numel() // k)
+        ref = fp8_gemm_ref(a_fp8.reshape(-1, k)[:rows], a_scale.reshape(-1, a_scale.shape[-1])[:rows], w_fp8,
+                           w_scale, torch.float32)
+        err = float((out.reshape(-1, n)[:rows].float() - ref).norm() / ref.norm().clamp_min(1e-30))
+        ok = err < 1e-2
+        if not ok:
+            scaled_mm_errors[key] = f"relative error {err:.3g} against the reference"
+    except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:
+        ok, out = False, None
+        scaled_mm_errors[key] = f"{type(e).__name__}: {e}"[:300]
+    _scaled_mm_ok[key] = ok
+    return out if ok else None
 
 
 def fp8_gemm(
@@ -321,9 +328,12 @@ def fp8_gemm(
     _check_gemm_shapes(a_fp8, a_scale, w_fp8, w_scale, block)
     if backend not in ("auto", "triton", "scaled_mm", "ref"):
         raise ValueError(f"fp8_gemm: backend must be auto, triton, scaled_mm or ref, got {backend!r}")
-    if backend == "scaled_mm" or (backend == "auto" and a_fp8.is_cuda
-                                  and _scaled_mm_applies(a_fp8, w_fp8, out_dtype, block)):
+    if backend == "scaled_mm":
         return scaled_mm_block(a_fp8, a_scale, w_fp8, w_scale, out_dtype)
+    if backend == "auto" and a_fp8.is_cuda and _scaled_mm_applies(a_fp8, w_fp8, out_dtype, block):
+        out = _scaled_mm_checked(a_fp8, a_scale, w_fp8, w_scale, out_dtype)
+        if out is not None:
+            return out
     if backend == "triton" or (backend == "auto" and _use_triton(a_fp8, block)):
         return _triton_kernels().fp8_gemm(a_fp8, a_scale, w_fp8, w_scale, out_dtype)
     return fp8_gemm_ref(a_fp8, a_scale, w_fp8, w_scale, out_dtype, block)

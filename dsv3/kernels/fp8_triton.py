@@ -32,6 +32,10 @@ except ImportError:  # CPU-only install: the wrappers in fp8.py use the referenc
 
 FP8_MAX = 448.0
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# DSV3_AUTOTUNE=quick: autotune over 2 configs per launch family instead of all (the GPU tests set it: compiling
+# every config for every test shape takes minutes; correctness does not depend on which config wins)
+_QUICK = os.environ.get("DSV3_AUTOTUNE", "full") == "quick"
+_QUICK_CONFIGS = 2
 
 
 def available() -> bool:
@@ -193,7 +197,8 @@ if triton is not None:
         # no point in row tiles much taller than M
         limit = max(16, triton.next_power_of_2(named_args["M"]))
         kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(limit, min(x.kwargs["BLOCK_M"] for x in configs))]
-        return kept or configs[:1]
+        kept = kept or configs[:1]
+        return kept[-_QUICK_CONFIGS:] if _QUICK else kept  # quick: the smallest tiles, fastest to compile
 
     _heuristics = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
     _KEY = ["M_BUCKET", "N", "K"]
