@@ -1,7 +1,8 @@
 """The CUDA FP8 training GEMMs (cuBLAS block-scaled, `dsv3.train.fp8_gemms`) against the emulated oracle of
 `fp8_linear` (e4m3 codes dequantized, float32 matmuls): forward, dgrad and wgrad, for shapes that are and
 are not multiples of 128; plus the sync-free grouped MoE and the SDPA attention on the GPU against their
-reference paths. GPU-only (`gpu` marker)."""
+reference paths (GPU-only, `gpu` marker); on CPU, the cuBLAS path's layouts through a fake `F.scaled_mm`
+that enforces torch's documented contract."""
 
 import pytest
 import torch
@@ -9,7 +10,6 @@ import torch
 from dsv3.train import fp8_gemms
 from dsv3.train.fp8_linear import FP8LinearFunction
 
-pytestmark = pytest.mark.gpu
 
 
 def _rel(a, b):
@@ -23,6 +23,7 @@ def _run(x, w, dy, emulate):
     return y.detach().float(), x.grad.float(), w.grad.float()
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("m,k,n", [(512, 1024, 768), (200, 256, 288), (4096, 512, 2048)])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 def test_cublas_gemms_equal_emulation(m, k, n, x_dtype):
@@ -42,6 +43,7 @@ def test_cublas_gemms_equal_emulation(m, k, n, x_dtype):
         assert _rel(a, e) < 0.06, name
 
 
+@pytest.mark.gpu
 def test_grouped_moe_equals_loop_on_gpu():
     from test_train_moe_grouped import _moe, _run as run_moe
     moe = _moe().cuda()
@@ -56,7 +58,50 @@ def test_grouped_moe_equals_loop_on_gpu():
     assert gr_l[name].abs().sum() > 0 and _rel(gr_g[name], gr_l[name]) < 2e-2
 
 
+@pytest.mark.gpu
 def test_sdpa_attention_equals_mla_on_gpu():
     from test_train_speed_paths import _attention_pair
     out, ref = _attention_pair(device="cuda", dtype=torch.bfloat16, seq=256)
     assert _rel(out, ref) < 2e-2
+
+
+def _fake_scaled_mm(a, b, scale_a, recipe_a, scale_b, recipe_b, output_dtype=torch.bfloat16, **_):
+    """cuBLAS block-scaled FP8 as torch documents it: the shape/stride checks of its DeepSeek recipes, then
+    the dequantized float32 product (each scale covers 128 elements of the contraction)."""
+    from torch.nn.functional import ScalingType
+    m, k = a.shape
+    n = b.shape[1]
+    kb = -(-k // 128)
+    assert a.dtype == b.dtype == torch.float8_e4m3fn and a.stride(1) == 1 and b.stride(0) == 1  # A row-, B column-major
+    assert recipe_a == ScalingType.BlockWise1x128
+    assert scale_a.shape == (m, kb) and scale_a.stride(0) == 1 and (kb == 1 or scale_a.stride(1) == m)
+    a_f = a.float() * scale_a.repeat_interleave(128, dim=1)[:, :k]
+    if recipe_b == ScalingType.BlockWise128x128:
+        l4 = -(-kb // 4) * 4
+        assert scale_b.shape == (l4, -(-n // 128)) and scale_b.stride(0) == 1
+        assert scale_b.shape[1] == 1 or scale_b.stride(1) == l4
+        per = scale_b[:kb].repeat_interleave(128, dim=0)[:k].repeat_interleave(128, dim=1)[:, :n]
+    else:
+        assert recipe_b == ScalingType.BlockWise1x128
+        assert scale_b.shape == (n, kb) and scale_b.stride(0) == 1 and (kb == 1 or scale_b.stride(1) == n)
+        per = scale_b.t().repeat_interleave(128, dim=0)[:k]
+    return (a_f @ (b.float() * per)).to(output_dtype)
+
+
+@pytest.mark.parametrize("m,k,n", [(200, 256, 288), (256, 384, 128)])
+def test_cublas_path_layouts_on_cpu_against_emulation(monkeypatch, m, k, n):
+    """CPU: the cuBLAS path's operand/scale layouts and padding, through a fake `F.scaled_mm` that enforces
+    torch's documented recipe contract, equal the emulated GEMMs."""
+    import torch.nn.functional as F
+    monkeypatch.setattr(F, "scaled_mm", _fake_scaled_mm)
+    monkeypatch.setattr(fp8_gemms, "blockwise_supported", lambda device: True)
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=g)
+    x[:, 7] *= 25.0
+    w = torch.randn(n, k, generator=g) * 0.05
+    dy = torch.randn(m, n, generator=g)
+    got = _run(x, w, dy, emulate=False)
+    monkeypatch.undo()
+    want = _run(x, w, dy, emulate=True)
+    for name, a, b in zip(("forward", "dgrad", "wgrad"), got, want):
+        assert _rel(a, b) < 1e-6, name

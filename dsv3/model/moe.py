@@ -101,7 +101,10 @@ class MoE(nn.Module):
         """Sum over each token's chosen experts of `weight * expert(x)`; x `[N, D]`, weights/indices `[N, K]`.
         Training mode with plain expert weights: `routed_grouped`; otherwise the reference `routed_loop`."""
         if self.training and x.shape[0] > 1 and self.grouped_ok():
-            return self.routed_grouped(x, weights, indices)
+            device = x.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+            if device == "cpu" or dtype == torch.bfloat16:  # CUDA grouped GEMMs are bf16-only
+                return self.routed_grouped(x, weights, indices)
         return self.routed_loop(x, weights, indices)
 
     def grouped_ok(self) -> bool:
@@ -152,21 +155,53 @@ class MoE(nn.Module):
 
     def routed_grouped(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """`routed` without a host sync: grouped GEMMs over the pairs sorted by expert (see the module doc).
-        Runs in the autocast dtype when autocast is on (the grouped GEMM is not an autocast op)."""
+        Runs in the autocast dtype when autocast is on (the grouped GEMM is not an autocast op). Dispatch and
+        combine are permutations (gathers both ways, no atomics), so forward and backward are deterministic."""
         n, k = indices.shape
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        flat = indices.flatten()  # [N * K]
-        order = flat.argsort(stable=True)  # pairs grouped by expert, token order kept within an expert
+        flat = indices.flatten()  # [N * K] expert of each (token, slot) pair
+        order = flat.argsort(stable=True)  # sorted position -> pair; token order kept within an expert
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
         counts = torch.zeros(self.n_experts, dtype=torch.int32, device=x.device)
         counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))  # [E], static shape (no bincount)
         offsets = counts.cumsum(0, dtype=torch.int32)  # [E] end of each expert's rows
-        token = order // k  # [N * K]
-        xs = x.to(dtype)[token]  # [N * K, D]
+        xs = _GatherPairs.apply(x.to(dtype), order, inverse, k)  # [N * K, D] sorted by expert
         w13, w2 = self.stacked_weights(dtype)
         h = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offsets)  # [N * K, 2I]
         gate, up = h.chunk(2, dim=-1)
         y = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offsets)  # [N * K, D]
-        y = y.float() * weights.flatten()[order, None]  # [N * K, D] float32
-        out = torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, token, y)
+        y = _PermuteRows.apply(y, inverse, order).view(n, k, -1)  # [N, K, D] back in (token, slot) order
+        out = (y.float() * weights.unsqueeze(-1)).sum(dim=1)  # [N, D] float32 weighted sum (not autocast)
         return out.to(x.dtype)
+
+
+class _PermuteRows(torch.autograd.Function):
+    """`src[index]` for a permutation `index` whose inverse is `inverse`: the backward is the gather
+    `grad[inverse]` instead of an atomic scatter-add."""
+
+    @staticmethod
+    def forward(ctx, src: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return src[index]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
+
+
+class _GatherPairs(torch.autograd.Function):
+    """x `[N, D]` -> `x[order // k]` `[N * K, D]` (each token once per routed slot, sorted by expert). The
+    backward un-sorts with the inverse permutation and sums each token's K rows: no atomics."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x[order // k]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse].view(-1, ctx.k, grad.shape[-1]).sum(dim=1), None, None, None

@@ -70,8 +70,8 @@ def gemm_forward(x: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor, n: int,
                  out_dtype: torch.dtype) -> torch.Tensor:
     """x `[M, K]` (high precision) quantized in 1×128 tiles, times padded FP8 Wᵀ -> `[M, n]` `out_dtype`."""
     x_q, x_s = quantize_act(_pad_cols(x, w_q.shape[1]), BLOCK)  # [M, K'], [M, K'/128]
-    y = F.scaled_mm(x_q, w_q.t(), _col_major(x_s), F.ScalingType.BlockWise1x128,
-                    _block_scale(w_s), F.ScalingType.BlockWise128x128, output_dtype=out_dtype)  # [M, N']
+    y = _scaled_mm(x_q, w_q.t(), _col_major(x_s), F.ScalingType.BlockWise1x128,
+                   _block_scale(w_s), F.ScalingType.BlockWise128x128, out_dtype)  # [M, N']
     return y if y.shape[1] == n else y[:, :n]
 
 
@@ -80,8 +80,8 @@ def gemm_dgrad(dy: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor, k: int,
     """dy `[M, N]` quantized in 1×128 tiles along N, times padded FP8 W `[N', K']` -> dx `[M, k]`."""
     dy_q, dy_s = quantize_act(_pad_cols(dy, w_q.shape[0]), BLOCK)  # [M, N'], [M, N'/128]
     w_t = w_q.t().contiguous()  # [K', N']: B = W as [N', K'] column-major
-    dx = F.scaled_mm(dy_q, w_t.t(), _col_major(dy_s), F.ScalingType.BlockWise1x128,
-                     _block_scale(w_s.t()), F.ScalingType.BlockWise128x128, output_dtype=out_dtype)  # [M, K']
+    dx = _scaled_mm(dy_q, w_t.t(), _col_major(dy_s), F.ScalingType.BlockWise1x128,
+                    _block_scale(w_s.t()), F.ScalingType.BlockWise128x128, out_dtype)  # [M, K']
     return dx if dx.shape[1] == k else dx[:, :k]
 
 
@@ -94,14 +94,38 @@ def gemm_wgrad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     kp = _ceil(k, 16)
     dy_t, dy_ts = quantize_act(_pad_rows(dy, rows).t(), BLOCK)  # [N, M'], [N, M'/128]
     x_t, x_ts = quantize_act(_pad_cols(_pad_rows(x, rows), kp).t(), BLOCK)  # [K, M'], [K, M'/128]
-    dw = F.scaled_mm(dy_t, x_t.t(), _col_major(dy_ts), F.ScalingType.BlockWise1x128,
-                     _col_major(x_ts), F.ScalingType.BlockWise1x128, output_dtype=torch.float32)  # [N, K]
+    dw = _scaled_mm(dy_t, x_t.t(), _col_major(dy_ts), F.ScalingType.BlockWise1x128,
+                    _col_major(x_ts), F.ScalingType.BlockWise1x128, torch.float32)  # [N, K]
     return dw if kp == k else dw[:, :k]
+
+
+def _scaled_mm(a, b, scale_a, recipe_a, scale_b, recipe_b, out_dtype: torch.dtype) -> torch.Tensor:
+    """`F.scaled_mm` in `out_dtype`; where cuBLAS has no float32 output for the recipe (probed), bf16 then
+    a cast."""
+    direct = out_dtype != torch.float32 or a.device.type != "cuda" or _fp32_out(a.device.index)
+    y = F.scaled_mm(a, b, scale_a, recipe_a, scale_b, recipe_b,
+                    output_dtype=out_dtype if direct else torch.bfloat16)
+    return y if direct else y.float()
+
+
+@functools.cache
+def _fp32_out(device_index: int) -> bool:
+    try:
+        device = torch.device("cuda", device_index)
+        a = torch.ones(128, 128, device=device).to(torch.float8_e4m3fn)
+        s = torch.ones(128, 1, device=device)
+        F.scaled_mm(a, a.t(), s, F.ScalingType.BlockWise1x128, s, F.ScalingType.BlockWise1x128,
+                    output_dtype=torch.float32)
+        return True
+    except (RuntimeError, NotImplementedError, ValueError):
+        return False
 
 
 @functools.cache
 def _probe(device_index: int) -> bool:
-    if not hasattr(F, "scaled_mm") or torch.cuda.get_device_capability(device_index) != (9, 0):
+    if not (hasattr(F, "scaled_mm") and hasattr(F, "ScalingType")):
+        return False
+    if torch.cuda.get_device_capability(device_index) != (9, 0):
         return False
     try:
         device = torch.device("cuda", device_index)
