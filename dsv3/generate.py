@@ -89,8 +89,9 @@ def add_parser(subparsers: Any) -> None:
     gen.add_argument("--output", metavar="FILE", default=None,
                      help="write JSONL (prompt, text, prompt_tokens, completion_tokens, finish_reason) here "
                           "(default: none; one prompt streams plain text to stdout, several print JSONL there)")
-    gen.add_argument("--fast", action="store_true",
-                     help="GPU only: fused MoE/MLA kernels and CUDA graphs for decode steps (default: off)")
+    gen.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                     help="fused MoE/MLA kernels and CUDA graphs for decode steps, GPU only (default: on with a "
+                          "CUDA device and BF16 weights, off otherwise; --no-fast forces the plain PyTorch path)")
     _add_common(gen)
     gen.set_defaults(func=generate_main)
 
@@ -318,10 +319,10 @@ def generate_main(args: argparse.Namespace) -> int:
         return _fail("dsv3 generate", "interrupted", 130)
 
 
-def _engine(model: Any, tok: "Tokenizer", device: str, lengths: list[int], fast: bool = False) -> Any:
+def _engine(model: Any, tok: "Tokenizer", device: str, lengths: list[int], fast: bool | None = None) -> Any:
     """The engine's LLM. On CPU its cache is sized to what the prompts need (all of them running at
     once) when that is below the engine's default; on GPU the engine takes its default share. `fast`: the
-    GPU decode path (fused kernels, CUDA graphs)."""
+    GPU decode path (fused kernels, CUDA graphs); None lets the engine choose (on for BF16 on CUDA)."""
     from dsv3.engine import LLM
     from dsv3.engine.model_runner import DEFAULT_CPU_CACHE_BYTES, cache_bytes_per_block
 
@@ -340,7 +341,7 @@ def _generate(args: argparse.Namespace) -> int:
     from dsv3.tokenizer import load_tokenizer
 
     _check_common(args)
-    if args.fast and not args.device.startswith("cuda"):
+    if args.fast is True and not args.device.startswith("cuda"):
         raise UsageError(f"--fast needs a CUDA device (--device cuda), got --device {args.device}")
     path = _resolve_model(args.model)
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.input_file)

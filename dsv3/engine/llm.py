@@ -67,6 +67,13 @@ class _Request:
         self.stop_at: int | None = None  # text length at which a stop string begins
 
 
+def _fast_applies(model: Transformer) -> bool:
+    """The default of `LLM(fast=None)`: the model sits on CUDA and holds no FP8 weights."""
+    if not model.embed_tokens.weight.is_cuda:
+        return False
+    return not any(p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for p in model.parameters())
+
+
 class LLM:
     """DeepSeek-V3 inference with continuous batching over a paged MLA latent cache."""
 
@@ -74,17 +81,18 @@ class LLM:
                  dtype: torch.dtype | str = torch.bfloat16, num_blocks: int | None = None,
                  cache_memory: int | None = None, block_size: int = 16, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, fast: bool = False) -> None:
+                 enable_prefix_caching: bool = True, fast: bool | None = None) -> None:
         """`model`: a checkpoint folder or a loaded `Transformer` (used as is: its device and dtype).
         `tokenizer`: a `dsv3.tokenizer.Tokenizer`, a folder holding tokenizer.json, or None to use the
         model folder's (if any; without one only token-id prompts work and `.text` stays empty).
         Cache size: `num_blocks` blocks of `block_size` tokens, else `cache_memory` bytes, else a
         default (80% of free GPU memory, 512 MiB on CPU).
-        `fast` (GPU only, default off): fused MoE/MLA kernels and CUDA graphs for decode steps
-        (`dsv3.engine.fast_runner`; graphs captured here for decode batches up to `max_num_seqs`). It
-        rewrites the model's modules in place (`dsv3.model.fast.prepare_fast`), so a `Transformer` passed
-        in is changed; it needs BF16/FP16/FP32 weights. Prefill and mixed steps keep the PyTorch path.
-        Raises ValueError off CUDA."""
+        `fast`: fused MoE/MLA kernels and CUDA graphs for decode steps (`dsv3.engine.fast_runner`; graphs
+        captured here for decode batches up to `max_num_seqs`; 17x the PyTorch path's decode tokens/s on an
+        H200, benchmarks/engine_gpu.py). It rewrites the model's modules in place
+        (`dsv3.model.fast.prepare_fast`), so a `Transformer` passed in is changed; it needs BF16/FP16/FP32
+        weights. Prefill and mixed steps keep the PyTorch path. None (default): on when the model is on CUDA
+        with non-FP8 weights, else off. True off CUDA raises ValueError."""
         if isinstance(dtype, str):
             if dtype not in ("bfloat16", "float16", "float32"):
                 raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}")
@@ -102,6 +110,8 @@ class LLM:
             self.model = load_model(folder, device=device, dtype=dtype)
         else:
             raise ValueError(f"model must be a checkpoint folder or a Transformer, got {type(model).__name__}")
+        if fast is None:
+            fast = _fast_applies(self.model)
         self.tokenizer = self._load_tokenizer(tokenizer, folder)
         self.runner = ModelRunner(self.model, block_size=block_size, num_blocks=num_blocks, cache_memory=cache_memory,
                                   fast=fast, max_num_seqs=max_num_seqs)

@@ -45,8 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight dtype; auto = bfloat16 on GPU, float32 on CPU")
     p.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: sized from memory)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
-    p.add_argument("--fast", action="store_true",  # the formatter appends "(default: False)"
-                   help="GPU only: fused MoE/MLA kernels and CUDA graphs for decode steps")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                   help="fused MoE/MLA kernels and CUDA graphs for decode steps, GPU only; default (None): on with "
+                        "a CUDA device and BF16 weights, off otherwise; --no-fast forces the plain PyTorch path")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest accepted request body (413 above)")
     p.add_argument("--shutdown-grace", type=float, default=30.0,
                    help="seconds in-flight requests may run after SIGTERM before they are aborted")

@@ -130,18 +130,20 @@ def _generate_parser():
     return sub.choices["generate"]
 
 
-def test_cli_fast_flags_default_off(ckpt, capsys):
+def test_cli_fast_flags_default_auto(ckpt, capsys):
     from dsv3.generate import generate_main
     from dsv3.serve.cli import main as serve_main
-    assert _serve_parser().parse_args([]).fast is False
+    assert _serve_parser().parse_args([]).fast is None  # the engine decides: on for BF16 on CUDA
     assert _serve_parser().parse_args(["--fast"]).fast is True
+    assert _serve_parser().parse_args(["--no-fast"]).fast is False
     serve_help = " ".join(_serve_parser().format_help().split())
-    assert "GPU only: fused MoE/MLA kernels and CUDA graphs for decode steps (default: False)" in serve_help
+    assert "--fast, --no-fast" in serve_help and "on with a CUDA device and BF16 weights" in serve_help
     gen = _generate_parser()
-    assert gen.parse_args(["--prompt", "w5"]).fast is False
+    assert gen.parse_args(["--prompt", "w5"]).fast is None
     assert gen.parse_args(["--prompt", "w5", "--fast"]).fast is True
+    assert gen.parse_args(["--prompt", "w5", "--no-fast"]).fast is False
     help_text = " ".join(gen.format_help().split())
-    assert "GPU only: fused MoE/MLA kernels and CUDA graphs for decode steps (default: off)" in help_text
+    assert "--no-fast forces the plain PyTorch path" in help_text
     folder, _ = ckpt
     capsys.readouterr()
     # refused before the model is loaded: one line, non-zero exit
@@ -156,8 +158,8 @@ def test_cli_fast_flags_default_off(ckpt, capsys):
 # ---- GPU -------------------------------------------------------------------------------------------
 def _pair(folder, **kwargs):
     """The same checkpoint in two engines on the GPU, float32: the PyTorch path and the fast path."""
-    slow = LLM(folder, device="cuda", dtype=torch.float32, **kwargs)
-    fast = LLM(folder, device="cuda", dtype=torch.float32, fast=True, **kwargs)
+    slow = LLM(folder, device="cuda", dtype=torch.float32, fast=False, **kwargs)
+    fast = LLM(folder, device="cuda", dtype=torch.float32, **kwargs)  # the default on CUDA: fast
     assert slow.runner.fast_runner is None and not is_prepared(slow.model)
     assert fast.runner.fast_runner is not None and is_prepared(fast.model)
     return slow, fast
