@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.kernels.fp8 import quantize_act, quantize_weight
+from dsv3.train import fp8_quant_triton
 
 BLOCK = 128
 
@@ -58,12 +59,28 @@ def _block_scale(s: torch.Tensor) -> torch.Tensor:
     return _pad_cols(s, _ceil(s.shape[1], 4)).contiguous().t()
 
 
-def quantize_weight_padded(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """W `[N, K]` -> e4m3 `[N', K']` and 128×128 scales `[N'/128, K'/128]`, both dims zero-padded to multiples
-    of 128 (the padding blocks quantize to zero)."""
+def _use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda and fp8_quant_triton.available()
+
+
+def quantize_weight_padded(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W `[N, K]` -> e4m3 codes `[N', K']`, the same codes transposed `[K', N']` (contiguous, for dgrad) and
+    128×128 scales `[N'/128, K'/128]`; both dims zero-padded to multiples of 128 (padding blocks are zeros).
+    One Triton pass on CUDA."""
+    w = w.detach()
+    if _use_triton(w):
+        return fp8_quant_triton.quantize_weight_t(w)
     n, k = w.shape
-    w = _pad_rows(_pad_cols(w.detach(), _ceil(k, BLOCK)), _ceil(n, BLOCK))
-    return quantize_weight(w, BLOCK)
+    w_q, w_s = quantize_weight(_pad_rows(_pad_cols(w, _ceil(k, BLOCK)), _ceil(n, BLOCK)), BLOCK)
+    return w_q, w_q.t().contiguous(), w_s
+
+
+def quantize_tokens_t(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x `[M, C]` in 128×1 tiles (128 tokens of a channel) -> codes transposed `[C, M']` and scales
+    `[C, M'/128]` (M' = M rounded up to 128; padding tokens are zeros). One Triton pass on CUDA."""
+    if _use_triton(x):
+        return fp8_quant_triton.quantize_tokens_t(x)
+    return quantize_act(_pad_rows(x, _ceil(x.shape[0], BLOCK)).t(), BLOCK)
 
 
 def gemm_forward(x: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor, n: int,
@@ -75,12 +92,12 @@ def gemm_forward(x: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor, n: int,
     return y if y.shape[1] == n else y[:, :n]
 
 
-def gemm_dgrad(dy: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor, k: int,
+def gemm_dgrad(dy: torch.Tensor, w_qt: torch.Tensor, w_s: torch.Tensor, k: int,
                out_dtype: torch.dtype) -> torch.Tensor:
-    """dy `[M, N]` quantized in 1×128 tiles along N, times padded FP8 W `[N', K']` -> dx `[M, k]`."""
-    dy_q, dy_s = quantize_act(_pad_cols(dy, w_q.shape[0]), BLOCK)  # [M, N'], [M, N'/128]
-    w_t = w_q.t().contiguous()  # [K', N']: B = W as [N', K'] column-major
-    dx = _scaled_mm(dy_q, w_t.t(), _col_major(dy_s), F.ScalingType.BlockWise1x128,
+    """dy `[M, N]` quantized in 1×128 tiles along N, times padded FP8 W (given as its transpose `[K', N']`)
+    -> dx `[M, k]`."""
+    dy_q, dy_s = quantize_act(_pad_cols(dy, w_qt.shape[1]), BLOCK)  # [M, N'], [M, N'/128]
+    dx = _scaled_mm(dy_q, w_qt.t(), _col_major(dy_s), F.ScalingType.BlockWise1x128,
                     _block_scale(w_s.t()), F.ScalingType.BlockWise128x128, out_dtype)  # [M, K']
     return dx if dx.shape[1] == k else dx[:, :k]
 
@@ -88,15 +105,10 @@ def gemm_dgrad(dy: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor, k: int,
 def gemm_wgrad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """dW `[N, K]` float32 `= dyᵀ x` with dy `[M, N]` and x `[M, K]` quantized in 128×1 tiles (128 tokens
     per channel); the token count is zero-padded to a multiple of 128."""
-    m, n = dy.shape
-    k = x.shape[1]
-    rows = _ceil(m, BLOCK)
-    kp = _ceil(k, 16)
-    dy_t, dy_ts = quantize_act(_pad_rows(dy, rows).t(), BLOCK)  # [N, M'], [N, M'/128]
-    x_t, x_ts = quantize_act(_pad_cols(_pad_rows(x, rows), kp).t(), BLOCK)  # [K, M'], [K, M'/128]
-    dw = _scaled_mm(dy_t, x_t.t(), _col_major(dy_ts), F.ScalingType.BlockWise1x128,
-                    _col_major(x_ts), F.ScalingType.BlockWise1x128, torch.float32)  # [N, K]
-    return dw if kp == k else dw[:, :k]
+    dy_t, dy_ts = quantize_tokens_t(dy)  # [N, M'], [N, M'/128]
+    x_t, x_ts = quantize_tokens_t(x)  # [K, M'], [K, M'/128]
+    return _scaled_mm(dy_t, x_t.t(), _col_major(dy_ts), F.ScalingType.BlockWise1x128,
+                      _col_major(x_ts), F.ScalingType.BlockWise1x128, torch.float32)  # [N, K]
 
 
 def _scaled_mm(a, b, scale_a, recipe_a, scale_b, recipe_b, out_dtype: torch.dtype) -> torch.Tensor:
@@ -130,9 +142,9 @@ def _probe(device_index: int) -> bool:
     try:
         device = torch.device("cuda", device_index)
         x = torch.randn(256, 256, device=device)
-        w_q, w_s = quantize_weight_padded(torch.randn(128, 256, device=device))
+        w_q, w_qt, w_s = quantize_weight_padded(torch.randn(128, 256, device=device))
         gemm_forward(x, w_q, w_s, 128, torch.bfloat16)
-        gemm_dgrad(torch.randn(256, 128, device=device), w_q, w_s, 256, torch.bfloat16)
+        gemm_dgrad(torch.randn(256, 128, device=device), w_qt, w_s, 256, torch.bfloat16)
         gemm_wgrad(torch.randn(256, 128, device=device), x)
         torch.cuda.synchronize(device)
         return True

@@ -67,8 +67,9 @@ class FP8LinearFunction(torch.autograd.Function):
         cublas = not emulate and fp8_gemms.blockwise_supported(x.device)
         with torch.autocast(x.device.type, enabled=False):
             if cublas:
-                w_q, w_s = fp8_gemms.quantize_weight_padded(weight)  # [N', K'], [N'/128, K'/128]
+                w_q, w_qt, w_s = fp8_gemms.quantize_weight_padded(weight)  # [N', K'], [K', N'], [N'/128, K'/128]
                 y = fp8_gemms.gemm_forward(x2, w_q, w_s, weight.shape[0], out_dtype)
+                w_q = w_qt  # backward needs only the transpose (dgrad)
             else:
                 x_q, x_s = quantize_act(x2, BLOCK)  # [M, K], [M, K/128]
                 w_q, w_s = quantize_weight(weight.detach(), BLOCK)  # [N, K], [N/128, K/128]
@@ -89,7 +90,7 @@ class FP8LinearFunction(torch.autograd.Function):
         with torch.autocast(dy.device.type, enabled=False):
             if ctx.cublas:
                 if ctx.needs_input_grad[0]:
-                    dx = fp8_gemms.gemm_dgrad(dy, w_q, w_s, ctx.w_shape[1], ctx.x_dtype).view(ctx.x_shape)
+                    dx = fp8_gemms.gemm_dgrad(dy, w_q, w_s, ctx.w_shape[1], ctx.x_dtype).view(ctx.x_shape)  # w_q: Wᵀ
                 if ctx.needs_input_grad[1]:
                     dw = fp8_gemms.gemm_wgrad(dy, x2).to(ctx.w_dtype)  # [N, K]
                 return dx, dw, None

@@ -339,7 +339,11 @@ class Trainer:
         return ce + mtp_weight * mtp + balance, ce, mtp, balance
 
     def train_step(self) -> dict:
-        """One optimizer step over `grad_accum` micro-batches; returns its (rank-averaged) metrics."""
+        """One optimizer step over `grad_accum` micro-batches; returns its (rank-averaged) metrics.
+
+        Everything is launched before the first host read (the metrics, the load counts), so the GPU does not
+        drain mid-step; a non-finite loss is detected after the update was launched, which is harmless since
+        the run then stops and the last checkpoint on disk predates it."""
         cfg = self.cfg
         start = time.perf_counter()
         mtp_weight = cfg.mtp_weight_at(self.step)
@@ -347,23 +351,26 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             inputs, targets = next(self.loader)
             inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-            sync = micro == cfg.grad_accum - 1 or not self.info.distributed
+            last = micro == cfg.grad_accum - 1
+            sync = last or not self.info.distributed
             with nullcontext() if sync else self.module.no_sync():
                 loss, ce, mtp, balance = self._losses(inputs, targets, mtp_weight)
                 (loss / cfg.grad_accum).backward()
-            self.balancer.observe()
+            if not last:
+                self.balancer.observe()  # the last micro-batch's routing is counted after the update launch
             sums += torch.stack([loss.detach(), ce.detach(), mtp.detach(), balance.detach()])
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
         values = all_reduce_mean(torch.cat([sums / cfg.grad_accum, grad_norm.detach().float().view(1)]), self.info)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.balancer.observe()
         loss, ce, mtp, balance, gnorm = values.tolist()
         if not (math.isfinite(loss) and math.isfinite(gnorm)):
             latest = self._latest_checkpoint()
             kept = f"last good checkpoint: {latest}" if latest else "no checkpoint was written yet"
             raise RuntimeError(f"loss is {loss} (grad norm {gnorm}) at step {self.step + 1}; stopping ({kept})")
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         bias_rate = self.balancer.current_rate()
         load = self.balancer.step(self.tokens_per_step)
         self.step += 1
