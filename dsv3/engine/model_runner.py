@@ -19,7 +19,10 @@ Steps where every sequence brings one token (plain decoding) take a shorter path
 Python lists, one rope frequency tensor for all layers, no mask unless contexts are padded, and queries
 `[q_nope W_uk ; q_pe]` multiplied once with the cached `[c_kv ; k_pe]` rows. On CPU the runner re-stores
 the model's float32 weights for single-token products (`dsv3.model.layers.cpu_decode_layout`: column-major
-where that is faster, fused gate/up, one huge-page buffer); values and outputs are unchanged.
+where that is faster, fused gate/up and q_a/kv_a, stacked expert tables, one huge-page buffer; values are
+unchanged) and runs decode steps through `decode_hidden`, the blocks written out so that one token's MoE
+reads its chosen experts with two embedding bags (`experts_decode`); single-token products with at most
+512 outputs run as embedding bags too (`gemv_or_linear`), faster than MKL's GEMV on the AMD CPU measured.
 
 `fast=True` (CUDA only, off by default): the model gets the fused GPU modules (`prepare_fast`, in place,
 before the cache is sized) and pure-decode steps run through `dsv3.engine.fast_runner.FastRunner` (Triton
@@ -36,8 +39,9 @@ from dsv3.engine.sampling import Sampler, SamplerOutput
 from dsv3.engine.scheduler import SchedulerOutput
 from dsv3.engine.sequence import Sequence, TokenLogprob
 from dsv3.model import Transformer
-from dsv3.model.layers import cpu_decode_layout
+from dsv3.model.layers import cpu_decode_layout, expert_tables, experts_decode
 from dsv3.model.mla import MLA
+from dsv3.model.moe import MoE
 
 DEFAULT_CPU_CACHE_BYTES = 512 * 2**20
 DEFAULT_GPU_MEMORY_FRACTION = 0.8  # of the free memory after loading the model
@@ -188,6 +192,8 @@ class ModelRunner:
             if item.sample:
                 sample_index.append(i)
         b, max_s = len(tokens), max(positions) + 1
+        if max_s > self.args.max_seq_len:
+            raise ValueError(f"position {max_s - 1} is beyond max_seq_len ({self.args.max_seq_len})")
         n_blocks = (max_s + bs - 1) // bs
         dev = self.device
         table = torch.tensor([row[:n_blocks] + [0] * (n_blocks - len(row)) for row in tables], device=dev)
@@ -289,6 +295,30 @@ class ModelRunner:
         o = torch.bmm(probs, context[..., : self.kv_lora_rank])  # [b, T * H, C]
         return o.view(b, t, heads, -1)
 
+    # ---- CPU decode ---------------------------------------------------------------------------
+    def decode_hidden(self, batch: StepBatch) -> torch.Tensor:
+        """`model.hidden` for a decode-only step, written out (the blocks' `forward` without module calls) so
+        that a single token's MoE runs through `experts_decode` over the stacked expert tables. -> `[1, N, D]`."""
+        model = self.model
+        cos, sin = model.rotary(batch.positions)  # [1, N, R/2]
+        h = model.embed_tokens(batch.tokens)  # [1, N, D]
+        for i, layer in enumerate(model.layers):
+            h = h + self.paged_attention(batch, i, layer.self_attn, layer.input_layernorm(h), cos, sin)
+            x = layer.post_attention_layernorm(h)
+            mlp = layer.mlp
+            tables = expert_tables(mlp) if x.shape[1] == 1 and isinstance(mlp, MoE) else None
+            if tables is None:
+                h = h + mlp(x)
+                continue
+            x = x[0]  # [1, D]
+            weights, indices = mlp.gate(x)
+            shared = mlp.n_experts if tables[2] > mlp.n_experts else None
+            y = experts_decode(tables, x, weights, indices, shared)  # [1, D] float32
+            if shared is None and mlp.shared_experts is not None:
+                y = y + mlp.shared_experts(x)
+            h = h + y[None]
+        return model.norm(h)
+
     # ---- one step ---------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> list[tuple[int, TokenLogprob | None]]:
@@ -302,11 +332,14 @@ class ModelRunner:
                 sampling = [item.seq for item in out.scheduled if item.sample]
                 return self._to_python(self.sample(logits, sampling), sampling) if sampling else []
         batch = self.prepare(out)
+        if batch.decode_only and self.device.type == "cpu":
+            h = self.decode_hidden(batch)  # [1, N, D]
+        else:
+            def attention(layer_id: int, mla: MLA, x: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor) -> torch.Tensor:
+                return self.paged_attention(batch, layer_id, mla, x, cos, sin)
 
-        def attention(layer_id: int, mla: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-            return self.paged_attention(batch, layer_id, mla, x, cos, sin)
-
-        h = self.model.hidden(batch.tokens, positions=batch.positions, attention=attention)  # [1, N, D]
+            h = self.model.hidden(batch.tokens, positions=batch.positions, attention=attention)  # [1, N, D]
         sampling = [item.seq for item in out.scheduled if item.sample]
         if not sampling:
             return []

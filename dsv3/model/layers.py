@@ -60,8 +60,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self._fused_gate_up()
         if gate_up is not None:  # one product for both halves (see `cpu_decode_layout`)
-            gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
+            gate, up = gemv_or_linear(x, gate_up).chunk(2, dim=-1)
+            return decode_linear(F.silu(gate) * up, self.down_proj)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def _fused_gate_up(self) -> torch.Tensor | None:
@@ -92,6 +92,38 @@ def skip_torch_init() -> Iterator[None]:
 
 HUGE_PAGE = 2 << 20  # bytes; transparent huge pages on x86-64 Linux
 _ALIGN = 16  # elements (64 bytes) between weights in the shared buffer
+BAG_MAX_OUT = 512  # widest single-row product run as an embedding bag (wider ones: MKL's column-major GEMV)
+_BAG_INDEX: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _bag_index(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(arange(n), [0])`: the row indices and offsets of one bag over the first `n` rows of a table."""
+    index = _BAG_INDEX.get(n)
+    if index is None:
+        index = _BAG_INDEX[n] = (torch.arange(n), torch.zeros(1, dtype=torch.long))
+    return index
+
+
+def gemv_or_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`F.linear(x, weight)`; one float32 CPU row `x [..., in]` times a column-major `weight [out, in]`
+    with out <= `BAG_MAX_OUT` runs as `y = sum_i x_i W^T[i, :]`, one `embedding_bag` over the rows of the
+    contiguous `W^T` with `x` as per-row weights (FBGEMM's kernel: 1.2-1.7x faster than MKL's GEMV on a cold
+    `[<=512, 512]` weight on the AMD Zen 4 measured; wider outputs are slower, so they stay with MKL). Values
+    agree to float32 rounding (another summation order), not bitwise."""
+    if (x.numel() == weight.shape[1] and weight.shape[0] <= BAG_MAX_OUT and weight.dtype == torch.float32
+            and x.dtype == torch.float32 and weight.stride(0) == 1 and weight.stride(1) == weight.shape[0]
+            and not weight.is_cuda and not torch.is_grad_enabled()):
+        index, offsets = _bag_index(weight.shape[1])
+        y = torch.embedding_bag(weight.t(), index, offsets, False, 0, False, x.reshape(-1), False, None)[0]
+        return y.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight)
+
+
+def decode_linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """`module(x)` for a Linear, through `gemv_or_linear` when it is a plain float32 `nn.Linear`."""
+    if type(module) is nn.Linear and module.bias is None and module.weight.dtype == torch.float32:
+        return gemv_or_linear(x, module.weight)
+    return module(x)
 
 
 def _huge_page_buffer(numel: int) -> torch.Tensor:
@@ -120,62 +152,220 @@ def _plain_cpu_fp32(m: nn.Module, shared: set[int]) -> bool:
             and w.dtype == torch.float32 and w.is_contiguous() and m.__dict__.get("_decode_layout") != w.data_ptr())
 
 
+def _stackable_experts(m: nn.Module, shared: set[int]) -> list[MLP] | None:
+    """The MLPs of a MoE-like module (`experts`, plus `shared_experts` of the same shape) when all are plain
+    float32 CPU weights of one shape, else None."""
+    experts = getattr(m, "experts", None)
+    if not isinstance(experts, nn.ModuleList) or not len(experts):
+        return None
+    members = list(experts)
+    extra = getattr(m, "shared_experts", None)
+    if isinstance(extra, MLP):
+        members.append(extra)
+    shape = None
+    for e in members:
+        if not isinstance(e, MLP):
+            return None
+        parts = (e.gate_proj, e.up_proj, e.down_proj)
+        if not all(_plain_cpu_fp32(p, shared) for p in parts):
+            return None
+        key = tuple(p.weight.shape for p in parts)
+        if shape not in (None, key) or e.gate_proj.weight.shape != e.up_proj.weight.shape:
+            return None
+        shape = key
+    return members
+
+
+def _set_columns(block: torch.Tensor, linears: list[nn.Linear]) -> torch.Tensor:
+    """Copy the weights `[out_k, in]` of `linears` into `block [in, sum out_k]` (their transposes side by side)
+    and make each weight the column-major view of its part. Returns the fused `[sum out_k, in]` view."""
+    start = 0
+    for m in linears:
+        out_f = m.weight.shape[0]
+        block[:, start:start + out_f].copy_(m.weight.t())
+        m.weight.data = block[:, start:start + out_f].t()
+        m.__dict__["_decode_layout"] = m.weight.data_ptr()
+        start += out_f
+    return block.t()
+
+
 def cpu_decode_layout(module: nn.Module) -> int:
     """Re-store the float32 CPU `nn.Linear` weights of `module` for fast single-token products: same shapes,
     same values, the same Parameter objects, all moved into one buffer advised as huge pages (see
     `_huge_page_buffer`). Returns the number of weights moved; a second call leaves them where they are.
 
-    - `out >= in` features: column-major (the transposed matrix contiguous). MKL's GEMV reads such a
-      `[out, in]` weight 1.1-2.3x faster in that layout (measured on AVX-512 CPUs: `[768, 256]` 1.7x,
-      `[4096, 512]` 2.3x); wider-than-tall weights stay row-major, which is faster for them.
+    - `out >= in` features, or `out <= BAG_MAX_OUT`: column-major (the transposed matrix contiguous). MKL's
+      GEMV reads such a tall `[out, in]` weight 1.1-2.3x faster in that layout (measured on AVX-512 CPUs:
+      `[768, 256]` 1.7x, `[4096, 512]` 2.3x), and `gemv_or_linear` multiplies a narrow one as an embedding
+      bag over its rows; wide weights of more outputs stay row-major, which is faster for MKL.
     - an `MLP`'s `gate_proj` and `up_proj`: the two halves of one column-major `[2 * inter, dim]` matrix,
       which `MLP.forward` multiplies at once in inference (`[512, 512]` in 88 us vs 2 x 51 us).
+    - an MLA's `q_a_proj` and `kv_a_proj_with_mqa`: one column-major `[q_lora + kv_lora + rope, dim]` matrix
+      (`MLA.project` multiplies it once, `_qkv_a`).
+    - the experts of a MoE (and its shared expert when it has their shape): their fused gate/up matrices
+      back to back, then their down matrices back to back, so that `expert_tables` gives two tables that
+      `experts_decode` reads a token's chosen experts from with one embedding bag each.
 
     Weights shared with an embedding stay untouched. The engine calls this for CPU models; `state_dict`
     tensors then are views, some non-contiguous (the checkpoint writer makes them contiguous)."""
     shared = {id(p) for m in module.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     plan: list[tuple[str, nn.Module]] = []
-    fused: set[int] = set()
+    done: set[int] = set()
+    experts: dict[int, list[MLP]] = {}
     for m in module.modules():
+        members = _stackable_experts(m, shared)
+        if members is not None:
+            plan.append(("experts", m))
+            experts[id(m)] = members
+            for e in members:
+                done.update((id(e), id(e.gate_proj), id(e.up_proj), id(e.down_proj)))
+    for m in module.modules():
+        if id(m) in done:
+            continue
         if (isinstance(m, MLP) and _plain_cpu_fp32(m.gate_proj, shared) and _plain_cpu_fp32(m.up_proj, shared)
                 and m.gate_proj.weight.shape == m.up_proj.weight.shape):
             plan.append(("gate_up", m))
-            fused.update((id(m.gate_proj), id(m.up_proj)))
+            done.update((id(m.gate_proj), id(m.up_proj)))
+        q_a, kv_a = getattr(m, "q_a_proj", None), getattr(m, "kv_a_proj_with_mqa", None)
+        if (q_a is not None and kv_a is not None and _plain_cpu_fp32(q_a, shared) and _plain_cpu_fp32(kv_a, shared)
+                and q_a.in_features == kv_a.in_features):
+            plan.append(("qkv_a", m))
+            done.update((id(q_a), id(kv_a)))
+        kv_b = getattr(m, "kv_b_proj", None)
+        if kv_b is not None and _plain_cpu_fp32(kv_b, shared) and hasattr(m, "v_dim"):
+            plan.append(("kv_b", m))  # row-major (per-head W_uk rows contiguous) + a copy of W_uv^T per head
+            done.add(id(kv_b))
     for m in module.modules():
-        if id(m) not in fused and _plain_cpu_fp32(m, shared):
-            plan.append(("col" if m.out_features >= m.in_features else "row", m))
+        if id(m) not in done and _plain_cpu_fp32(m, shared):
+            wide = m.out_features < m.in_features and m.out_features > BAG_MAX_OUT
+            plan.append(("row" if wide else "col", m))
     if not plan:
         return 0
 
+    def parts(kind: str, m: nn.Module) -> list[list[nn.Linear]]:
+        """Groups of Linears that become one column-major block each, in buffer order."""
+        if kind == "experts":
+            members = experts[id(m)]
+            return [[e.gate_proj, e.up_proj] for e in members] + [[e.down_proj] for e in members]
+        if kind == "gate_up":
+            return [[m.gate_proj, m.up_proj]]
+        if kind == "qkv_a":
+            return [[m.q_a_proj, m.kv_a_proj_with_mqa]]
+        if kind == "kv_b":
+            return [[m.kv_b_proj]]
+        return [[m]]
+
     def size(kind: str, m: nn.Module) -> int:
-        n = 2 * m.gate_proj.weight.numel() if kind == "gate_up" else m.weight.numel()
+        n = sum(p.weight.numel() for group in parts(kind, m) for p in group)
+        if kind == "kv_b":  # + W_uv^T
+            n += m.n_heads * m.v_dim * m.kv_b_proj.in_features
         return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
+    plans = [(kind, m, parts(kind, m)) for kind, m in plan]  # before any weight moves (the checks read them)
     buf = _huge_page_buffer(sum(size(kind, m) for kind, m in plan))
     offset = 0
+    moved = 0
     with torch.no_grad():
-        for kind, m in plan:
-            block = buf[offset:offset + size(kind, m)]
-            offset += block.numel()
-            if kind == "gate_up":
-                inter, dim = m.gate_proj.weight.shape
-                w = block[: 2 * inter * dim].view(dim, 2 * inter)  # [D, 2I]: the fused weight transposed
-                w[:, :inter].copy_(m.gate_proj.weight.t())
-                w[:, inter:].copy_(m.up_proj.weight.t())
-                m.gate_proj.weight.data = w.t()[:inter]
-                m.up_proj.weight.data = w.t()[inter:]
-                m.__dict__["_gate_up"] = (w.t(), m.up_proj.weight.data_ptr())
-                for part in (m.gate_proj, m.up_proj):
-                    part.__dict__["_decode_layout"] = part.weight.data_ptr()
+        for kind, m, groups in plans:
+            if kind in ("row", "kv_b"):
+                linear = m.kv_b_proj if kind == "kv_b" else m
+                out_f, in_f = linear.weight.shape
+                w = buf[offset:offset + out_f * in_f].view(out_f, in_f)
+                w.copy_(linear.weight)
+                linear.weight.data = w
+                linear.__dict__["_decode_layout"] = linear.weight.data_ptr()
+                moved += 1
+                if kind == "kv_b":  # [H * C, v]: head h's W_uv^T, rows c, for `MLA.latent_output`
+                    heads, per_head = m.n_heads, out_f // m.n_heads
+                    uv_t = buf[offset + out_f * in_f:offset + out_f * in_f + heads * in_f * m.v_dim]
+                    uv_t = uv_t.view(heads, in_f, m.v_dim)
+                    uv_t.copy_(w.view(heads, per_head, in_f)[:, per_head - m.v_dim:].transpose(1, 2))
+                    m.__dict__["_uv_t"] = (uv_t.view(heads * in_f, m.v_dim), w.data_ptr(), linear.weight._version)
+                offset += size(kind, m)
                 continue
-            out_f, in_f = m.weight.shape
-            if kind == "col":
-                w = block[: out_f * in_f].view(in_f, out_f)
-                w.copy_(m.weight.t())
-                m.weight.data = w.t()
-            else:
-                w = block[: out_f * in_f].view(out_f, in_f)
-                w.copy_(m.weight)
-                m.weight.data = w
-            m.__dict__["_decode_layout"] = m.weight.data_ptr()
-    return len(plan) + sum(kind == "gate_up" for kind, _ in plan)
+            start = offset
+            fused = []
+            for group in groups:  # back to back, no padding: expert tables are views of the whole run
+                in_f = group[0].weight.shape[1]
+                out_f = sum(p.weight.shape[0] for p in group)
+                fused.append(_set_columns(buf[offset:offset + in_f * out_f].view(in_f, out_f), group))
+                offset += in_f * out_f
+                moved += len(group)
+            offset = start + size(kind, m)
+            if kind == "gate_up":
+                m.__dict__["_gate_up"] = (fused[0], m.up_proj.weight.data_ptr())
+            elif kind == "qkv_a":
+                m.__dict__["_qkv_a"] = (fused[0], m.kv_a_proj_with_mqa.weight.data_ptr())
+            elif kind == "experts":
+                n = len(groups) // 2
+                for e, gate_up in zip(experts[id(m)], fused[:n]):
+                    e.__dict__["_gate_up"] = (gate_up, e.up_proj.weight.data_ptr())
+                (dim, two_inter), (inter, _) = fused[0].t().shape, fused[n].t().shape
+                gate_up_table = buf[start:start + n * dim * two_inter].view(n * dim, two_inter)
+                down_start = start + n * dim * two_inter
+                down_table = buf[down_start:down_start + n * inter * dim].view(n * inter, dim)
+                m.__dict__["_expert_tables"] = (gate_up_table, down_table, experts[id(m)])
+    return moved
+
+
+def expert_tables(moe: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """`(gate_up [n * dim, 2 * inter], down [n * inter, dim], n)`: the tables `cpu_decode_layout` made of a
+    MoE's n stacked experts (the routed ones, then the shared one when it was stacked too: n > n_experts),
+    while every expert's weights still live there and no gradient is wanted; else None."""
+    tables = moe.__dict__.get("_expert_tables")
+    if tables is None or torch.is_grad_enabled():
+        return None
+    gate_up, down, members = tables
+    dim, inter = members[0].down_proj.weight.shape
+    for k in (0, len(members) - 1):  # the ends of both runs (a replaced weight anywhere is an edge case)
+        e = members[k]
+        if (e.gate_proj.weight.data_ptr() != gate_up.data_ptr() + 4 * k * dim * 2 * inter
+                or e.down_proj.weight.data_ptr() != down.data_ptr() + 4 * k * inter * dim):
+            return None
+    return gate_up, down, len(members)
+
+
+def experts_decode(tables: tuple[torch.Tensor, torch.Tensor, int], x: torch.Tensor, weights: torch.Tensor,
+                   indices: torch.Tensor, shared: int | None) -> torch.Tensor:
+    """One token through its chosen experts: `sum_k weights[k] * expert_k(x)` (+ expert `shared` with weight
+    1, when it is in the tables), x `[1, D]` float32, weights/indices `[1, K]`. -> `[1, D]` float32.
+
+    Two embedding bags over the `expert_tables`: one reads the K (+1) fused gate/up matrices (`[D, 2I]` each,
+    rows weighted by x) into `[K, 2I]`; the other sums the rows of the K down matrices (`[I, D]` each)
+    weighted by `weight_k * silu(gate_k) * up_k`, so the weighting and the sum over experts happen in the
+    same pass. Equal to the per-expert products up to float32 rounding."""
+    gate_up, down, n = tables
+    dim, inter = x.shape[-1], down.shape[0] // n
+    chosen = indices[0]  # [K]
+    w = weights[0]
+    if shared is not None:
+        chosen, w = torch.cat([chosen, _constant(shared, torch.long)]), torch.cat([w, _constant(1.0, w.dtype)])
+    k = chosen.shape[0]
+    rows = torch.add(_bag_index(dim)[0], chosen[:, None], alpha=dim)  # [K, D] table rows of each expert
+    h = torch.embedding_bag(gate_up, rows.view(-1), bag_offsets(k, dim), False, 0, False,
+                            x.expand(k, dim).reshape(-1), False, None)[0]  # [K, 2I]
+    act = F.silu(h[:, :inter]).mul_(h[:, inter:]).mul_(w[:, None])  # [K, I]
+    rows = torch.add(_bag_index(inter)[0], chosen[:, None], alpha=inter)  # [K, I]
+    return torch.embedding_bag(down, rows.view(-1), _bag_index(1)[1], False, 0, False, act.view(-1),
+                               False, None)[0]  # [1, D]
+
+
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def _constant(value: float | int, dtype: torch.dtype) -> torch.Tensor:
+    """A cached one-element CPU tensor."""
+    key = (value, dtype)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = _CONSTANTS[key] = torch.tensor([value], dtype=dtype)
+    return t
+
+
+def bag_offsets(bags: int, length: int) -> torch.Tensor:
+    """Offsets of `bags` consecutive bags of `length` indices each (cached)."""
+    key = ("offsets", bags, length)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = _CONSTANTS[key] = torch.arange(bags) * length
+    return t

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelArgs
-from dsv3.model.layers import RMSNorm, dense_weight, linear
+from dsv3.model.layers import RMSNorm, bag_offsets, decode_linear, dense_weight, gemv_or_linear, linear
 from dsv3.model.rope import apply_rope
 
 
@@ -97,20 +97,42 @@ class MLA(nn.Module):
             freqs = torch.complex(cos, sin)
         elif not self.interleave:
             freqs = None
+        fused = self._fused_qkv_a()
+        if fused is not None:  # q_a_proj and kv_a_proj_with_mqa in one product (see `cpu_decode_layout`)
+            q_a, kv = gemv_or_linear(x, fused).split([self.q_lora_rank, self.kv_lora_rank + self.rope_dim], -1)
+            return *self._queries(x, cos, sin, freqs, q_a), *self._latents(x, cos, sin, freqs, kv)
         return *self._queries(x, cos, sin, freqs), *self._latents(x, cos, sin, freqs)
 
-    def _queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 freqs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
+    def _fused_qkv_a(self) -> torch.Tensor | None:
+        """The `[q_lora + kv_lora + rope, dim]` weight whose parts are `q_a_proj.weight` and
+        `kv_a_proj_with_mqa.weight`, while both still live there and no gradient is wanted."""
+        fused = self.__dict__.get("_qkv_a")
+        if fused is None or torch.is_grad_enabled():
+            return None
+        weight, kv_ptr = fused
+        if self.q_a_proj.weight.data_ptr() != weight.data_ptr() or self.kv_a_proj_with_mqa.weight.data_ptr() != kv_ptr:
+            return None
+        return weight
+
+    def _queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, freqs: torch.Tensor | None,
+                 q_a: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`q_a`: `q_a_proj(x)` when the caller already has it."""
+        if self.q_lora_rank:
+            q_a = self.q_a_proj(x) if q_a is None else q_a
+            q = decode_linear(self.q_a_layernorm(q_a), self.q_b_proj)
+        else:
+            q = self.q_proj(x)
         q = q.unflatten(-1, (self.n_heads, self.qk_dim))
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         if freqs is not None:
             return q_nope, _rotate(q_pe, freqs.unsqueeze(-2))
         return q_nope, apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), self.interleave)
 
-    def _latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 freqs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+    def _latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, freqs: torch.Tensor | None,
+                 kv_a: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`kv_a`: `kv_a_proj_with_mqa(x)` when the caller already has it."""
+        kv_a = self.kv_a_proj_with_mqa(x) if kv_a is None else kv_a
+        kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         k_pe = _rotate(k_pe, freqs) if freqs is not None else apply_rope(k_pe, cos, sin, self.interleave)
         return self.kv_a_layernorm(kv), k_pe
 
@@ -138,17 +160,48 @@ class MLA(nn.Module):
         """q_nope `[..., H, nope]` -> latent query `[..., H, kv_lora_rank]` (`q_nope W_uk`, one batched matmul
         over heads)."""
         w_uk = self._kv_b_halves(q_nope.dtype)[0]
+        weight = self.kv_b_proj.weight
+        if q_nope.numel() == self.n_heads * self.nope_dim and weight.is_contiguous() and weight.dtype == torch.float32 \
+                and q_nope.dtype == torch.float32 and not weight.is_cuda and w_uk.data_ptr() == weight.data_ptr():
+            # one token: one embedding bag per head over that head's W_uk rows of the row-major kv_b weight
+            q_lat = torch.embedding_bag(weight, self._absorb_rows(), bag_offsets(self.n_heads, self.nope_dim),
+                                        False, 0, False, q_nope.reshape(-1), False, None)[0]  # [H, C]
+            return q_lat.view(*q_nope.shape[:-1], -1)
         flat = q_nope if q_nope.dim() == 3 else q_nope.reshape(-1, self.n_heads, self.nope_dim)  # [M, H, nope]
         q_lat = torch.bmm(flat.transpose(0, 1), w_uk).transpose(0, 1)  # [M, H, C]
         return q_lat if q_nope.dim() == 3 else q_lat.reshape(*q_nope.shape[:-1], -1)
 
+    def _absorb_rows(self) -> torch.Tensor:
+        """`[H * nope]` rows of `kv_b_proj.weight` holding W_uk, head by head (cached)."""
+        rows = self.__dict__.get("_absorb_index")
+        if rows is None:
+            per_head = self.nope_dim + self.v_dim
+            rows = (torch.arange(self.n_heads)[:, None] * per_head + torch.arange(self.nope_dim)).flatten()
+            self.__dict__["_absorb_index"] = rows
+        return rows
+
     def latent_output(self, o_lat: torch.Tensor) -> torch.Tensor:
         """Attention output in latent space `[..., H, kv_lora_rank]` -> `[..., D]` (`W_uv`, then `o_proj`)."""
+        uv_t = self.__dict__.get("_uv_t")
+        weight = self.kv_b_proj.weight
+        if (uv_t is not None and o_lat.numel() == self.n_heads * self.kv_lora_rank and o_lat.dtype == torch.float32
+                and not torch.is_grad_enabled() and uv_t[1:] == (weight.data_ptr(), weight._version)):
+            # one token: one embedding bag per head over the rows of its W_uv^T copy (see `cpu_decode_layout`)
+            o = torch.embedding_bag(uv_t[0], self._output_rows(), bag_offsets(self.n_heads, self.kv_lora_rank),
+                                    False, 0, False, o_lat.reshape(-1), False, None)[0]  # [H, v]
+            return decode_linear(o.view(*o_lat.shape[:-2], self.n_heads * self.v_dim), self.o_proj)
         w_uv_t = self._kv_b_halves(o_lat.dtype)[1]
         flat = o_lat if o_lat.dim() == 3 else o_lat.reshape(-1, self.n_heads, self.kv_lora_rank)  # [M, H, C]
         o = torch.bmm(flat.transpose(0, 1), w_uv_t)  # [H, M, v]
         o = o.transpose(0, 1).reshape(*o_lat.shape[:-2], self.n_heads * self.v_dim)  # [..., H * v]
-        return self.o_proj(o)
+        return decode_linear(o, self.o_proj)
+
+    def _output_rows(self) -> torch.Tensor:
+        """`arange(H * kv_lora_rank)`: every row of the W_uv^T copy, head by head (cached)."""
+        rows = self.__dict__.get("_output_index")
+        if rows is None:
+            rows = self.__dict__["_output_index"] = torch.arange(self.n_heads * self.kv_lora_rank)
+        return rows
 
     def attend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
                mask: torch.Tensor | None, absorb: bool = True) -> torch.Tensor:
