@@ -255,10 +255,15 @@ def scaled_mm_block(
     k, n = a_fp8.shape[-1], w_fp8.shape[0]
     a2 = a_fp8.reshape(-1, k)
     s2 = a_scale.reshape(-1, a_scale.shape[-1]).to(torch.float32)
+    m = a2.shape[0]
+    pad = -m % 16  # cuBLAS refuses row counts that are not a multiple of 16 here (CUBLAS_STATUS_NOT_SUPPORTED)
+    if pad:
+        a2 = F.pad(a2.view(torch.uint8), (0, 0, 0, pad)).view(FP8_DTYPE)  # zero rows, cropped below
+        s2 = F.pad(s2, (0, 0, 0, pad), value=1.0)
     if s2.stride(0) != 1 or s2.shape[0] == 1:
         s2 = s2.t().contiguous().t()
     out = torch._scaled_mm(a2, w_fp8.t(), s2, w_scale.to(torch.float32).t(), out_dtype=out_dtype)
-    return out.view(*a_fp8.shape[:-1], n)
+    return (out[:m] if pad else out).view(*a_fp8.shape[:-1], n)
 
 
 _SCALED_MM_MIN_M = 65  # below: our Triton decode kernels (split-K) beat cuBLAS' block-scaled GEMM
