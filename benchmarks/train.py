@@ -94,6 +94,8 @@ def run_one(args: argparse.Namespace, fp8: bool, out: Path) -> dict:
         rows.append(trainer.train_step())
         if step == 0:
             first = time.perf_counter() - start
+            while any(Path(p).exists() for p in args.wait_for):  # let other GPU jobs finish before timing
+                time.sleep(0.5)
         if args.log_every and (step + 1) % args.log_every == 0:
             r = rows[-1]
             print(f"  {'fp8' if fp8 else 'bf16'} step {r['step']}: ce {r['ce']:.4f} mtp {r['mtp']:.4f} "
@@ -129,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default="bf16,fp8", help="comma-separated: bf16, fp8 (default both)")
     p.add_argument("--profile", type=int, default=0, help="profile this many extra steps per mode (default 0)")
     p.add_argument("--log-every", type=int, default=0, help="print a progress line every N steps (default 0: off)")
+    p.add_argument("--wait-for", nargs="*", default=[],
+                   help="after the first (compiling) step, wait while these files exist (default: none)")
     args = p.parse_args(argv)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,7 +24,7 @@ def _run(x, w, dy, emulate):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,k,n", [(512, 1024, 768), (200, 256, 288), (4096, 512, 2048)])
+@pytest.mark.parametrize("m,k,n", [(512, 1024, 768), (200, 256, 288), (4088, 512, 2048), (77, 128, 256)])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 def test_cublas_gemms_equal_emulation(m, k, n, x_dtype):
     assert fp8_gemms.blockwise_supported(torch.device("cuda")), "cuBLAS block-scaled FP8 is not available"
@@ -90,7 +90,7 @@ def _fake_scaled_mm(a, b, scale_a, recipe_a, scale_b, recipe_b, output_dtype=tor
     return (a_f @ (b.float() * per)).to(output_dtype)
 
 
-@pytest.mark.parametrize("m,k,n", [(200, 256, 288), (256, 384, 128)])
+@pytest.mark.parametrize("m,k,n", [(200, 256, 288), (256, 384, 128), (77, 128, 256)])
 def test_cublas_path_layouts_on_cpu_against_emulation(monkeypatch, m, k, n):
     """CPU: the cuBLAS path's operand/scale layouts and padding, through a fake `F.scaled_mm` that enforces
     torch's documented recipe contract, equal the emulated GEMMs."""

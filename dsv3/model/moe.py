@@ -103,7 +103,8 @@ class MoE(nn.Module):
         if self.training and x.shape[0] > 1 and self.grouped_ok():
             device = x.device.type
             dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-            if device == "cpu" or dtype == torch.bfloat16:  # CUDA grouped GEMMs are bf16-only
+            # grouped GEMMs: bf16 on CUDA and in compiled graphs (their meta kernel), any float dtype in CPU eager
+            if dtype == torch.bfloat16 or (device == "cpu" and not torch.compiler.is_compiling()):
                 return self.routed_grouped(x, weights, indices)
         return self.routed_loop(x, weights, indices)
 

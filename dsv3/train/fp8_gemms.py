@@ -10,7 +10,8 @@ DeepSeek-V3's tiles map onto cuBLAS's block-wise scaling recipes (Hopper, cuBLAS
 
 Every product accumulates in fp32 with one scale per 128 elements of the contraction, as in the report. The
 contraction and the 128-blocked dimensions are zero-padded to multiples of 128 where needed (zero rows and
-columns change neither the tile max-abs nor the sums), so any shape works.
+columns change neither the tile max-abs nor the sums), so any shape works; token counts are padded to a
+multiple of 16 for cuBLAS's alignment rules.
 
 Scale layouts cuBLAS wants (checked by torch): a 1×128 scale of an `[R, C]` operand is `[R, C/128]` with
 stride `(1, R)`; a 128×128 scale of B `[K, N]` is `[ceil4(K/128), N/128]` with stride `(1, ceil4(K/128))`.
@@ -86,20 +87,22 @@ def quantize_tokens_t(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def gemm_forward(x: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor, n: int,
                  out_dtype: torch.dtype) -> torch.Tensor:
     """x `[M, K]` (high precision) quantized in 1×128 tiles, times padded FP8 Wᵀ -> `[M, n]` `out_dtype`."""
-    x_q, x_s = quantize_act(_pad_cols(x, w_q.shape[1]), BLOCK)  # [M, K'], [M, K'/128]
+    m = x.shape[0]
+    x_q, x_s = quantize_act(_pad_rows(_pad_cols(x, w_q.shape[1]), _ceil(m, 16)), BLOCK)  # [M', K'], [M', K'/128]
     y = _scaled_mm(x_q, w_q.t(), _col_major(x_s), F.ScalingType.BlockWise1x128,
-                   _block_scale(w_s), F.ScalingType.BlockWise128x128, out_dtype)  # [M, N']
-    return y if y.shape[1] == n else y[:, :n]
+                   _block_scale(w_s), F.ScalingType.BlockWise128x128, out_dtype)  # [M', N']
+    return y if y.shape == (m, n) else y[:m, :n]
 
 
 def gemm_dgrad(dy: torch.Tensor, w_qt: torch.Tensor, w_s: torch.Tensor, k: int,
                out_dtype: torch.dtype) -> torch.Tensor:
     """dy `[M, N]` quantized in 1×128 tiles along N, times padded FP8 W (given as its transpose `[K', N']`)
     -> dx `[M, k]`."""
-    dy_q, dy_s = quantize_act(_pad_cols(dy, w_qt.shape[1]), BLOCK)  # [M, N'], [M, N'/128]
+    m = dy.shape[0]
+    dy_q, dy_s = quantize_act(_pad_rows(_pad_cols(dy, w_qt.shape[1]), _ceil(m, 16)), BLOCK)  # [M', N'], [M', N'/128]
     dx = _scaled_mm(dy_q, w_qt.t(), _col_major(dy_s), F.ScalingType.BlockWise1x128,
-                    _block_scale(w_s.t()), F.ScalingType.BlockWise128x128, out_dtype)  # [M, K']
-    return dx if dx.shape[1] == k else dx[:, :k]
+                    _block_scale(w_s.t()), F.ScalingType.BlockWise128x128, out_dtype)  # [M', K']
+    return dx if dx.shape == (m, k) else dx[:m, :k]
 
 
 def gemm_wgrad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
