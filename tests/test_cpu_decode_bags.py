@@ -63,7 +63,7 @@ def test_layout_tables_and_experts_decode_equal_the_reference():
         moe, ref_moe = layer.mlp, ref_layer.mlp
         with torch.inference_mode():
             tables = expert_tables(moe)
-            assert tables is not None and tables[2] == moe.n_experts + 1  # the shared expert is stacked too
+            assert tables is not None and tables.n == moe.n_experts + 1  # the shared expert is stacked too
             for _ in range(4):
                 x = torch.randn(1, moe.dim, generator=g)
                 weights, indices = moe.gate(x)
@@ -144,3 +144,35 @@ def test_runner_decode_hidden_equals_the_model_hooks():
             plain = model.hidden(batch.tokens, positions=batch.positions, attention=attention)
         assert fast.shape == plain.shape
         assert (fast - plain).abs().max() <= 1e-4 * (1 + plain.abs().max())
+
+
+def test_greedy_sampler_shortcut_equals_the_processed_argmax():
+    from dsv3.engine.sampling import Sampler, processed_logits
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 50, generator=g)
+    logits[2, 7] = logits[2, 9] = logits[2].max() + 1  # a tie: the first index wins in both
+    params = [SamplingParams(temperature=0.0) for _ in range(4)]
+    got = Sampler()(logits, params, [[1, 2]] * 4)
+    assert got.logprobs is None
+    assert torch.equal(got.token_ids, processed_logits(logits, params, [[1, 2]] * 4).argmax(dim=-1))
+    assert int(got.token_ids[2]) == 7
+    penalised = [SamplingParams(temperature=0.0, frequency_penalty=2.0)] * 4  # not the shortcut: penalties apply
+    best = logits.argmax(dim=-1)
+    assert not torch.equal(Sampler()(logits, penalised, [[int(t)] * 5 for t in best]).token_ids, best)
+
+
+def test_rms_norm_row_equals_forward():
+    from dsv3.model.layers import RMSNorm
+    norm = RMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.2)
+    g = torch.Generator().manual_seed(6)
+    for shape in [(48,), (1, 48), (1, 1, 48)]:
+        x = torch.randn(shape, generator=g) * 3
+        with torch.inference_mode():
+            got = norm.row(x)
+        assert got.shape == x.shape and (got - norm(x)).abs().max() <= 1e-5
+    x = torch.randn(3, 48, generator=g)  # several rows, or grad mode: forward itself
+    with torch.inference_mode():
+        assert torch.equal(norm.row(x), norm(x))
+    assert torch.equal(norm.row(x[:1]), norm(x[:1]))

@@ -303,8 +303,8 @@ class ModelRunner:
         cos, sin = model.rotary(batch.positions)  # [1, N, R/2]
         h = model.embed_tokens(batch.tokens)  # [1, N, D]
         for i, layer in enumerate(model.layers):
-            h = h + self.paged_attention(batch, i, layer.self_attn, layer.input_layernorm(h), cos, sin)
-            x = layer.post_attention_layernorm(h)
+            h = h + self.paged_attention(batch, i, layer.self_attn, layer.input_layernorm.row(h), cos, sin)
+            x = layer.post_attention_layernorm.row(h)
             mlp = layer.mlp
             tables = expert_tables(mlp) if x.shape[1] == 1 and isinstance(mlp, MoE) else None
             if tables is None:
@@ -312,12 +312,12 @@ class ModelRunner:
                 continue
             x = x[0]  # [1, D]
             weights, indices = mlp.gate(x)
-            shared = mlp.n_experts if tables[2] > mlp.n_experts else None
+            shared = mlp.n_experts if tables.n > mlp.n_experts else None
             y = experts_decode(tables, x, weights, indices, shared)  # [1, D] float32
             if shared is None and mlp.shared_experts is not None:
                 y = y + mlp.shared_experts(x)
             h = h + y[None]
-        return model.norm(h)
+        return model.norm.row(h)
 
     # ---- one step ---------------------------------------------------------------------------
     @torch.inference_mode()

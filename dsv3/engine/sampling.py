@@ -188,6 +188,8 @@ class Sampler:
         batch, vocab = logits.shape
         if generators is not None and len(generators) != batch:
             raise ValueError(f"generators must have one entry per row ({batch}), got {len(generators)}")
+        if len(params) == batch and all(p.greedy and not p.has_penalties and p.logprobs is None for p in params):
+            return SamplerOutput(token_ids=logits.argmax(dim=-1))  # nothing to process: the plain argmax
         logits = logits.float()
         processed = processed_logits(logits, params, output_token_ids)  # [B, V]
         tokens = processed.argmax(dim=-1)  # [B] greedy choice

@@ -7,8 +7,10 @@ Module and parameter names equal the Hugging Face DeepSeek-V3 names (`gate_proj`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +29,23 @@ class RMSNorm(nn.Module):
         dtype = x.dtype
         if dtype == torch.float32 and self.weight.dtype == torch.float32:
             # the same operations in one call (bitwise equal in float32; fewer small ops when decoding)
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+            return torch.rms_norm(x, self.weight.shape, self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
+
+    def row(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` for a single float32 row in inference (decoding one token): the mean square as one dot
+        product read back as a Python float, then two multiplies. Five light ops instead of `rms_norm`'s
+        composite of about eight kernels (each one costs several microseconds when the caches are cold from a
+        weight that just streamed through); equal to `forward` up to float32 rounding."""
+        weight = self.weight
+        if (x.numel() != weight.shape[0] or x.dtype != torch.float32 or weight.dtype != torch.float32
+                or x.is_cuda or torch.is_grad_enabled()):
+            return self(x)
+        flat = x.reshape(-1)
+        inv_rms = 1.0 / math.sqrt(float(torch.dot(flat, flat)) / weight.shape[0] + self.eps)
+        return torch.mul(x, weight).mul_(inv_rms)
 
 
 def linear(in_dim: int, out_dim: int, dtype: torch.dtype | None = None) -> nn.Linear:
@@ -115,7 +130,7 @@ def gemv_or_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             and not weight.is_cuda and not torch.is_grad_enabled()):
         index, offsets = _bag_index(weight.shape[1])
         y = torch.embedding_bag(weight.t(), index, offsets, False, 0, False, x.reshape(-1), False, None)[0]
-        return y.view(*x.shape[:-1], weight.shape[0])
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])  # [1, out]
     return F.linear(x, weight)
 
 
@@ -304,29 +319,43 @@ def cpu_decode_layout(module: nn.Module) -> int:
                 gate_up_table = buf[start:start + n * dim * two_inter].view(n * dim, two_inter)
                 down_start = start + n * dim * two_inter
                 down_table = buf[down_start:down_start + n * inter * dim].view(n * inter, dim)
-                m.__dict__["_expert_tables"] = (gate_up_table, down_table, experts[id(m)])
+                m.__dict__["_expert_members"] = experts[id(m)]
+                m.__dict__["_expert_tables"] = ExpertTables(
+                    gate_up_table, down_table, torch.arange(n)[:, None] * dim + torch.arange(dim),
+                    torch.arange(n)[:, None] * inter + torch.arange(inter), n)
     return moved
 
 
-def expert_tables(moe: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-    """`(gate_up [n * dim, 2 * inter], down [n * inter, dim], n)`: the tables `cpu_decode_layout` made of a
-    MoE's n stacked experts (the routed ones, then the shared one when it was stacked too: n > n_experts),
-    while every expert's weights still live there and no gradient is wanted; else None."""
+class ExpertTables(NamedTuple):
+    """A MoE's n stacked experts as two embedding-bag tables (see `cpu_decode_layout`), with the table rows of
+    each expert."""
+
+    gate_up: torch.Tensor  # [n * D, 2I]: expert e's fused gate/up weight transposed at rows e * D ...
+    down: torch.Tensor  # [n * I, D]: expert e's down weight transposed at rows e * I ...
+    gate_up_rows: torch.Tensor  # [n, D] int64: e * D + arange(D)
+    down_rows: torch.Tensor  # [n, I] int64
+    n: int
+
+
+def expert_tables(moe: nn.Module) -> ExpertTables | None:
+    """The tables `cpu_decode_layout` made of a MoE's n stacked experts (the routed ones, then the shared one
+    when it was stacked too: n > n_experts), while every expert's weights still live there and no gradient is
+    wanted; else None."""
     tables = moe.__dict__.get("_expert_tables")
     if tables is None or torch.is_grad_enabled():
         return None
-    gate_up, down, members = tables
-    dim, inter = members[0].down_proj.weight.shape
-    for k in (0, len(members) - 1):  # the ends of both runs (a replaced weight anywhere is an edge case)
+    members = moe.__dict__["_expert_members"]
+    dim, inter = tables.down.shape[1], tables.down.shape[0] // tables.n
+    for k in (0, tables.n - 1):  # the ends of both runs (a replaced weight anywhere is an edge case)
         e = members[k]
-        if (e.gate_proj.weight.data_ptr() != gate_up.data_ptr() + 4 * k * dim * 2 * inter
-                or e.down_proj.weight.data_ptr() != down.data_ptr() + 4 * k * inter * dim):
+        if (e.gate_proj.weight.data_ptr() != tables.gate_up.data_ptr() + 4 * k * dim * 2 * inter
+                or e.down_proj.weight.data_ptr() != tables.down.data_ptr() + 4 * k * inter * dim):
             return None
-    return gate_up, down, len(members)
+    return tables
 
 
-def experts_decode(tables: tuple[torch.Tensor, torch.Tensor, int], x: torch.Tensor, weights: torch.Tensor,
-                   indices: torch.Tensor, shared: int | None) -> torch.Tensor:
+def experts_decode(tables: ExpertTables, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                   shared: int | None) -> torch.Tensor:
     """One token through its chosen experts: `sum_k weights[k] * expert_k(x)` (+ expert `shared` with weight
     1, when it is in the tables), x `[1, D]` float32, weights/indices `[1, K]`. -> `[1, D]` float32.
 
@@ -334,32 +363,18 @@ def experts_decode(tables: tuple[torch.Tensor, torch.Tensor, int], x: torch.Tens
     rows weighted by x) into `[K, 2I]`; the other sums the rows of the K down matrices (`[I, D]` each)
     weighted by `weight_k * silu(gate_k) * up_k`, so the weighting and the sum over experts happen in the
     same pass. Equal to the per-expert products up to float32 rounding."""
-    gate_up, down, n = tables
-    dim, inter = x.shape[-1], down.shape[0] // n
-    chosen = indices[0]  # [K]
-    w = weights[0]
+    dim, inter = x.shape[-1], tables.down_rows.shape[1]
     if shared is not None:
-        chosen, w = torch.cat([chosen, _constant(shared, torch.long)]), torch.cat([w, _constant(1.0, w.dtype)])
-    k = chosen.shape[0]
-    rows = torch.add(_bag_index(dim)[0], chosen[:, None], alpha=dim)  # [K, D] table rows of each expert
-    h = torch.embedding_bag(gate_up, rows.view(-1), bag_offsets(k, dim), False, 0, False,
-                            x.expand(k, dim).reshape(-1), False, None)[0]  # [K, 2I]
-    act = F.silu(h[:, :inter]).mul_(h[:, inter:]).mul_(w[:, None])  # [K, I]
-    rows = torch.add(_bag_index(inter)[0], chosen[:, None], alpha=inter)  # [K, I]
-    return torch.embedding_bag(down, rows.view(-1), _bag_index(1)[1], False, 0, False, act.view(-1),
-                               False, None)[0]  # [1, D]
+        indices, weights = F.pad(indices, (0, 1), value=shared), F.pad(weights, (0, 1), value=1.0)  # [1, K + 1]
+    k = indices.shape[1]
+    h = torch.embedding_bag(tables.gate_up, tables.gate_up_rows[indices].view(-1), bag_offsets(k, dim), False, 0,
+                            False, x.expand(k, dim).reshape(-1), False, None)[0]  # [K, 2I]
+    act = F.silu(h[:, :inter]).mul_(h[:, inter:]).mul_(weights.view(k, 1))  # [K, I]
+    return torch.embedding_bag(tables.down, tables.down_rows[indices].view(-1), _bag_index(1)[1], False, 0,
+                               False, act.view(-1), False, None)[0]  # [1, D]
 
 
 _CONSTANTS: dict[tuple, torch.Tensor] = {}
-
-
-def _constant(value: float | int, dtype: torch.dtype) -> torch.Tensor:
-    """A cached one-element CPU tensor."""
-    key = (value, dtype)
-    t = _CONSTANTS.get(key)
-    if t is None:
-        t = _CONSTANTS[key] = torch.tensor([value], dtype=dtype)
-    return t
 
 
 def bag_offsets(bags: int, length: int) -> torch.Tensor:

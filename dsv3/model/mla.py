@@ -119,7 +119,7 @@ class MLA(nn.Module):
         """`q_a`: `q_a_proj(x)` when the caller already has it."""
         if self.q_lora_rank:
             q_a = self.q_a_proj(x) if q_a is None else q_a
-            q = decode_linear(self.q_a_layernorm(q_a), self.q_b_proj)
+            q = decode_linear(self.q_a_layernorm.row(q_a), self.q_b_proj)
         else:
             q = self.q_proj(x)
         q = q.unflatten(-1, (self.n_heads, self.qk_dim))
@@ -134,7 +134,7 @@ class MLA(nn.Module):
         kv_a = self.kv_a_proj_with_mqa(x) if kv_a is None else kv_a
         kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         k_pe = _rotate(k_pe, freqs) if freqs is not None else apply_rope(k_pe, cos, sin, self.interleave)
-        return self.kv_a_layernorm(kv), k_pe
+        return self.kv_a_layernorm.row(kv), k_pe
 
     def _kv_b_halves(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """`kv_b_proj` as per-head `W_uk [H, nope, C]` and `W_uv^T [H, C, v]` (views of the weight; FP8
