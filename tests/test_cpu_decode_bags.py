@@ -176,3 +176,29 @@ def test_rms_norm_row_equals_forward():
     with torch.inference_mode():
         assert torch.equal(norm.row(x), norm(x))
     assert torch.equal(norm.row(x[:1]), norm(x[:1]))
+
+
+def test_rotation_matrices_equal_apply_rope_in_both_layouts():
+    from dsv3.model.mla import rotation_matrices
+    from dsv3.model.rope import apply_rope
+    g = torch.Generator().manual_seed(7)
+    angles = torch.rand(3, 4, generator=g) * 6
+    cos, sin = angles.cos(), angles.sin()
+    x = torch.randn(3, 5, 8, generator=g)  # [N, H, R]
+    for interleave in (True, False):
+        m = rotation_matrices(cos, sin, interleave)
+        expected = apply_rope(x, cos[:, None], sin[:, None], interleave)
+        assert (torch.bmm(x, m) - expected).abs().max() <= 1e-6
+
+
+def test_mla_project_with_rotation_equals_freqs():
+    from dsv3.model.mla import rotation_matrices
+    model = _tiny()
+    mla = model.layers[2].self_attn
+    x = torch.randn(2, model.args.dim, generator=torch.Generator().manual_seed(8))
+    cos, sin = model.rotary(torch.tensor([[3, 40]]))
+    with torch.inference_mode():
+        plain = mla.project(x, cos[0], sin[0])
+        rotated = mla.project(x, cos[0], sin[0], None, rotation_matrices(cos[0], sin[0], mla.interleave))
+    for a, b in zip(plain, rotated):
+        assert a.shape == b.shape and (a - b).abs().max() <= 1e-5

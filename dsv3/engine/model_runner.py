@@ -40,7 +40,7 @@ from dsv3.engine.scheduler import SchedulerOutput
 from dsv3.engine.sequence import Sequence, TokenLogprob
 from dsv3.model import Transformer
 from dsv3.model.layers import cpu_decode_layout, expert_tables, experts_decode
-from dsv3.model.mla import MLA
+from dsv3.model.mla import MLA, rotation_matrices
 from dsv3.model.moe import MoE
 
 DEFAULT_CPU_CACHE_BYTES = 512 * 2**20
@@ -78,7 +78,8 @@ class StepBatch:
     groups: list[AttentionGroup]  # all decodes in one group, each prefill chunk in its own
     sample_index: torch.Tensor  # [M] flat index of the last token of each sampling sequence
     decode_only: bool = False  # one group of single-token queries whose flat indices are 0..N-1
-    rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None  # cos, sin, cos + i sin, per step
+    # per step: cos, sin, cos + i sin (interleaved rope) or None, rotation matrices [N, R, R] (CPU decode) or None
+    rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
 
 
 class ModelRunner:
@@ -238,12 +239,19 @@ class ModelRunner:
     def paged_attention(self, batch: StepBatch, layer_id: int, mla: MLA, x: torch.Tensor,
                         cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The `attention` hook: x `[1, N, D]` -> `[1, N, D]`, writing this layer's latents to the cache."""
+        return self.attention_rows(batch, layer_id, mla, x[0], cos[0], sin[0])[None]
+
+    def attention_rows(self, batch: StepBatch, layer_id: int, mla: MLA, x: torch.Tensor,
+                       cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """`paged_attention` on the rows: x `[N, D]`, cos/sin `[N, R/2]` -> `[N, D]`."""
         if layer_id >= self.args.n_layers:
             raise ValueError(f"layer {layer_id} has no paged cache (MTP layers are not run by the engine)")
         if batch.rope is None:  # the same for every layer of the step
-            cos, sin = cos[0], sin[0]  # [N, R/2]
-            batch.rope = cos, sin, torch.complex(cos, sin) if mla.interleave else None
-        q_nope, q_pe, kv, k_pe = mla.project(x[0], *batch.rope)  # [N, H, nope], [N, H, R], [N, C], [N, R]
+            if batch.decode_only and x.dtype == torch.float32 and not x.is_cuda:  # matrices: fewer ops per layer
+                batch.rope = cos, sin, None, rotation_matrices(cos, sin, mla.interleave)
+            else:
+                batch.rope = cos, sin, torch.complex(cos, sin) if mla.interleave else None, None
+        q_nope, q_pe, kv, k_pe = mla.project(x, *batch.rope)  # [N, H, nope], [N, H, R], [N, C], [N, R]
         cache = self.layer_caches[layer_id]  # [slots, C + R]
         latent = torch.cat([kv, k_pe], dim=-1)  # [N, C + R]
         cache[batch.slots] = latent if latent.dtype == cache.dtype else latent.to(cache.dtype)
@@ -254,7 +262,7 @@ class ModelRunner:
         if batch.decode_only:  # one group of single-token queries, in flat order
             group = batch.groups[0]
             o_lat = self._attend_decode(mla, q, cache, group.context_slots, group.mask)  # [N, H, C]
-            return mla.latent_output(o_lat if o_lat.dtype == q_nope.dtype else o_lat.to(q_nope.dtype))[None]
+            return mla.latent_output(o_lat if o_lat.dtype == q_nope.dtype else o_lat.to(q_nope.dtype))
         o_lat = torch.empty(q.shape[0], q.shape[1], self.kv_lora_rank, dtype=cache.dtype, device=q.device)
         heads = q.shape[1]
         for group in batch.groups:
@@ -265,7 +273,7 @@ class ModelRunner:
                 mask = None if group.mask is None else group.mask[:, lo:lo + tile]
                 o = self._attend(mla, q[index], cache, group.context_slots, mask)  # [b, t', H, C]
                 o_lat[index.flatten()] = o.flatten(0, 1)
-        return mla.latent_output(o_lat.to(q_nope.dtype))[None]  # [1, N, D]
+        return mla.latent_output(o_lat.to(q_nope.dtype))  # [N, D]
 
     def _attend_decode(self, mla: MLA, q: torch.Tensor, cache: torch.Tensor, context_slots: torch.Tensor,
                        mask: torch.Tensor | None) -> torch.Tensor:
@@ -300,24 +308,23 @@ class ModelRunner:
         """`model.hidden` for a decode-only step, written out (the blocks' `forward` without module calls) so
         that a single token's MoE runs through `experts_decode` over the stacked expert tables. -> `[1, N, D]`."""
         model = self.model
-        cos, sin = model.rotary(batch.positions)  # [1, N, R/2]
-        h = model.embed_tokens(batch.tokens)  # [1, N, D]
+        cos, sin = model.rotary(batch.positions[0])  # [N, R/2]
+        h = model.embed_tokens(batch.tokens[0])  # [N, D]
         for i, layer in enumerate(model.layers):
-            h = h + self.paged_attention(batch, i, layer.self_attn, layer.input_layernorm.row(h), cos, sin)
+            h = h + self.attention_rows(batch, i, layer.self_attn, layer.input_layernorm.row(h), cos, sin)
             x = layer.post_attention_layernorm.row(h)
             mlp = layer.mlp
-            tables = expert_tables(mlp) if x.shape[1] == 1 and isinstance(mlp, MoE) else None
+            tables = expert_tables(mlp) if x.shape[0] == 1 and isinstance(mlp, MoE) else None
             if tables is None:
                 h = h + mlp(x)
                 continue
-            x = x[0]  # [1, D]
             weights, indices = mlp.gate(x)
             shared = mlp.n_experts if tables.n > mlp.n_experts else None
             y = experts_decode(tables, x, weights, indices, shared)  # [1, D] float32
             if shared is None and mlp.shared_experts is not None:
                 y = y + mlp.shared_experts(x)
-            h = h + y[None]
-        return model.norm.row(h)
+            h = h + y
+        return model.norm.row(h)[None]
 
     # ---- one step ---------------------------------------------------------------------------
     @torch.inference_mode()

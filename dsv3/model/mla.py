@@ -35,6 +35,22 @@ def _rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return out if dtype == torch.float32 else out.to(dtype)
 
 
+def rotation_matrices(cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """cos/sin `[N, R/2]` -> `[N, R, R]`: the rope of each of N tokens as a matrix M with `x M` equal to
+    `apply_rope(x, cos, sin, interleave)` for a row x `[R]` (each 2x2 block rotates one channel pair: adjacent
+    channels when `interleave`, else channel i with i + R/2)."""
+    n, half = cos.shape
+    dim = 2 * half
+    pairs = torch.arange(half, device=cos.device)
+    a, b = (2 * pairs, 2 * pairs + 1) if interleave else (pairs, pairs + half)
+    m = torch.zeros(n, dim, dim, dtype=torch.float32, device=cos.device)
+    m[:, a, a] = cos  # out[a] = x[a] cos - x[b] sin
+    m[:, b, a] = -sin
+    m[:, a, b] = sin  # out[b] = x[a] sin + x[b] cos
+    m[:, b, b] = cos
+    return m
+
+
 class LatentCache:
     """Contiguous per-layer cache `[max_batch, max_seq, kv_lora_rank]` + `[max_batch, max_seq, rope_dim]`."""
 
@@ -89,19 +105,24 @@ class MLA(nn.Module):
         freqs = torch.complex(cos, sin) if self.interleave else None
         return self._latents(x, cos, sin, freqs)
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, freqs: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, freqs: torch.Tensor | None = None,
+                rotation: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """`queries` and `latents` of the same x in one call: -> q_nope, q_pe, kv, k_pe. `freqs`: `cos + i sin`
-        when the caller already has it (the engine computes it once per step)."""
-        if self.interleave and freqs is None:
+        when the caller already has it (the engine computes it once per step). `rotation`: for x `[N, D]`, the
+        rope of each token as a matrix `[N, R, R]` (`rotation_matrices`), applied by one batched product per
+        rotated tensor instead of a complex multiply's five small ops (decoding, where those ops dominate)."""
+        if rotation is not None:
+            freqs = None
+        elif self.interleave and freqs is None:
             freqs = torch.complex(cos, sin)
         elif not self.interleave:
             freqs = None
         fused = self._fused_qkv_a()
         if fused is not None:  # q_a_proj and kv_a_proj_with_mqa in one product (see `cpu_decode_layout`)
             q_a, kv = gemv_or_linear(x, fused).split([self.q_lora_rank, self.kv_lora_rank + self.rope_dim], -1)
-            return *self._queries(x, cos, sin, freqs, q_a), *self._latents(x, cos, sin, freqs, kv)
-        return *self._queries(x, cos, sin, freqs), *self._latents(x, cos, sin, freqs)
+            return (*self._queries(x, cos, sin, freqs, q_a, rotation),
+                    *self._latents(x, cos, sin, freqs, kv, rotation))
+        return *self._queries(x, cos, sin, freqs, None, rotation), *self._latents(x, cos, sin, freqs, None, rotation)
 
     def _fused_qkv_a(self) -> torch.Tensor | None:
         """The `[q_lora + kv_lora + rope, dim]` weight whose parts are `q_a_proj.weight` and
@@ -115,7 +136,8 @@ class MLA(nn.Module):
         return weight
 
     def _queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, freqs: torch.Tensor | None,
-                 q_a: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 q_a: torch.Tensor | None = None, rotation: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """`q_a`: `q_a_proj(x)` when the caller already has it."""
         if self.q_lora_rank:
             q_a = self.q_a_proj(x) if q_a is None else q_a
@@ -124,16 +146,24 @@ class MLA(nn.Module):
             q = self.q_proj(x)
         q = q.unflatten(-1, (self.n_heads, self.qk_dim))
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        if rotation is not None:
+            return q_nope, torch.bmm(q_pe, rotation)  # [N, H, R] x [N, R, R]
         if freqs is not None:
             return q_nope, _rotate(q_pe, freqs.unsqueeze(-2))
         return q_nope, apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), self.interleave)
 
     def _latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, freqs: torch.Tensor | None,
-                 kv_a: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 kv_a: torch.Tensor | None = None, rotation: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """`kv_a`: `kv_a_proj_with_mqa(x)` when the caller already has it."""
         kv_a = self.kv_a_proj_with_mqa(x) if kv_a is None else kv_a
         kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        k_pe = _rotate(k_pe, freqs) if freqs is not None else apply_rope(k_pe, cos, sin, self.interleave)
+        if rotation is not None:
+            k_pe = torch.bmm(k_pe.unsqueeze(1), rotation).squeeze(1)  # [N, 1, R] x [N, R, R]
+        elif freqs is not None:
+            k_pe = _rotate(k_pe, freqs)
+        else:
+            k_pe = apply_rope(k_pe, cos, sin, self.interleave)
         return self.kv_a_layernorm.row(kv), k_pe
 
     def _kv_b_halves(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
