@@ -353,7 +353,7 @@ def test_fp8_gemm_auto_dispatch_scaled_mm(out_dtype):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     g = torch.Generator(device="cuda").manual_seed(15)
-    for m, n, k in ((65, 256, 384), (1000, 1536, 2048), (4096, 512, 7168), (300, 300, 256)):
+    for m, n, k in ((65, 256, 384), (1000, 1536, 2048), (4096, 512, 7168), (300, 300, 256), (200, 256, 1024)):
         a = torch.randn(m, k, device="cuda", generator=g, dtype=torch.bfloat16)
         w = torch.randn(n, k, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
         aq, asc = fp8.quantize_act(a)
@@ -363,7 +363,7 @@ def test_fp8_gemm_auto_dispatch_scaled_mm(out_dtype):
         assert out.dtype == out_dtype and out.shape == (m, n)
         assert (out.float() - ref).norm() / ref.norm() < 1e-2
         key = (torch.cuda.current_device(), out_dtype, n, k)
-        if n % 128 or k % 128:
+        if not fp8.cublas_block_shape(n, k):
             assert not fp8._scaled_mm_applies(aq, wq, out_dtype, 128) and key not in fp8._scaled_mm_ok
         elif not fp8._scaled_mm_ok[key]:  # tried on the first call and refused: only fp32 output may be
             assert out_dtype == torch.float32, f"bf16 block-scaled _scaled_mm refused: {fp8.scaled_mm_errors[key]}"

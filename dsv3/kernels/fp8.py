@@ -272,12 +272,19 @@ _scaled_mm_ok: dict[tuple[int, torch.dtype, int, int], bool] = {}
 scaled_mm_errors: dict[tuple[int, torch.dtype, int, int], str] = {}  # why a shape was refused (diagnostics)
 
 
+def cublas_block_shape(n: int, k: int) -> bool:
+    """Weight shapes for which cuBLAS' block-scaled GEMM gave right answers on the H200 (torch 2.11, CUDA 13):
+    N a multiple of 128, K a multiple of 512 and at least 1024. With K = 256 or 384 it returned garbage (relative
+    errors 0.2 to inf, depending on M) without raising, so smaller K stay on the Triton kernel."""
+    return n % 128 == 0 and k % 512 == 0 and k >= 1024
+
+
 def _scaled_mm_applies(a_fp8: torch.Tensor, w_fp8: torch.Tensor, out_dtype: torch.dtype, block: int) -> bool:
     """Shape and build checks for cuBLAS; a (device, dtype, N, K) never tried yet counts as applicable (the
     first call tries it and checks it, see `_scaled_mm_checked`) except during CUDA-graph capture."""
     n, k = w_fp8.shape
     m = a_fp8.numel() // max(1, k)
-    if block != 128 or m < _SCALED_MM_MIN_M or n % 128 or k % 128 or w_fp8.stride(-1) != 1:
+    if block != 128 or m < _SCALED_MM_MIN_M or not cublas_block_shape(n, k) or w_fp8.stride(-1) != 1:
         return False
     if out_dtype not in (torch.bfloat16, torch.float32) or not hasattr(torch, "_scaled_mm"):
         return False
