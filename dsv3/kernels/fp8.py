@@ -274,9 +274,10 @@ scaled_mm_errors: dict[tuple[int, torch.dtype, int, int], str] = {}  # why a sha
 
 def cublas_block_shape(n: int, k: int) -> bool:
     """Weight shapes for which cuBLAS' block-scaled GEMM gave right answers on the H200 (torch 2.11, CUDA 13):
-    N a multiple of 128, K a multiple of 512 and at least 1024. With K = 256 or 384 it returned garbage (relative
-    errors 0.2 to inf, depending on M) without raising, so smaller K stay on the Triton kernel."""
-    return n % 128 == 0 and k % 512 == 0 and k >= 1024
+    N a multiple of 128 and K a multiple of 512, i.e. a whole number of 16-byte rows of K/128 fp32 scales
+    (K = 512, 1024, 1536, 2048, 7168 all right for every M from 16 to 1000). With K = 256, 384, 640 or 1152 it
+    returned garbage (relative errors 0.2 to inf, depending on M) without raising: those stay on Triton."""
+    return n % 128 == 0 and k % 512 == 0
 
 
 def _scaled_mm_applies(a_fp8: torch.Tensor, w_fp8: torch.Tensor, out_dtype: torch.dtype, block: int) -> bool:
