@@ -64,8 +64,8 @@ def test_layout_tables_and_experts_decode_equal_the_reference():
         with torch.inference_mode():
             tables = expert_tables(moe)
             assert tables is not None and tables.n == moe.n_experts + 1  # the shared expert is stacked too
-            for _ in range(4):
-                x = torch.randn(1, moe.dim, generator=g)
+            for rows in (1, 1, 3, 8):
+                x = torch.randn(rows, moe.dim, generator=g)
                 weights, indices = moe.gate(x)
                 y = experts_decode(tables, x, weights, indices, moe.n_experts)
                 expected = ref_moe(x)  # reference: experts one by one, plus the shared expert

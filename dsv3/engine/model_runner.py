@@ -20,8 +20,8 @@ Python lists, one rope frequency tensor for all layers, no mask unless contexts 
 `[q_nope W_uk ; q_pe]` multiplied once with the cached `[c_kv ; k_pe]` rows. On CPU the runner re-stores
 the model's float32 weights for single-token products (`dsv3.model.layers.cpu_decode_layout`: column-major
 where that is faster, fused gate/up and q_a/kv_a, stacked expert tables, one huge-page buffer; values are
-unchanged) and runs decode steps through `decode_hidden`, the blocks written out so that one token's MoE
-reads its chosen experts with two embedding bags (`experts_decode`); single-token products with at most
+unchanged) and runs decode steps through `decode_hidden`, the blocks written out so that a MoE reads every
+token's chosen experts with two embedding bags (`experts_decode`); single-token products with at most
 512 outputs run as embedding bags too (`gemv_or_linear`), faster than MKL's GEMV on the AMD CPU measured.
 
 `fast=True` (CUDA only, off by default): the model gets the fused GPU modules (`prepare_fast`, in place,
@@ -305,8 +305,8 @@ class ModelRunner:
 
     # ---- CPU decode ---------------------------------------------------------------------------
     def decode_hidden(self, batch: StepBatch) -> torch.Tensor:
-        """`model.hidden` for a decode-only step, written out (the blocks' `forward` without module calls) so
-        that a single token's MoE runs through `experts_decode` over the stacked expert tables. -> `[1, N, D]`."""
+        """`model.hidden` for a decode-only step, written out (the blocks' `forward` on `[N, D]` rows) so that a
+        MoE runs through `experts_decode` over its stacked expert tables. -> `[1, N, D]`."""
         model = self.model
         cos, sin = model.rotary(batch.positions[0])  # [N, R/2]
         h = model.embed_tokens(batch.tokens[0])  # [N, D]
@@ -314,13 +314,13 @@ class ModelRunner:
             h = h + self.attention_rows(batch, i, layer.self_attn, layer.input_layernorm.row(h), cos, sin)
             x = layer.post_attention_layernorm.row(h)
             mlp = layer.mlp
-            tables = expert_tables(mlp) if x.shape[0] == 1 and isinstance(mlp, MoE) else None
+            tables = expert_tables(mlp) if isinstance(mlp, MoE) else None
             if tables is None:
                 h = h + mlp(x)
                 continue
             weights, indices = mlp.gate(x)
             shared = mlp.n_experts if tables.n > mlp.n_experts else None
-            y = experts_decode(tables, x, weights, indices, shared)  # [1, D] float32
+            y = experts_decode(tables, x, weights, indices, shared)  # [N, D] float32
             if shared is None and mlp.shared_experts is not None:
                 y = y + mlp.shared_experts(x)
             h = h + y

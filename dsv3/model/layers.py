@@ -356,22 +356,24 @@ def expert_tables(moe: nn.Module) -> ExpertTables | None:
 
 def experts_decode(tables: ExpertTables, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
                    shared: int | None) -> torch.Tensor:
-    """One token through its chosen experts: `sum_k weights[k] * expert_k(x)` (+ expert `shared` with weight
-    1, when it is in the tables), x `[1, D]` float32, weights/indices `[1, K]`. -> `[1, D]` float32.
+    """Tokens through their chosen experts: row t gets `sum_k weights[t, k] * expert_{indices[t, k]}(x[t])`
+    (+ expert `shared` with weight 1, when it is in the tables); x `[N, D]` float32, weights/indices `[N, K]`.
+    -> `[N, D]` float32.
 
-    Two embedding bags over the `expert_tables`: one reads the K (+1) fused gate/up matrices (`[D, 2I]` each,
-    rows weighted by x) into `[K, 2I]`; the other sums the rows of the K down matrices (`[I, D]` each)
-    weighted by `weight_k * silu(gate_k) * up_k`, so the weighting and the sum over experts happen in the
-    same pass. Equal to the per-expert products up to float32 rounding."""
-    dim, inter = x.shape[-1], tables.down_rows.shape[1]
+    Two embedding bags over the `expert_tables`: one reads each (token, expert) pair's fused gate/up matrix
+    (`[D, 2I]`, rows weighted by the token) into `[N * K, 2I]`; the other sums, per token, the rows of its K
+    down matrices (`[I, D]` each) weighted by `weight_k * silu(gate_k) * up_k`, so the weighting and the sum
+    over experts happen in the same pass. Equal to the per-expert products up to float32 rounding."""
+    n, dim = x.shape
+    inter = tables.down_rows.shape[1]
     if shared is not None:
-        indices, weights = F.pad(indices, (0, 1), value=shared), F.pad(weights, (0, 1), value=1.0)  # [1, K + 1]
+        indices, weights = F.pad(indices, (0, 1), value=shared), F.pad(weights, (0, 1), value=1.0)  # [N, K + 1]
     k = indices.shape[1]
-    h = torch.embedding_bag(tables.gate_up, tables.gate_up_rows[indices].view(-1), bag_offsets(k, dim), False, 0,
-                            False, x.expand(k, dim).reshape(-1), False, None)[0]  # [K, 2I]
-    act = F.silu(h[:, :inter]).mul_(h[:, inter:]).mul_(weights.view(k, 1))  # [K, I]
-    return torch.embedding_bag(tables.down, tables.down_rows[indices].view(-1), _bag_index(1)[1], False, 0,
-                               False, act.view(-1), False, None)[0]  # [1, D]
+    h = torch.embedding_bag(tables.gate_up, tables.gate_up_rows[indices].view(-1), bag_offsets(n * k, dim), False,
+                            0, False, x[:, None].expand(n, k, dim).reshape(-1), False, None)[0]  # [N * K, 2I]
+    act = F.silu(h[:, :inter]).mul_(h[:, inter:]).mul_(weights.view(n * k, 1))  # [N * K, I]
+    return torch.embedding_bag(tables.down, tables.down_rows[indices].view(-1), bag_offsets(n, k * inter), False,
+                               0, False, act.view(-1), False, None)[0]  # [N, D]
 
 
 _CONSTANTS: dict[tuple, torch.Tensor] = {}
