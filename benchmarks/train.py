@@ -22,6 +22,7 @@ import tempfile
 import time
 import traceback
 from collections import defaultdict
+from contextlib import nullcontext
 from pathlib import Path
 
 # a ~1B-total-parameter DeepSeek-V3-style MoE: 0.86B main + 0.06B MTP with vocab 8192 (0.20B activated)
@@ -133,19 +134,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-every", type=int, default=0, help="print a progress line every N steps (default 0: off)")
     p.add_argument("--wait-for", nargs="*", default=[],
                    help="after the first (compiling) step, wait while these files exist (default: none)")
+    p.add_argument("--detect-anomaly", action="store_true",
+                   help="run under torch.autograd.detect_anomaly: name the op that first makes a NaN (slow)")
     args = p.parse_args(argv)
+    import torch
+
+    from dsv3.train import fp8_gemms
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in args.modes.split(","):
             try:
-                results[mode] = run_one(args, mode == "fp8", Path(tmp) / mode)
+                with torch.autograd.detect_anomaly(check_nan=True) if args.detect_anomaly else nullcontext():
+                    results[mode] = run_one(args, mode == "fp8", Path(tmp) / mode)
             except Exception as exc:  # keep measuring the other mode; report this one's failure
                 traceback.print_exc()
-                print(json.dumps({"mode": mode, "error": f"{type(exc).__name__}: {exc}"[:500]}), flush=True)
+                print(json.dumps({"mode": mode, "error": f"{type(exc).__name__}: {exc}"[:1500],
+                                  "fp8_refused": {str(k): v for k, v in fp8_gemms.refused.items()}}), flush=True)
                 continue
+            if fp8_gemms.refused:
+                results[mode]["fp8_refused"] = {str(k): v for k, v in fp8_gemms.refused.items()}
             print(json.dumps(results[mode]), flush=True)
             if args.device != "cpu":
-                import torch
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
     if "bf16" in results and "fp8" in results:

@@ -33,9 +33,12 @@ def test_cublas_gemms_equal_emulation(m, k, n, x_dtype):
     x[:, 3] *= 30.0  # an outlier channel
     w = torch.randn(n, k, device="cuda", generator=g) * 0.05
     dy = torch.randn(m, n, device="cuda", generator=g)
-    got = _run(x, w, dy.to(x_dtype), emulate=False)
-    want = _run(x, w, dy.to(x_dtype), emulate=True)
+    got = [t.cpu() for t in _run(x, w, dy.to(x_dtype), emulate=False)]
+    # the oracle on the CPU: its quantizers divide exactly (CUDA torch multiplies by a rounded 1/448)
+    want = _run(x.cpu(), w.cpu(), dy.to(x_dtype).cpu(), emulate=True)
+    x, w, dy = x.cpu(), w.cpu(), dy.cpu()
     exact = (x.float() @ w.T, dy.to(x_dtype).float() @ w, dy.to(x_dtype).float().T @ x.float())
+    assert not fp8_gemms.refused, fp8_gemms.refused
     for name, a, b, e in zip(("forward", "dgrad", "wgrad"), got, want, exact):
         assert torch.isfinite(a).all(), name
         # same codes and scales; the tensor cores accumulate each 128-wide K block in reduced precision before
@@ -121,12 +124,38 @@ def test_triton_quantizers_equal_the_reference_bit_for_bit(m, c, dtype):
     x[:, 7] = 0  # an all-zero channel: scale 1
     q, s = fp8_quant_triton.quantize_tokens_t(x)
     m_pad = -(-m // 128) * 128
-    q_ref, s_ref = quantize_act_ref(F.pad(x, (0, 0, 0, m_pad - m)).t())  # [C, M'] 128-token tiles
+    # reference on the CPU, where its division is exact (CUDA torch multiplies by a rounded 1/448)
+    q_ref, s_ref = quantize_act_ref(F.pad(x.cpu(), (0, 0, 0, m_pad - m)).t())  # [C, M'] 128-token tiles
     assert q.shape == (c, m_pad) and s.shape == (c, m_pad // 128) and s.stride() == (1, c)
-    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+    assert torch.equal(q.cpu().view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s.cpu(), s_ref)
     w = torch.randn(c + 32, m, device="cuda", generator=g) * 0.05  # neither dim a multiple of 128
     w_q, w_qt, w_s = fp8_quant_triton.quantize_weight_t(w)
     n_pad, k_pad = -(-(c + 32) // 128) * 128, m_pad
-    wq_ref, ws_ref = quantize_weight(F.pad(w, (0, k_pad - m, 0, n_pad - c - 32)))
-    assert torch.equal(w_q.view(torch.uint8), wq_ref.view(torch.uint8)) and torch.equal(w_s, ws_ref)
-    assert torch.equal(w_qt.view(torch.uint8), wq_ref.t().contiguous().view(torch.uint8))
+    wq_ref, ws_ref = quantize_weight(F.pad(w.cpu(), (0, k_pad - m, 0, n_pad - c - 32)))
+    assert torch.equal(w_q.cpu().view(torch.uint8), wq_ref.view(torch.uint8)) and torch.equal(w_s.cpu(), ws_ref)
+    assert torch.equal(w_qt.cpu().view(torch.uint8), wq_ref.t().contiguous().view(torch.uint8))
+
+
+def test_wrong_cublas_results_are_refused_and_emulated(monkeypatch):
+    """A shape where the library returns a wrong product (here: a fake that drops one block's scale) is caught
+    by the first-call check, remembered, and computed by the float32 emulation instead."""
+    import torch.nn.functional as F
+
+    def broken(a, b, scale_a, recipe_a, scale_b, recipe_b, output_dtype=torch.bfloat16, **kw):
+        out = _fake_scaled_mm(a, b, scale_a, recipe_a, scale_b, recipe_b, output_dtype)
+        out[:, :128] = float("nan") if out.shape[1] > 300 else out[:, :128] * 2
+        return out
+
+    monkeypatch.setattr(F, "scaled_mm", broken)
+    monkeypatch.setattr(fp8_gemms, "blockwise_supported", lambda device: True)
+    monkeypatch.setattr(fp8_gemms, "refused", {})
+    monkeypatch.setattr(fp8_gemms, "_checked", set())
+    g = torch.Generator().manual_seed(3)
+    x, w, dy = torch.randn(64, 256, generator=g), torch.randn(384, 256, generator=g) * 0.05, torch.randn(64, 384, generator=g)
+    got = _run(x, w, dy, emulate=False)
+    assert len(fp8_gemms.refused) == 3  # forward, dgrad and wgrad shapes each refused once
+    again = _run(x, w, dy, emulate=False)  # remembered: straight to the emulation
+    monkeypatch.undo()
+    want = _run(x, w, dy, emulate=True)
+    for name, a, b, c in zip(("forward", "dgrad", "wgrad"), got, want, again):
+        assert torch.isfinite(a).all() and _rel(a, b) < 1e-6 and torch.equal(a, c), name

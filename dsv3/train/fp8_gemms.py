@@ -114,13 +114,49 @@ def gemm_wgrad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
                       _col_major(x_ts), F.ScalingType.BlockWise1x128, torch.float32)  # [N, K]
 
 
+# (device, recipes, A shape, B shape, out dtype) -> why cuBLAS's result was refused there (diagnostics)
+refused: dict[tuple, str] = {}
+_checked: set[tuple] = set()
+
+
+def _dequantized(a, b, scale_a, scale_b, recipe_b, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 values the product multiplies: A's first `rows` rows `[rows, K]` and B `[K, N]`."""
+    k, n = a.shape[1], b.shape[1]
+    a_f = a[:rows].float() * scale_a[:rows].repeat_interleave(BLOCK, dim=1)[:, :k]
+    if recipe_b == F.ScalingType.BlockWise128x128:
+        per = scale_b[: -(-k // BLOCK)].repeat_interleave(BLOCK, dim=0)[:k].repeat_interleave(BLOCK, dim=1)[:, :n]
+    else:  # 1x128 along K, one row of scales per output column
+        per = scale_b.t().repeat_interleave(BLOCK, dim=0)[:k]
+    return a_f, b.float() * per
+
+
 def _scaled_mm(a, b, scale_a, recipe_a, scale_b, recipe_b, out_dtype: torch.dtype) -> torch.Tensor:
-    """`F.scaled_mm` in `out_dtype`; where cuBLAS has no float32 output for the recipe (probed), bf16 then
-    a cast."""
+    """`F.scaled_mm` in `out_dtype` (bf16 then a cast where cuBLAS offers no float32 output). The first call
+    per (device, recipes, shapes, dtype) is checked against the float32 product of the same dequantized
+    operands on up to 128 rows; a refused or wrong (non-finite, relative error > 1e-2) result is remembered
+    in `refused` and that shape is computed by the float32 emulation from then on."""
+    key = (a.device.index, int(recipe_a), int(recipe_b), tuple(a.shape), tuple(b.shape), out_dtype)
+    if key in refused:
+        a_f, b_f = _dequantized(a, b, scale_a, scale_b, recipe_b, a.shape[0])
+        return (a_f @ b_f).to(out_dtype)
     direct = out_dtype != torch.float32 or a.device.type != "cuda" or _fp32_out(a.device.index)
-    y = F.scaled_mm(a, b, scale_a, recipe_a, scale_b, recipe_b,
-                    output_dtype=out_dtype if direct else torch.bfloat16)
-    return y if direct else y.float()
+    try:
+        y = F.scaled_mm(a, b, scale_a, recipe_a, scale_b, recipe_b,
+                        output_dtype=out_dtype if direct else torch.bfloat16)
+    except (RuntimeError, ValueError, NotImplementedError) as e:
+        refused[key] = f"{type(e).__name__}: {e}"[:300]
+        return _scaled_mm(a, b, scale_a, recipe_a, scale_b, recipe_b, out_dtype)
+    y = y if direct else y.float()
+    if key not in _checked:
+        _checked.add(key)
+        rows = min(128, a.shape[0])
+        a_f, b_f = _dequantized(a, b, scale_a, scale_b, recipe_b, rows)
+        ref = a_f @ b_f
+        err = float((y[:rows].float() - ref).norm() / ref.norm().clamp_min(1e-30))
+        if not (err < 1e-2 and bool(torch.isfinite(y).all())):
+            refused[key] = f"relative error {err:.3g} against the dequantized product (or non-finite output)"
+            return _scaled_mm(a, b, scale_a, recipe_a, scale_b, recipe_b, out_dtype)
+    return y
 
 
 @functools.cache
