@@ -371,23 +371,9 @@ def test_fp8_gemm_auto_dispatch_scaled_mm(out_dtype):
             torch.testing.assert_close(out, fp8.fp8_gemm(aq, asc, wq, wsc, out_dtype=out_dtype, backend="scaled_mm"))
             tri = fp8.fp8_gemm(aq, asc, wq, wsc, out_dtype=out_dtype, backend="triton")
             assert (out.float() - tri.float()).norm() / ref.norm() < 1e-2
-    # decode sizes: cuBLAS eagerly (rows padded to 16), Triton inside a CUDA graph; both equal the reference
-    w = torch.randn(1024, 1536, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
-    wq, wsc = fp8.quantize_weight(w)
-    for m in (1, 5, 16):
-        aq, asc = fp8.quantize_act(torch.randn(m, 1536, device="cuda", generator=g, dtype=torch.bfloat16))
-        ref = fp8.fp8_gemm_ref(aq, asc, wq, wsc, out_dtype=torch.float32)
-        eager = fp8.fp8_gemm(aq, asc, wq, wsc)
-        assert fp8._scaled_mm_ok[(torch.cuda.current_device(), torch.bfloat16, 1024, 1536)]
-        assert (eager.float() - ref).norm() / ref.norm() < 1e-2
-        expected = fp8.fp8_gemm(aq, asc, wq, wsc, backend="triton")  # autotunes before the capture
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            assert not fp8._scaled_mm_applies(aq, wq, torch.bfloat16, 128)
-            captured = fp8.fp8_gemm(aq, asc, wq, wsc)
-        graph.replay()
-        torch.testing.assert_close(captured, expected)
+    small = torch.randn(16, 256, device="cuda", generator=g)
+    assert not fp8._scaled_mm_applies(fp8.quantize_act(small)[0], fp8.quantize_weight(torch.randn(256, 256))[0].cuda(),
+                                      torch.bfloat16, 128)
 
 
 def test_fp8_gemm_backend_choice_on_cpu():
