@@ -175,8 +175,10 @@ def _fp32_out(device_index: int) -> bool:
 @functools.cache
 def _probe(device_index: int) -> bool:
     if not (hasattr(F, "scaled_mm") and hasattr(F, "ScalingType")):
+        probe_errors[device_index] = "this torch has no F.scaled_mm / F.ScalingType"
         return False
     if torch.cuda.get_device_capability(device_index) != (9, 0):
+        probe_errors[device_index] = f"compute capability {torch.cuda.get_device_capability(device_index)}, not 9.0"
         return False
     try:
         device = torch.device("cuda", device_index)
@@ -187,8 +189,12 @@ def _probe(device_index: int) -> bool:
         gemm_wgrad(torch.randn(256, 128, device=device), x)
         torch.cuda.synchronize(device)
         return True
-    except (RuntimeError, NotImplementedError, ValueError, AttributeError):
+    except (RuntimeError, NotImplementedError, ValueError, AttributeError) as e:
+        probe_errors[device_index] = f"{type(e).__name__}: {e}"[:300]
         return False
+
+
+probe_errors: dict[int, str] = {}  # device index -> why the block-scaled recipes were found unusable
 
 
 def blockwise_supported(device: torch.device) -> bool:
