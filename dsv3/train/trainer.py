@@ -74,7 +74,7 @@ class TrainConfig:
     bias_freeze_tokens: int | None = None  # ... or after this many training tokens
     precision: str = "bf16"  # autocast dtype over float32 masters: bf16 or fp32 (no autocast)
     fp8: bool = False  # FP8 GEMMs in the linear layers
-    compile: bool = False  # torch.compile attention, norms and MLPs
+    compile: bool = False  # torch.compile the blocks (whole blocks on the grouped MoE path)
     activation_checkpointing: bool = False
     seed: int = 0
     eval_every: int = 200  # steps between validation passes (0: only at the end)
