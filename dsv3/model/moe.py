@@ -19,7 +19,8 @@ Two ways to run the routed experts, equal up to rounding:
   the group offsets of `torch._grouped_mm` over the experts' weights stacked at call time (`[E, I, D]`), so
   there is no host sync and no Python loop, and `torch.compile` can take the whole block. Parameters stay
   per expert, so names and checkpoints are unchanged; autograd splits the stacked gradient back.
-`routed` picks the grouped path in training mode when every expert is a plain `nn.Linear` MLP.
+`routed` picks the grouped path in training mode when every expert is a plain `nn.Linear` MLP and the GEMMs
+run in bf16 (CUDA's grouped GEMM and its compiled form are bf16-only; CPU eager takes any float dtype).
 """
 
 from __future__ import annotations
