@@ -202,3 +202,30 @@ def test_mla_project_with_rotation_equals_freqs():
         rotated = mla.project(x, cos[0], sin[0], None, rotation_matrices(cos[0], sin[0], mla.interleave))
     for a, b in zip(plain, rotated):
         assert a.shape == b.shape and (a - b).abs().max() <= 1e-5
+
+
+def test_absorbed_queries_equal_project_then_absorb():
+    from dsv3.model.mla import rotation_matrices
+    model = _tiny()
+    ref = copy.deepcopy(model)
+    cpu_decode_layout(model)
+    mla, ref_mla = model.layers[1].self_attn, ref.layers[1].self_attn
+    assert "_q_absorbed" in mla.__dict__
+    x = torch.randn(1, model.args.dim, generator=torch.Generator().manual_seed(9))
+    cos, sin = model.rotary(torch.tensor([[17]]))
+    rotation = rotation_matrices(cos[0], sin[0], mla.interleave)
+
+    def expected():
+        q_nope, q_pe, kv, k_pe = ref_mla.project(x, cos[0], sin[0])
+        return torch.cat([ref_mla.absorb_query(q_nope), q_pe], dim=-1), kv, k_pe
+
+    for change in (False, True):
+        if change:  # q_b changed in place: the absorbed weight is stale and must not be used
+            with torch.no_grad():
+                mla.q_b_proj.weight.mul_(1.5)
+                ref_mla.q_b_proj.weight.mul_(1.5)
+        with torch.inference_mode():
+            want = expected()
+            for got in (mla.absorbed_queries(x, cos[0], sin[0], None, rotation), mla.absorbed_queries(x, cos[0], sin[0])):
+                for a, b in zip(got, want):
+                    assert a.shape == b.shape and (a - b).abs().max() <= 1e-4 * (1 + b.abs().max())

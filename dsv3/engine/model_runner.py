@@ -251,18 +251,18 @@ class ModelRunner:
                 batch.rope = cos, sin, None, rotation_matrices(cos, sin, mla.interleave)
             else:
                 batch.rope = cos, sin, torch.complex(cos, sin) if mla.interleave else None, None
-        q_nope, q_pe, kv, k_pe = mla.project(x, *batch.rope)  # [N, H, nope], [N, H, R], [N, C], [N, R]
+        # latent queries next to the rope queries: one product with the cached [c_kv ; k_pe] rows
+        q, kv, k_pe = mla.absorbed_queries(x, *batch.rope)  # [N, H, C + R], [N, C], [N, R]
+        dtype = q.dtype
         cache = self.layer_caches[layer_id]  # [slots, C + R]
         latent = torch.cat([kv, k_pe], dim=-1)  # [N, C + R]
         cache[batch.slots] = latent if latent.dtype == cache.dtype else latent.to(cache.dtype)
-        # latent queries next to the rope queries: one product with the cached [c_kv ; k_pe] rows
-        q = torch.cat([mla.absorb_query(q_nope), q_pe], dim=-1)  # [N, H, C + R]
         if q.dtype != cache.dtype:
             q = q.to(cache.dtype)
         if batch.decode_only:  # one group of single-token queries, in flat order
             group = batch.groups[0]
             o_lat = self._attend_decode(mla, q, cache, group.context_slots, group.mask)  # [N, H, C]
-            return mla.latent_output(o_lat if o_lat.dtype == q_nope.dtype else o_lat.to(q_nope.dtype))
+            return mla.latent_output(o_lat if o_lat.dtype == dtype else o_lat.to(dtype))
         o_lat = torch.empty(q.shape[0], q.shape[1], self.kv_lora_rank, dtype=cache.dtype, device=q.device)
         heads = q.shape[1]
         for group in batch.groups:
@@ -273,7 +273,7 @@ class ModelRunner:
                 mask = None if group.mask is None else group.mask[:, lo:lo + tile]
                 o = self._attend(mla, q[index], cache, group.context_slots, mask)  # [b, t', H, C]
                 o_lat[index.flatten()] = o.flatten(0, 1)
-        return mla.latent_output(o_lat.to(q_nope.dtype))  # [N, D]
+        return mla.latent_output(o_lat.to(dtype))  # [N, D]
 
     def _attend_decode(self, mla: MLA, q: torch.Tensor, cache: torch.Tensor, context_slots: torch.Tensor,
                        mask: torch.Tensor | None) -> torch.Tensor:

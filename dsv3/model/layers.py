@@ -204,6 +204,31 @@ def _set_columns(block: torch.Tensor, linears: list[nn.Linear]) -> torch.Tensor:
     return block.t()
 
 
+def _absorbable(m: nn.Module, shared: set[int]) -> bool:
+    """An MLA whose `q_b_proj` can be folded with `kv_b_proj`'s W_uk (plain float32 weights, a q_lora rank)."""
+    q_b = getattr(m, "q_b_proj", None)
+    return (getattr(m, "q_lora_rank", 0) > 0 and q_b is not None and type(q_b) is nn.Linear
+            and id(q_b.weight) not in shared and q_b.weight.dtype == torch.float32 and q_b.weight.device.type == "cpu")
+
+
+def _absorb_key(m: nn.Module) -> tuple:
+    """What the absorbed query weight was computed from: the two weights' storage and versions."""
+    q_b, kv_b = m.q_b_proj.weight, m.kv_b_proj.weight
+    return q_b.data_ptr(), q_b._version, kv_b.data_ptr(), kv_b._version
+
+
+@torch.no_grad()
+def _absorbed_query_weight(m: nn.Module) -> torch.Tensor:
+    """`[H * (C + R), q_lora]`: per head, `W_uk^T W_q_nope` (`[C, q_lora]`, computed in float64) over the rope
+    rows of `q_b_proj` (`[R, q_lora]`), so that one product of the normed `q_a` gives the latent and rope
+    queries `[H, C + R]` of absorbed attention."""
+    heads, nope, rope, c = m.n_heads, m.nope_dim, m.rope_dim, m.kv_lora_rank
+    w_q = m.q_b_proj.weight.double().view(heads, nope + rope, -1)  # [H, nope + R, q_lora]
+    w_uk = m.kv_b_proj.weight.double().view(heads, -1, c)[:, :nope]  # [H, nope, C]
+    latent = torch.bmm(w_uk.transpose(1, 2), w_q[:, :nope])  # [H, C, q_lora]
+    return torch.cat([latent, w_q[:, nope:]], dim=1).flatten(0, 1).float()
+
+
 def cpu_decode_layout(module: nn.Module) -> int:
     """Re-store the float32 CPU `nn.Linear` weights of `module` for fast single-token products: same shapes,
     same values, the same Parameter objects, all moved into one buffer advised as huge pages (see
@@ -217,6 +242,10 @@ def cpu_decode_layout(module: nn.Module) -> int:
       which `MLP.forward` multiplies at once in inference (`[512, 512]` in 88 us vs 2 x 51 us).
     - an MLA's `q_a_proj` and `kv_a_proj_with_mqa`: one column-major `[q_lora + kv_lora + rope, dim]` matrix
       (`MLA.project` multiplies it once, `_qkv_a`).
+    - an MLA's `kv_b_proj`: row-major (each head's W_uk rows contiguous, for `MLA.absorb_query`), followed by
+      a copy of each head's W_uv^T (`MLA.latent_output`) and the absorbed query weight `[W_uk^T W_q_nope ;
+      W_q_rope]` per head (`MLA.absorbed_queries`): extra float32 copies the size of about 1.5x `kv_b_proj`
+      plus `q_b_proj` (the single-token paths check that the weights they came from are unchanged).
     - the experts of a MoE (and its shared expert when it has their shape): their fused gate/up matrices
       back to back, then their down matrices back to back, so that `expert_tables` gives two tables that
       `experts_decode` reads a token's chosen experts from with one embedding bag each.
@@ -272,14 +301,17 @@ def cpu_decode_layout(module: nn.Module) -> int:
 
     def size(kind: str, m: nn.Module) -> int:
         n = sum(p.weight.numel() for group in parts(kind, m) for p in group)
-        if kind == "kv_b":  # + W_uv^T
+        if kind == "kv_b":  # + W_uv^T (+ the absorbed query weight)
             n += m.n_heads * m.v_dim * m.kv_b_proj.in_features
+            if _absorbable(m, shared):
+                n += m.n_heads * (m.kv_lora_rank + m.rope_dim) * m.q_lora_rank
         return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
     plans = [(kind, m, parts(kind, m)) for kind, m in plan]  # before any weight moves (the checks read them)
     buf = _huge_page_buffer(sum(size(kind, m) for kind, m in plan))
     offset = 0
     moved = 0
+    absorbed: list[tuple[nn.Module, torch.Tensor]] = []
     with torch.no_grad():
         for kind, m, groups in plans:
             if kind in ("row", "kv_b"):
@@ -296,6 +328,12 @@ def cpu_decode_layout(module: nn.Module) -> int:
                     uv_t = uv_t.view(heads, in_f, m.v_dim)
                     uv_t.copy_(w.view(heads, per_head, in_f)[:, per_head - m.v_dim:].transpose(1, 2))
                     m.__dict__["_uv_t"] = (uv_t.view(heads * in_f, m.v_dim), w.data_ptr(), linear.weight._version)
+                    if _absorbable(m, shared):
+                        start = offset + out_f * in_f + heads * in_f * m.v_dim
+                        q_rows = heads * (m.kv_lora_rank + m.rope_dim)
+                        block = buf[start:start + q_rows * m.q_lora_rank].view(m.q_lora_rank, q_rows)
+                        block.copy_(_absorbed_query_weight(m).t())
+                        absorbed.append((m, block.t()))
                 offset += size(kind, m)
                 continue
             start = offset
@@ -323,6 +361,8 @@ def cpu_decode_layout(module: nn.Module) -> int:
                 m.__dict__["_expert_tables"] = ExpertTables(
                     gate_up_table, down_table, torch.arange(n)[:, None] * dim + torch.arange(dim),
                     torch.arange(n)[:, None] * inter + torch.arange(inter), n)
+    for m, weight in absorbed:  # keyed on the final storage of q_b_proj and kv_b_proj
+        m.__dict__["_q_absorbed"] = (weight, _absorb_key(m))
     return moved
 
 

@@ -124,6 +124,30 @@ class MLA(nn.Module):
                     *self._latents(x, cos, sin, freqs, kv, rotation))
         return *self._queries(x, cos, sin, freqs, None, rotation), *self._latents(x, cos, sin, freqs, None, rotation)
 
+    def absorbed_queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         freqs: torch.Tensor | None = None, rotation: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x `[N, D]` -> the queries of absorbed attention `[q_nope W_uk ; q_pe]` `[N, H, C + R]` (rotated), and
+        the cached pair kv `[N, C]`, k_pe `[N, R]`. Arguments as in `project`.
+
+        With the absorbed query weight of `cpu_decode_layout` (still matching `q_b_proj` and `kv_b_proj`) and
+        rotation matrices, the latent and rope queries come from one product of the normed `q_a`; otherwise
+        `project`, then `absorb_query`."""
+        absorbed = self.__dict__.get("_q_absorbed")
+        fused = self._fused_qkv_a() if absorbed is not None and rotation is not None else None
+        if fused is None or absorbed[1] != self._absorb_key():
+            q_nope, q_pe, kv, k_pe = self.project(x, cos, sin, freqs, rotation)
+            return torch.cat([self.absorb_query(q_nope), q_pe], dim=-1), kv, k_pe
+        q_a, kv_a = gemv_or_linear(x, fused).split([self.q_lora_rank, self.kv_lora_rank + self.rope_dim], -1)
+        q = F.linear(self.q_a_layernorm.row(q_a), absorbed[0]).view(x.shape[0], self.n_heads, -1)  # [N, H, C + R]
+        q_lat, q_pe = q.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        q = torch.cat([q_lat, torch.bmm(q_pe, rotation)], dim=-1)  # [N, H, C + R]
+        return q, *self._latents(x, cos, sin, None, kv_a, rotation)
+
+    def _absorb_key(self) -> tuple:
+        q_b, kv_b = self.q_b_proj.weight, self.kv_b_proj.weight
+        return q_b.data_ptr(), q_b._version, kv_b.data_ptr(), kv_b._version
+
     def _fused_qkv_a(self) -> torch.Tensor | None:
         """The `[q_lora + kv_lora + rope, dim]` weight whose parts are `q_a_proj.weight` and
         `kv_a_proj_with_mqa.weight`, while both still live there and no gradient is wanted."""
