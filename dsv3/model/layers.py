@@ -409,8 +409,15 @@ def experts_decode(tables: ExpertTables, x: torch.Tensor, weights: torch.Tensor,
     if shared is not None:
         indices, weights = F.pad(indices, (0, 1), value=shared), F.pad(weights, (0, 1), value=1.0)  # [N, K + 1]
     k = indices.shape[1]
-    h = torch.embedding_bag(tables.gate_up, tables.gate_up_rows[indices].view(-1), bag_offsets(n * k, dim), False,
-                            0, False, x[:, None].expand(n, k, dim).reshape(-1), False, None)[0]  # [N * K, 2I]
+    if n > 1:  # pairs sorted by expert: an expert's matrix is read again straight from the cache
+        order = indices.flatten().argsort()  # [N * K]
+        rows = tables.gate_up_rows[indices.flatten()[order]].view(-1)
+        h = torch.embedding_bag(tables.gate_up, rows, bag_offsets(n * k, dim), False, 0, False,
+                                x[order // k].view(-1), False, None)[0]
+        h = h[order.argsort()]  # [N * K, 2I] back in (token, k) order
+    else:
+        h = torch.embedding_bag(tables.gate_up, tables.gate_up_rows[indices].view(-1), bag_offsets(k, dim), False,
+                                0, False, x.expand(k, dim).reshape(-1), False, None)[0]  # [K, 2I]
     act = F.silu(h[:, :inter]).mul_(h[:, inter:]).mul_(weights.view(n * k, 1))  # [N * K, I]
     return torch.embedding_bag(tables.down, tables.down_rows[indices].view(-1), bag_offsets(n, k * inter), False,
                                0, False, act.view(-1), False, None)[0]  # [N, D]

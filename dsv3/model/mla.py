@@ -130,11 +130,11 @@ class MLA(nn.Module):
         """x `[N, D]` -> the queries of absorbed attention `[q_nope W_uk ; q_pe]` `[N, H, C + R]` (rotated), and
         the cached pair kv `[N, C]`, k_pe `[N, R]`. Arguments as in `project`.
 
-        With the absorbed query weight of `cpu_decode_layout` (still matching `q_b_proj` and `kv_b_proj`) and
-        rotation matrices, the latent and rope queries come from one product of the normed `q_a`; otherwise
-        `project`, then `absorb_query`."""
-        absorbed = self.__dict__.get("_q_absorbed")
-        fused = self._fused_qkv_a() if absorbed is not None and rotation is not None else None
+        For one token with the absorbed query weight of `cpu_decode_layout` (still matching `q_b_proj` and
+        `kv_b_proj`) and rotation matrices, the latent and rope queries come from one product of the normed
+        `q_a`; otherwise `project`, then `absorb_query`."""
+        absorbed = self.__dict__.get("_q_absorbed")  # single tokens only: MKL multiplies several rows slower
+        fused = self._fused_qkv_a() if absorbed is not None and rotation is not None and x.shape[0] == 1 else None
         if fused is None or absorbed[1] != self._absorb_key():
             q_nope, q_pe, kv, k_pe = self.project(x, cos, sin, freqs, rotation)
             return torch.cat([self.absorb_query(q_nope), q_pe], dim=-1), kv, k_pe
