@@ -159,3 +159,24 @@ def test_wrong_cublas_results_are_refused_and_emulated(monkeypatch):
     want = _run(x, w, dy, emulate=True)
     for name, a, b, c in zip(("forward", "dgrad", "wgrad"), got, want, again):
         assert torch.isfinite(a).all() and _rel(a, b) < 1e-6 and torch.equal(a, c), name
+
+
+def test_wrong_triton_quantizers_are_refused(monkeypatch):
+    """CPU: a quantizer kernel whose codes do not dequantize to its input (here: transposed scales) is caught on
+    its first call per shape and the PyTorch path is used instead."""
+    from dsv3.kernels.fp8 import quantize_act_ref
+    from dsv3.train import fp8_quant_triton
+
+    def bad_tokens(x):
+        q, s = quantize_act_ref(x.t())  # right codes, scales of the wrong tiles
+        return q, s.flip(0)
+
+    monkeypatch.setattr(fp8_quant_triton, "quantize_tokens_t", bad_tokens)
+    monkeypatch.setattr(fp8_gemms, "_use_triton", lambda t: True)
+    monkeypatch.setattr(fp8_gemms, "refused", {})
+    monkeypatch.setattr(fp8_gemms, "_checked", set())
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(0)) * torch.logspace(-2, 2, 64)
+    q, s = fp8_gemms.quantize_tokens_t(x)
+    q_ref, s_ref = quantize_act_ref(x.t())
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+    assert [k[0] for k in fp8_gemms.refused] == ["tokens"]

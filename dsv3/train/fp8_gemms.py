@@ -17,7 +17,11 @@ Scale layouts cuBLAS wants (checked by torch): a 1×128 scale of an `[R, C]` ope
 stride `(1, R)`; a 128×128 scale of B `[K, N]` is `[ceil4(K/128), N/128]` with stride `(1, ceil4(K/128))`.
 
 `blockwise_supported(device)` probes once whether the recipes run (an sm90 GPU and a torch/cuBLAS that has
-them); `dsv3.train.fp8_linear` falls back to the Triton forward/dgrad kernels and an emulated wgrad otherwise.
+them; `probe_errors` says why not); `dsv3.train.fp8_linear` falls back to the Triton forward/dgrad kernels and
+an emulated wgrad otherwise. Guards, because cuBLAS's block-scaled support has refused or mis-computed some
+shapes on this stack: the first call per shape of each GEMM is checked against the float32 product of the
+same dequantized operands, and the first call per shape of each Triton quantizer against its input; a
+failure is recorded in `refused` and that shape takes the emulation / PyTorch path from then on.
 The emulated GEMMs of `fp8_linear` are the oracle these are tested against (tests/test_train_fp8_gemms.py).
 """
 
@@ -64,14 +68,38 @@ def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda and fp8_quant_triton.available()
 
 
+def _kernel_ok(kind: str, x: torch.Tensor, deq: torch.Tensor, extra_ok: bool = True) -> bool:
+    """First call per (kind, shape, dtype) of a Triton quantizer: its dequantized codes must be finite and
+    within e4m3's rounding of the input (relative error < 0.1; e4m3 gives ~0.03); otherwise the kind/shape is
+    recorded in `refused` and the PyTorch path used from then on."""
+    key = (kind, x.device.index, tuple(x.shape), x.dtype)
+    if key in refused:
+        return False
+    if key in _checked:
+        return True
+    _checked.add(key)
+    ref = x.float()
+    err = float((deq - ref).norm() / ref.norm().clamp_min(1e-30))
+    if not (err < 0.1 and extra_ok and bool(torch.isfinite(deq).all())):
+        refused[key] = f"Triton {kind}: relative error {err:.3g} of the dequantized codes"
+        return False
+    return True
+
+
 def quantize_weight_padded(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """W `[N, K]` -> e4m3 codes `[N', K']`, the same codes transposed `[K', N']` (contiguous, for dgrad) and
     128×128 scales `[N'/128, K'/128]`; both dims zero-padded to multiples of 128 (padding blocks are zeros).
     One Triton pass on CUDA."""
     w = w.detach()
-    if _use_triton(w):
-        return fp8_quant_triton.quantize_weight_t(w)
     n, k = w.shape
+    if _use_triton(w):
+        w_q, w_qt, w_s = fp8_quant_triton.quantize_weight_t(w)
+        key = ("weight", w.device.index, tuple(w.shape), w.dtype)
+        if key in _checked and key not in refused:
+            return w_q, w_qt, w_s
+        deq = (w_q.float() * w_s.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1))[:n, :k]
+        if _kernel_ok("weight", w, deq, torch.equal(w_qt.view(torch.uint8), w_q.t().view(torch.uint8))):
+            return w_q, w_qt, w_s
     w_q, w_s = quantize_weight(_pad_rows(_pad_cols(w, _ceil(k, BLOCK)), _ceil(n, BLOCK)), BLOCK)
     return w_q, w_q.t().contiguous(), w_s
 
@@ -80,7 +108,13 @@ def quantize_tokens_t(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x `[M, C]` in 128×1 tiles (128 tokens of a channel) -> codes transposed `[C, M']` and scales
     `[C, M'/128]` (M' = M rounded up to 128; padding tokens are zeros). One Triton pass on CUDA."""
     if _use_triton(x):
-        return fp8_quant_triton.quantize_tokens_t(x)
+        q, s = fp8_quant_triton.quantize_tokens_t(x)
+        key = ("tokens", x.device.index, tuple(x.shape), x.dtype)
+        if key in _checked and key not in refused:
+            return q, s
+        deq = (q.float() * s.repeat_interleave(BLOCK, 1)).t()[: x.shape[0]]  # [M, C]
+        if _kernel_ok("tokens", x, deq):
+            return q, s
     return quantize_act(_pad_rows(x, _ceil(x.shape[0], BLOCK)).t(), BLOCK)
 
 
