@@ -8,9 +8,15 @@ them, numerically equal and switchable per call:
 - absorbed: `kv_b_proj`'s key half is folded into the query (`q_nope W_uk` lives in latent space) and its
   value half is applied after attending over the latents, so keys/values are never materialised.
 
-The sub-steps (`queries`, `latents`, `project` = both, `absorb_query`, `latent_output`, `attend`) are public
-so the engine can run them over its own paged cache; `forward` is the self-contained path with an optional
-contiguous cache. Rope on the interleaved layout runs as one complex multiply (`_rotate`).
+The sub-steps (`queries`, `latents`, `project` = both, `absorb_query`, `latent_output`, `absorbed_queries`,
+`attend`) are public so the engine can run them over its own paged cache; `forward` is the self-contained path
+with an optional contiguous cache. Rope on the interleaved layout runs as one complex multiply (`_rotate`), or,
+when the caller passes per-token `rotation_matrices`, as one batched product.
+
+Single float32 CPU tokens in inference take shorter paths with the same values up to float32 rounding (CPU
+decoding, where each small op costs microseconds): embedding-bag products over the row-major `kv_b_proj` for
+`absorb_query`, over the W_uv^T copy and the fused q_a/kv_a weight that `dsv3.model.layers.cpu_decode_layout`
+makes, and one product with its absorbed query weight in `absorbed_queries`.
 """
 
 from __future__ import annotations
@@ -215,8 +221,9 @@ class MLA(nn.Module):
         over heads)."""
         w_uk = self._kv_b_halves(q_nope.dtype)[0]
         weight = self.kv_b_proj.weight
-        if q_nope.numel() == self.n_heads * self.nope_dim and weight.is_contiguous() and weight.dtype == torch.float32 \
-                and q_nope.dtype == torch.float32 and not weight.is_cuda and w_uk.data_ptr() == weight.data_ptr():
+        if (q_nope.numel() == self.n_heads * self.nope_dim and weight.is_contiguous() and weight.dtype == torch.float32
+                and q_nope.dtype == torch.float32 and not weight.is_cuda and w_uk.data_ptr() == weight.data_ptr()
+                and not torch.is_grad_enabled()):
             # one token: one embedding bag per head over that head's W_uk rows of the row-major kv_b weight
             q_lat = torch.embedding_bag(weight, self._absorb_rows(), bag_offsets(self.n_heads, self.nope_dim),
                                         False, 0, False, q_nope.reshape(-1), False, None)[0]  # [H, C]
