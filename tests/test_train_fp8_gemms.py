@@ -113,8 +113,9 @@ def test_cublas_path_layouts_on_cpu_against_emulation(monkeypatch, m, k, n):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,c,dtype", [(300, 200, torch.float32), (4096, 1024, torch.bfloat16)])
-def test_triton_quantizers_equal_the_reference_bit_for_bit(m, c, dtype):
+@pytest.mark.parametrize("m,c,dtype,align", [(300, 200, torch.float32, 128), (4096, 1024, torch.bfloat16, 128),
+                                             (300, 288, torch.bfloat16, 512)])
+def test_triton_quantizers_equal_the_reference_bit_for_bit(m, c, dtype, align):
     import torch.nn.functional as F
     from dsv3.kernels.fp8 import quantize_act_ref, quantize_weight
     from dsv3.train import fp8_quant_triton
@@ -122,15 +123,15 @@ def test_triton_quantizers_equal_the_reference_bit_for_bit(m, c, dtype):
     x = (torch.randn(m, c, device="cuda", generator=g) * 3).to(dtype)
     x[:, 5] *= 40
     x[:, 7] = 0  # an all-zero channel: scale 1
-    q, s = fp8_quant_triton.quantize_tokens_t(x)
-    m_pad = -(-m // 128) * 128
+    q, s = fp8_quant_triton.quantize_tokens_t(x, align)
+    m_pad = -(-m // align) * align
     # reference on the CPU, where its division is exact (CUDA torch multiplies by a rounded 1/448)
     q_ref, s_ref = quantize_act_ref(F.pad(x.cpu(), (0, 0, 0, m_pad - m)).t())  # [C, M'] 128-token tiles
     assert q.shape == (c, m_pad) and s.shape == (c, m_pad // 128) and s.stride() == (1, c)
     assert torch.equal(q.cpu().view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s.cpu(), s_ref)
     w = torch.randn(c + 32, m, device="cuda", generator=g) * 0.05  # neither dim a multiple of 128
-    w_q, w_qt, w_s = fp8_quant_triton.quantize_weight_t(w)
-    n_pad, k_pad = -(-(c + 32) // 128) * 128, m_pad
+    w_q, w_qt, w_s = fp8_quant_triton.quantize_weight_t(w, align)
+    n_pad, k_pad = -(-(c + 32) // align) * align, m_pad
     wq_ref, ws_ref = quantize_weight(F.pad(w.cpu(), (0, k_pad - m, 0, n_pad - c - 32)))
     assert torch.equal(w_q.cpu().view(torch.uint8), wq_ref.view(torch.uint8)) and torch.equal(w_s.cpu(), ws_ref)
     assert torch.equal(w_qt.cpu().view(torch.uint8), wq_ref.t().contiguous().view(torch.uint8))
@@ -151,7 +152,7 @@ def test_wrong_cublas_results_are_refused_and_emulated(monkeypatch):
     monkeypatch.setattr(fp8_gemms, "refused", {})
     monkeypatch.setattr(fp8_gemms, "_checked", set())
     g = torch.Generator().manual_seed(3)
-    x, w, dy = torch.randn(64, 256, generator=g), torch.randn(384, 256, generator=g) * 0.05, torch.randn(64, 384, generator=g)
+    x, w, dy = torch.randn(64, 256, generator=g), torch.randn(640, 256, generator=g) * 0.05, torch.randn(64, 640, generator=g)
     got = _run(x, w, dy, emulate=False)
     assert len(fp8_gemms.refused) == 3  # forward, dgrad and wgrad shapes each refused once
     again = _run(x, w, dy, emulate=False)  # remembered: straight to the emulation
@@ -167,9 +168,9 @@ def test_wrong_triton_quantizers_are_refused(monkeypatch):
     from dsv3.kernels.fp8 import quantize_act_ref
     from dsv3.train import fp8_quant_triton
 
-    def bad_tokens(x):
-        q, s = quantize_act_ref(x.t())  # right codes, scales of the wrong tiles
-        return q, s.flip(0)
+    def bad_tokens(x, align=128):
+        q, s = quantize_act_ref(torch.nn.functional.pad(x, (0, 0, 0, -x.shape[0] % align)).t())
+        return q, s.flip(0)  # right codes, scales of the wrong tiles
 
     monkeypatch.setattr(fp8_quant_triton, "quantize_tokens_t", bad_tokens)
     monkeypatch.setattr(fp8_gemms, "_use_triton", lambda t: True)
@@ -177,6 +178,6 @@ def test_wrong_triton_quantizers_are_refused(monkeypatch):
     monkeypatch.setattr(fp8_gemms, "_checked", set())
     x = torch.randn(256, 64, generator=torch.Generator().manual_seed(0)) * torch.logspace(-2, 2, 64)
     q, s = fp8_gemms.quantize_tokens_t(x)
-    q_ref, s_ref = quantize_act_ref(x.t())
+    q_ref, s_ref = quantize_act_ref(torch.nn.functional.pad(x, (0, 0, 0, -256 % fp8_gemms.ALIGN_K)).t())
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
     assert [k[0] for k in fp8_gemms.refused] == ["tokens"]

@@ -8,10 +8,11 @@ DeepSeek-V3's tiles map onto cuBLAS's block-wise scaling recipes (Hopper, cuBLAS
 | dgrad `dx = dy W` | dy, 1×128 tiles | W, 128×128 blocks | BlockWise1x128 × BlockWise128x128 |
 | wgrad `dW = dyᵀ x` | dyᵀ, 128 tokens per channel | x, 128 tokens per channel | BlockWise1x128 × BlockWise1x128 |
 
-Every product accumulates in fp32 with one scale per 128 elements of the contraction, as in the report. The
-contraction and the 128-blocked dimensions are zero-padded to multiples of 128 where needed (zero rows and
-columns change neither the tile max-abs nor the sums), so any shape works; token counts are padded to a
-multiple of 16 for cuBLAS's alignment rules.
+Every product accumulates in fp32 with one scale per 128 elements of the contraction, as in the report.
+Every contraction is zero-padded to a multiple of 512 (`ALIGN_K`; zero rows and columns change neither the
+tile max-abs nor the sums): on the H200 (torch 2.11, CUDA 13) cuBLAS returned wrong results, up to inf, without
+an error when K/128 was not a multiple of 4 (found by the `dsv3.kernels.fp8` work: K = 256, 384, 640, 1152
+wrong; 512, 1024, 2048, 7168 right). Token counts are padded to a multiple of 16 (cuBLAS refused M = 65).
 
 Scale layouts cuBLAS wants (checked by torch): a 1×128 scale of an `[R, C]` operand is `[R, C/128]` with
 stride `(1, R)`; a 128×128 scale of B `[K, N]` is `[ceil4(K/128), N/128]` with stride `(1, ceil4(K/128))`.
@@ -36,6 +37,7 @@ from dsv3.kernels.fp8 import quantize_act, quantize_weight
 from dsv3.train import fp8_quant_triton
 
 BLOCK = 128
+ALIGN_K = 512  # every contraction padded to a multiple of this (see the module docstring)
 
 
 def _ceil(n: int, m: int) -> int:
@@ -88,34 +90,34 @@ def _kernel_ok(kind: str, x: torch.Tensor, deq: torch.Tensor, extra_ok: bool = T
 
 def quantize_weight_padded(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """W `[N, K]` -> e4m3 codes `[N', K']`, the same codes transposed `[K', N']` (contiguous, for dgrad) and
-    128×128 scales `[N'/128, K'/128]`; both dims zero-padded to multiples of 128 (padding blocks are zeros).
-    One Triton pass on CUDA."""
+    128×128 scales `[N'/128, K'/128]`; both dims zero-padded to multiples of `ALIGN_K` (each is a contraction:
+    K of the forward, N of dgrad; padding blocks are zeros). One Triton pass on CUDA."""
     w = w.detach()
     n, k = w.shape
     if _use_triton(w):
-        w_q, w_qt, w_s = fp8_quant_triton.quantize_weight_t(w)
+        w_q, w_qt, w_s = fp8_quant_triton.quantize_weight_t(w, ALIGN_K)
         key = ("weight", w.device.index, tuple(w.shape), w.dtype)
         if key in _checked and key not in refused:
             return w_q, w_qt, w_s
         deq = (w_q.float() * w_s.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1))[:n, :k]
         if _kernel_ok("weight", w, deq, torch.equal(w_qt.view(torch.uint8), w_q.t().view(torch.uint8))):
             return w_q, w_qt, w_s
-    w_q, w_s = quantize_weight(_pad_rows(_pad_cols(w, _ceil(k, BLOCK)), _ceil(n, BLOCK)), BLOCK)
+    w_q, w_s = quantize_weight(_pad_rows(_pad_cols(w, _ceil(k, ALIGN_K)), _ceil(n, ALIGN_K)), BLOCK)
     return w_q, w_q.t().contiguous(), w_s
 
 
 def quantize_tokens_t(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x `[M, C]` in 128×1 tiles (128 tokens of a channel) -> codes transposed `[C, M']` and scales
-    `[C, M'/128]` (M' = M rounded up to 128; padding tokens are zeros). One Triton pass on CUDA."""
+    `[C, M'/128]` (M' = M rounded up to `ALIGN_K`; padding tokens are zeros). One Triton pass on CUDA."""
     if _use_triton(x):
-        q, s = fp8_quant_triton.quantize_tokens_t(x)
+        q, s = fp8_quant_triton.quantize_tokens_t(x, ALIGN_K)
         key = ("tokens", x.device.index, tuple(x.shape), x.dtype)
         if key in _checked and key not in refused:
             return q, s
         deq = (q.float() * s.repeat_interleave(BLOCK, 1)).t()[: x.shape[0]]  # [M, C]
         if _kernel_ok("tokens", x, deq):
             return q, s
-    return quantize_act(_pad_rows(x, _ceil(x.shape[0], BLOCK)).t(), BLOCK)
+    return quantize_act(_pad_rows(x, _ceil(x.shape[0], ALIGN_K)).t(), BLOCK)
 
 
 def gemm_forward(x: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor, n: int,
@@ -141,7 +143,7 @@ def gemm_dgrad(dy: torch.Tensor, w_qt: torch.Tensor, w_s: torch.Tensor, k: int,
 
 def gemm_wgrad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """dW `[N, K]` float32 `= dyᵀ x` with dy `[M, N]` and x `[M, K]` quantized in 128×1 tiles (128 tokens
-    per channel); the token count is zero-padded to a multiple of 128."""
+    per channel); the token count (the contraction) is zero-padded to a multiple of `ALIGN_K`."""
     dy_t, dy_ts = quantize_tokens_t(dy)  # [N, M'], [N, M'/128]
     x_t, x_ts = quantize_tokens_t(x)  # [K, M'], [K, M'/128]
     return _scaled_mm(dy_t, x_t.t(), _col_major(dy_ts), F.ScalingType.BlockWise1x128,

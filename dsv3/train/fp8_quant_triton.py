@@ -2,10 +2,10 @@
 pass over its input that writes the operands in the layouts cuBLAS's block-scaled GEMMs read:
 
 - `quantize_tokens_t(x [M, C])`: 128×1 tiles (128 tokens of one channel), the wgrad operands. Writes the
-  codes transposed, `[C, M']` row-major (M' = M rounded up to 128, padding tokens are zeros), and the scales
+  codes transposed, `[C, M']` row-major (M' = M rounded up to `align`, padding tokens are zeros), and the scales
   `[C, M'/128]` with stride `(1, C)`. Replaces a transposing copy plus a quantization pass.
 - `quantize_weight_t(w [N, K])`: 128×128 blocks; writes the codes `[N', K']` and their transpose `[K', N']`
-  (the dgrad operand) in the same pass, and the scales `[N'/128, K'/128]`; N', K' rounded up to 128 with
+  (the dgrad operand) in the same pass, and the scales `[N'/128, K'/128]`; N', K' rounded up to `align` with
   zero blocks.
 
 The arithmetic is `dsv3.kernels.fp8`'s reference: scale = max-abs / 448 with IEEE division (1 for all-zero
@@ -68,12 +68,13 @@ if triton is not None:
         tl.store(s_ptr + pid_n * (K_PAD // 128) + pid_k, scale)
 
 
-def quantize_tokens_t(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x `[M, C]` -> codes `[C, M']` e4m3 (row-major) and scales `[C, M'/128]` float32 (stride `(1, C)`)."""
+def quantize_tokens_t(x: torch.Tensor, align: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """x `[M, C]` -> codes `[C, M']` e4m3 (row-major) and scales `[C, M'/128]` float32 (stride `(1, C)`); M' is M
+    rounded up to `align` (a multiple of 128), the padding tokens zeros."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, c = x.shape
-    m_pad = -(-m // 128) * 128
+    m_pad = -(-m // align) * align
     q = torch.empty(c, m_pad, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(m_pad // 128, c, dtype=torch.float32, device=x.device)
     block_c = 64
@@ -82,13 +83,13 @@ def quantize_tokens_t(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s.t()
 
 
-def quantize_weight_t(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_weight_t(w: torch.Tensor, align: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w `[N, K]` -> codes `[N', K']`, their transpose `[K', N']` (both e4m3, contiguous) and block scales
-    `[N'/128, K'/128]` float32."""
+    `[N'/128, K'/128]` float32; N', K' are N, K rounded up to `align` (a multiple of 128), padding blocks zeros."""
     if w.stride(-1) != 1:
         w = w.contiguous()
     n, k = w.shape
-    n_pad, k_pad = -(-n // 128) * 128, -(-k // 128) * 128
+    n_pad, k_pad = -(-n // align) * align, -(-k // align) * align
     q = torch.empty(n_pad, k_pad, dtype=torch.float8_e4m3fn, device=w.device)
     qt = torch.empty(k_pad, n_pad, dtype=torch.float8_e4m3fn, device=w.device)
     s = torch.empty(n_pad // 128, k_pad // 128, dtype=torch.float32, device=w.device)
