@@ -71,7 +71,8 @@ def test_layout_tables_and_experts_decode_equal_the_reference():
                 expected = ref_moe(x)  # reference: experts one by one, plus the shared expert
                 assert (y - expected).abs().max() <= 1e-5 * (1 + expected.abs().max())
                 routed_only = experts_decode(tables, x, weights, indices, None)
-                assert (routed_only + ref_moe.shared_experts(x) - expected).abs().max() <= 1e-5 * (1 + expected.abs().max())
+                with_shared = routed_only + ref_moe.shared_experts(x)
+                assert (with_shared - expected).abs().max() <= 1e-5 * (1 + expected.abs().max())
         assert expert_tables(moe) is None  # grad mode: no tables
         with torch.no_grad():  # a weight moved out of the tables: they are no longer used
             last = moe.shared_experts.down_proj
@@ -226,6 +227,7 @@ def test_absorbed_queries_equal_project_then_absorb():
                 ref_mla.q_b_proj.weight.mul_(1.5)
         with torch.inference_mode():
             want = expected()
-            for got in (mla.absorbed_queries(x, cos[0], sin[0], None, rotation), mla.absorbed_queries(x, cos[0], sin[0])):
+            for got in (mla.absorbed_queries(x, cos[0], sin[0], None, rotation),
+                        mla.absorbed_queries(x, cos[0], sin[0])):
                 for a, b in zip(got, want):
                     assert a.shape == b.shape and (a - b).abs().max() <= 1e-4 * (1 + b.abs().max())
