@@ -135,7 +135,8 @@ def gemv_or_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     `[<=512, 512]` weight on the AMD Zen 4 measured; wider outputs are slower, so they stay with MKL). Values
     agree to float32 rounding (another summation order), not bitwise."""
     if (x.numel() == weight.shape[1] == x.shape[-1] and weight.shape[0] <= BAG_MAX_OUT
-            and weight.dtype == torch.float32 and x.dtype == torch.float32 and weight.stride(0) == 1 and weight.stride(1) == weight.shape[0]
+            and weight.dtype == torch.float32 and x.dtype == torch.float32
+            and weight.stride(0) == 1 and weight.stride(1) == weight.shape[0]
             and not weight.is_cuda and not torch.is_grad_enabled()):
         index, offsets = _bag_index(weight.shape[1])
         y = torch.embedding_bag(weight.t(), index, offsets, False, 0, False, x.reshape(-1), False, None)[0]
