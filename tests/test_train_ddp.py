@@ -21,12 +21,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, data: str, out: str) -> None:
+def _worker(rank: int, world: int, port: int, data: str, out: str, data_parallel: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
-        train(tiny_config(steps=STEPS, batch_size=2), data, out)
+        train(tiny_config(steps=STEPS, batch_size=2, data_parallel=data_parallel), data, out)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -36,13 +36,15 @@ def _losses(run):
 
 
 def test_two_gloo_ranks_equal_one_process_with_double_batch(tmp_path):
+    """DDP and FSDP2 (the default where it applies) under the trainer, with checkpoints and the export."""
     data = make_shards(tmp_path / "data", repeat=3)
     single = train(tiny_config(steps=STEPS, batch_size=4), data, tmp_path / "single")
     accum = train(tiny_config(steps=STEPS, batch_size=2, grad_accum=2), data, tmp_path / "accum")
-    mp.spawn(_worker, args=(2, _free_port(), str(data), str(tmp_path / "ddp")), nprocs=2, join=True)
+    for mode in ("ddp", "fsdp"):
+        mp.spawn(_worker, args=(2, _free_port(), str(data), str(tmp_path / mode), mode), nprocs=2, join=True)
 
     base = [r["loss"] for r in single["history"]]
-    for name in ("ddp", "accum"):
+    for name in ("ddp", "fsdp", "accum"):
         other = _losses(tmp_path / name)
         print(name, "losses", other, "vs", base)
         assert len(other) == STEPS
@@ -54,3 +56,46 @@ def test_two_gloo_ranks_equal_one_process_with_double_batch(tmp_path):
         assert worst < 1e-5, f"{name}: max weight difference {worst}"
         biases = [k for k in a if k.endswith("e_score_correction_bias")]
         assert all(torch.equal(a[k], b[k]) for k in biases), name  # same counts -> same ±γ steps
+
+
+def _killed_then_resumed_worker(rank: int, world: int, port: int, data: str, out: str) -> None:
+    """FSDP2: a run killed after step 3 (the last checkpoint is step 2), then resumed from that checkpoint."""
+    from dsv3.train.trainer import Trainer
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    cfg = tiny_config(steps=STEPS, batch_size=2, ckpt_every=2, data_parallel="fsdp")
+    real_step = Trainer.train_step
+
+    def killed_after_3(self):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    try:
+        Trainer.train_step = killed_after_3
+        try:
+            train(cfg, data, out)
+        except KeyboardInterrupt:
+            pass
+        Trainer.train_step = real_step
+        train(cfg, data, out, resume=True)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_fsdp_checkpoint_resumes_to_the_same_run(tmp_path):
+    data = make_shards(tmp_path / "data", repeat=3)
+    single = train(tiny_config(steps=STEPS, batch_size=4, ckpt_every=2), data, tmp_path / "single")
+    mp.spawn(_killed_then_resumed_worker, args=(2, _free_port(), str(data), str(tmp_path / "fsdp")), nprocs=2,
+             join=True)
+    state = torch.load(tmp_path / "fsdp" / "checkpoints" / "step_0000002" / "train_state.pt", weights_only=False)
+    assert all(isinstance(k, str) for k in state["optimizer"]["state"])  # FSDP2's full state, keyed by name
+    losses = _losses(tmp_path / "fsdp")  # steps 1-3 of the killed run, then 3-4 of the resumed one
+    base = [r["loss"] for r in single["history"]]
+    assert len(losses) == STEPS + 1
+    assert max(abs(a - b) for a, b in zip(losses, base[:3] + base[2:])) < 1e-4, (losses, base)
+    ckpt = f"checkpoints/step_{STEPS:07d}/model"
+    a = dsv3.load_model(tmp_path / "single" / ckpt, dtype=torch.float32).state_dict()
+    b = dsv3.load_model(tmp_path / "fsdp" / ckpt, dtype=torch.float32).state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5

@@ -21,6 +21,8 @@ from dsv3.train.trainer import TrainConfig, train
 _HELP = {
     "model": "model preset name, ModelArgs JSON path (recipe value by default)",
     "device": "auto, cpu, cuda or cuda:N",
+    "data_parallel": "under torchrun: fsdp (FSDP2, parameters and optimizer state sharded over ranks), ddp, or "
+                     "auto = fsdp when the MoE runs its grouped path, else ddp",
 }
 
 

@@ -22,6 +22,12 @@ import torch
 from torch import nn
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """True once `shard_model` (FSDP2) has been applied to `model`."""
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
 def fsdp_applies(model: nn.Module) -> bool:
     """True when every MoE layer of `model` runs the grouped path in training (all experts get gradients)."""
     return all(block.mlp.grouped_ok() for block in model.blocks() if hasattr(block.mlp, "experts"))

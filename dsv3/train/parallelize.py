@@ -1,12 +1,14 @@
 """Distributed setup and everything applied to the model from outside it, in torchtitan's order:
-FP8 linears → fused (SDPA) attention → activation checkpointing → `torch.compile` → data parallel.
+FP8 linears → fused (SDPA) attention → activation checkpointing → `torch.compile` → data parallel
+(FSDP2 or DDP).
 
 - `init_distributed(device)`: under `torchrun` (WORLD_SIZE > 1) joins the process group (NCCL on CUDA,
   gloo on CPU) and returns a `DistInfo`; a single process gets rank 0 of 1 and no group.
-- `parallelize(model, ...)` returns the module to call for training: the model itself, or a
-  `DistributedDataParallel` around it. DDP, not FSDP2: routed experts that receive no token in a micro-batch
-  have no gradient on that rank, which DDP handles (`find_unused_parameters`) by reducing zeros for them,
-  while sharded reduce-scatter would need every rank to produce the same gradient set. Buffers are not
+- `parallelize(model, ...)` returns the module to call for training: the model itself (one process, or
+  sharded in place by FSDP2, `dsv3.train.fsdp`), or a `DistributedDataParallel` around it.
+  `data_parallel="auto"` takes FSDP2 when the MoE runs the grouped path (every expert then gets a gradient
+  on every rank, which FSDP2's reduce-scatter needs), else DDP, which handles experts without tokens
+  (`find_unused_parameters`) by reducing zeros for them (e.g. emulated FP8 experts on CPU). Buffers are not
   broadcast: the gate biases are updated identically on every rank from all-reduced counts.
 
 Every transform keeps parameter names, so checkpoints and `save_model` see the plain `Transformer`.
@@ -25,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dsv3.train.attention import use_sdpa
 from dsv3.train.fp8_linear import swap_to_fp8
+from dsv3.train.fsdp import fsdp_applies, shard_model
 
 
 @dataclass
@@ -102,7 +105,8 @@ def compile_model(model: nn.Module) -> str:
 
 
 def parallelize(model: nn.Module, info: DistInfo, device: torch.device, *, fp8: bool = False,
-                activation_checkpointing: bool = False, compile: bool = False, sdpa: bool = True) -> nn.Module:
+                activation_checkpointing: bool = False, compile: bool = False, sdpa: bool = True,
+                data_parallel: str = "auto") -> nn.Module:
     """Apply the training transforms in place and return the module to call (DDP wrapper when distributed).
     `sdpa`: causal attention through `F.scaled_dot_product_attention` (`dsv3.train.attention`)."""
     if fp8:
@@ -118,6 +122,8 @@ def parallelize(model: nn.Module, info: DistInfo, device: torch.device, *, fp8: 
         compile_model(model)
     if not info.distributed:
         return model
+    if data_parallel == "fsdp" or (data_parallel == "auto" and fsdp_applies(model)):
+        return shard_model(model, info.world_size, device)
     from torch.nn.parallel import DistributedDataParallel
     with warnings.catch_warnings():
         # torch >= 2.13 deprecates broadcast_buffers in favour of forward_sync_buffers (absent in older torch);

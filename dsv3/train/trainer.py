@@ -39,6 +39,7 @@ from tqdm import tqdm
 from dsv3.config import PRESET_DIR, ModelArgs
 from dsv3.model import Transformer
 from dsv3.train.balance import BiasBalancer
+from dsv3.train.fsdp import full_model_state, full_optimizer_state, is_sharded, load_full_optimizer_state
 from dsv3.train.losses import model_balance_loss, mtp_losses, next_token_loss
 from dsv3.train.optim import build_optimizer, build_scheduler, lr_at
 from dsv3.train.parallelize import DistInfo, all_reduce_mean, init_distributed, parallelize, resolve_device
@@ -76,6 +77,7 @@ class TrainConfig:
     fp8: bool = False  # FP8 GEMMs in the linear layers
     compile: bool = False  # torch.compile the blocks (whole blocks on the grouped MoE path)
     activation_checkpointing: bool = False
+    data_parallel: str = "auto"  # under torchrun: fsdp (FSDP2 shards), ddp, or auto (fsdp where it applies)
     seed: int = 0
     eval_every: int = 200  # steps between validation passes (0: only at the end)
     eval_batches: int = 20  # validation micro-batches per pass
@@ -99,6 +101,8 @@ class TrainConfig:
         for name in ("decay_frac", "mtp_switch_frac"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.data_parallel not in ("auto", "fsdp", "ddp"):
+            raise ValueError(f"data_parallel must be auto, fsdp or ddp, got {self.data_parallel!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.export_dtype not in ("bfloat16", "float32", "float16"):
@@ -232,12 +236,17 @@ class Trainer:
         if resume:
             state = self._load_checkpoint(latest)
         self.module = parallelize(self.model, self.info, self.device, fp8=cfg.fp8,
-                                  activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
+                                  activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
+                                  data_parallel=cfg.data_parallel)
+        self.sharded = is_sharded(self.model)
         self.optimizer = build_optimizer(self.model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay, cfg.eps)
         self.scheduler = build_scheduler(self.optimizer, cfg.lr, cfg.warmup_steps, cfg.stable_steps,
                                          cfg.decay_steps, cfg.final_lr)
         if state is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self.sharded:
+                load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
         self.flops_per_token = flops_per_token(self.args, cfg.seq_len)
         self.writer = None
@@ -277,13 +286,17 @@ class Trainer:
             rngs = [_rng_state()]
         name = f"step_{self.step:07d}"
         final = self.ckpt_dir / name
+        # FSDP2: gather full tensors to rank 0 (every rank takes part); optimizer state keyed by parameter name
+        model_state = self.full_state_model() if self.sharded else self.model
+        optim_state = full_optimizer_state(self.model, self.optimizer) if self.sharded else None
         if self.info.is_main:
             tmp = self.ckpt_dir / f".{name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            save_model(self.model, tmp / "model")
+            save_model(model_state, tmp / "model")
+            optim_state = optim_state if self.sharded else self.optimizer.state_dict()
             torch.save({"step": self.step, "world_size": self.info.world_size, "config": self.cfg.to_json(),
-                        "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
                         "loader": self.loader.state_dict(), "balancer": self.balancer.state_dict(),
                         "rng": rngs}, tmp / "train_state.pt")
             shutil.rmtree(final, ignore_errors=True)
@@ -298,16 +311,26 @@ class Trainer:
             dist.barrier()
         return final
 
+    def full_state_model(self, dtype: str = "float32") -> Transformer | None:
+        """A CPU `Transformer` in `dtype` holding the full weights and buffers, on rank 0 (None elsewhere). With
+        FSDP2 the shards are gathered first, so every rank must call this."""
+        state = full_model_state(self.model) if self.sharded else None
+        if not self.info.is_main:
+            return None
+        if state is None:
+            state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        with torch.device("meta"):
+            model = Transformer(self.args.replace(dtype=dtype))
+        model.to_empty(device="cpu")
+        model.load_state_dict(state)
+        return model
+
     def export(self) -> Path:
         """Final HF-format folder `out/model` in `export_dtype`, with the data's tokenizer files."""
         from dsv3.checkpoint import save_model
         path = self.out / "model"
+        export = self.full_state_model(self.cfg.export_dtype)
         if self.info.is_main:
-            args = self.args.replace(dtype=self.cfg.export_dtype)
-            with torch.device("meta"):
-                export = Transformer(args)
-            export.to_empty(device="cpu")
-            export.load_state_dict({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
             save_model(export, path)
             given = Path(self.data_meta.get("tokenizer", ""))  # relative to the shard folder (older: to cwd)
             tok_dir = given if given.is_absolute() else Path(self.data_dir) / given
@@ -353,13 +376,17 @@ class Trainer:
             inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
             last = micro == cfg.grad_accum - 1
             sync = last or not self.info.distributed
-            with nullcontext() if sync else self.module.no_sync():
+            if self.sharded:  # FSDP2: reduce-scatter only after the last micro-batch
+                self.module.set_requires_gradient_sync(sync)
+            with nullcontext() if sync or self.sharded else self.module.no_sync():
                 loss, ce, mtp, balance = self._losses(inputs, targets, mtp_weight)
                 (loss / cfg.grad_accum).backward()
             if not last:
                 self.balancer.observe()  # the last micro-batch's routing is counted after the update launch
             sums += torch.stack([loss.detach(), ce.detach(), mtp.detach(), balance.detach()])
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor norm over all shards
+            grad_norm = grad_norm.full_tensor()
         values = all_reduce_mean(torch.cat([sums / cfg.grad_accum, grad_norm.detach().float().view(1)]), self.info)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
