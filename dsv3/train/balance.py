@@ -11,7 +11,8 @@ whole step (all micro-batches, summed over data-parallel ranks):
 needs a larger step to undo the router's early collapse than a 15T-token run does); it drops to 0 (the
 bias is frozen) once `freeze_after_steps` optimizer steps or `freeze_after_tokens` training tokens are
 reached, as the report freezes it for the last 500B tokens.
-Counting stays on the device (`bincount`, no host sync) until `step`, which also returns load statistics.
+Counting stays on the device (`scatter_add_`; CUDA's `bincount` reads its input's max on the host) until
+`step`, which also returns load statistics.
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ class LoadStats:
     @property
     def worst_min(self) -> float:
         return float(self.min_ratio.min()) if self.min_ratio.numel() else 1.0
+
+
+def _expert_counts(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Tokens routed to each expert: `[n_experts]` int64 from expert indices of any shape, without a host sync."""
+    flat = indices.flatten()
+    return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 class BiasBalancer:
@@ -77,8 +84,7 @@ class BiasBalancer:
         """Add the routing of the last forward pass (each gate's `last_indices`) to the step's counts."""
         if not self.gates:
             return
-        counts = torch.stack([torch.bincount(g.last_indices.flatten(), minlength=g.n_experts)
-                              for g in self.gates])  # [L, E]
+        counts = torch.stack([_expert_counts(g.last_indices, g.n_experts) for g in self.gates])  # [L, E]
         self.counts = counts if self.counts is None else self.counts + counts
 
     @torch.no_grad()
