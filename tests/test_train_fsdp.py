@@ -65,6 +65,7 @@ def _worker(rank: int, world: int, port: int, out: str, resume_at: int | None) -
         state = fsdp.full_model_state(model)
         if rank == 0:
             torch.save({"losses": losses, "state": state}, out)
+        torch.distributed.barrier()  # no rank tears the group down while another still talks to it
     finally:
         torch.distributed.destroy_process_group()
 
