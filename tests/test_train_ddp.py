@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 import dsv3
 from dsv3.train.trainer import train
-from test_train_shared import make_shards, tiny_config
+from test_train_shared import exit_worker, make_shards, tiny_config
 
 STEPS = 4
 
@@ -27,8 +27,10 @@ def _worker(rank: int, world: int, port: int, data: str, out: str, data_parallel
     torch.set_num_threads(1)
     try:
         train(tiny_config(steps=STEPS, batch_size=2, data_parallel=data_parallel), data, out)
-    finally:
+    except BaseException:
         torch.distributed.destroy_process_group()
+        raise
+    exit_worker()
 
 
 def _losses(run):
@@ -80,8 +82,10 @@ def _killed_then_resumed_worker(rank: int, world: int, port: int, data: str, out
             pass
         Trainer.train_step = real_step
         train(cfg, data, out, resume=True)
-    finally:
+    except BaseException:
         torch.distributed.destroy_process_group()
+        raise
+    exit_worker()
 
 
 def test_fsdp_checkpoint_resumes_to_the_same_run(tmp_path):

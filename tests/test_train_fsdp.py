@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from dsv3.train import fsdp
 from dsv3.train.losses import mtp_loss, next_token_loss
-from test_train_shared import tiny_model
+from test_train_shared import exit_worker, tiny_model
 
 STEPS, BATCH, SEQ, VOCAB = 4, 4, 16, 64
 
@@ -65,9 +65,10 @@ def _worker(rank: int, world: int, port: int, out: str, resume_at: int | None) -
         state = fsdp.full_model_state(model)
         if rank == 0:
             torch.save({"losses": losses, "state": state}, out)
-        torch.distributed.barrier()  # no rank tears the group down while another still talks to it
-    finally:
+    except BaseException:
         torch.distributed.destroy_process_group()
+        raise
+    exit_worker()
 
 
 def test_fsdp_needs_the_grouped_moe_path():

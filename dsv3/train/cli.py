@@ -16,6 +16,8 @@ import sys
 import types
 import typing
 
+import torch
+
 from dsv3.train.trainer import TrainConfig, train
 
 _HELP = {
@@ -68,4 +70,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         print(f"dsv3 train: error: {err}", file=sys.stderr)
         return 1
+    if torch.distributed.is_initialized():  # every rank got here: leave the group together (PyTorch's advice)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return 0
