@@ -25,6 +25,8 @@ _HELP = {
     "device": "auto, cpu, cuda or cuda:N",
     "data_parallel": "under torchrun: fsdp (FSDP2, parameters and optimizer state sharded over ranks), ddp, or "
                      "auto = fsdp when the MoE runs its grouped path, else ddp",
+    "expert_parallel": "under torchrun: each rank keeps E/world routed experts per MoE layer and tokens reach "
+                       "them by all-to-all; the other weights are replicated with DDP",
 }
 
 

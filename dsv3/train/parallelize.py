@@ -8,8 +8,9 @@ FP8 linears → fused (SDPA) attention → activation checkpointing → `torch.c
   sharded in place by FSDP2, `dsv3.train.fsdp`), or a `DistributedDataParallel` around it.
   `data_parallel="auto"` takes FSDP2 when the MoE runs the grouped path (every expert then gets a gradient
   on every rank, which FSDP2's reduce-scatter needs), else DDP, which handles experts without tokens
-  (`find_unused_parameters`) by reducing zeros for them (e.g. emulated FP8 experts on CPU). Buffers are not
-  broadcast: the gate biases are updated identically on every rank from all-reduced counts.
+  (`find_unused_parameters`) by reducing zeros for them (e.g. emulated FP8 experts on CPU). With expert
+  parallel (`dsv3.train.expert_parallel`, applied by the trainer before this) DDP ignores the owned experts.
+  Buffers are not broadcast: the gate biases are updated identically on every rank from all-reduced counts.
 
 Every transform keeps parameter names, so checkpoints and `save_model` see the plain `Transformer`.
 """
@@ -106,8 +107,9 @@ def compile_model(model: nn.Module) -> str:
 
 def parallelize(model: nn.Module, info: DistInfo, device: torch.device, *, fp8: bool = False,
                 activation_checkpointing: bool = False, compile: bool = False, sdpa: bool = True,
-                data_parallel: str = "auto") -> nn.Module:
+                data_parallel: str = "auto", ddp_ignore: list[str] | tuple[str, ...] = ()) -> nn.Module:
     """Apply the training transforms in place and return the module to call (DDP wrapper when distributed).
+    `ddp_ignore`: parameter names DDP leaves alone (the owned experts under expert parallel).
     `sdpa`: causal attention through `F.scaled_dot_product_attention` (`dsv3.train.attention`)."""
     if fp8:
         # on CUDA the routed experts stay bf16 on the grouped path (no grouped FP8 GEMM yet); on CPU they are
@@ -125,6 +127,8 @@ def parallelize(model: nn.Module, info: DistInfo, device: torch.device, *, fp8: 
     if data_parallel == "fsdp" or (data_parallel == "auto" and fsdp_applies(model)):
         return shard_model(model, info.world_size, device)
     from torch.nn.parallel import DistributedDataParallel
+    if ddp_ignore:  # parameters that live on one rank (expert parallel): never all-reduced
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(ddp_ignore))
     with warnings.catch_warnings():
         # torch >= 2.13 deprecates broadcast_buffers in favour of forward_sync_buffers (absent in older torch);
         # the meaning we need, no per-forward buffer broadcast, is the same

@@ -39,6 +39,8 @@ from tqdm import tqdm
 from dsv3.config import PRESET_DIR, ModelArgs
 from dsv3.model import Transformer
 from dsv3.train.balance import BiasBalancer
+from dsv3.train.expert_parallel import (clip_grad_norm_ep, expert_parameter_names, gather_full_state,
+                                        gather_optimizer_state, load_optimizer_state, shard_experts)
 from dsv3.train.fsdp import full_model_state, full_optimizer_state, is_sharded, load_full_optimizer_state
 from dsv3.train.losses import model_balance_loss, mtp_losses, next_token_loss
 from dsv3.train.optim import build_optimizer, build_scheduler, lr_at
@@ -78,6 +80,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the blocks (whole blocks on the grouped MoE path)
     activation_checkpointing: bool = False
     data_parallel: str = "auto"  # under torchrun: fsdp (FSDP2 shards), ddp, or auto (fsdp where it applies)
+    expert_parallel: bool = False  # under torchrun: routed experts spread over the ranks (all-to-all), rest DDP
     seed: int = 0
     eval_every: int = 200  # steps between validation passes (0: only at the end)
     eval_batches: int = 20  # validation micro-batches per pass
@@ -103,6 +106,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.data_parallel not in ("auto", "fsdp", "ddp"):
             raise ValueError(f"data_parallel must be auto, fsdp or ddp, got {self.data_parallel!r}")
+        if self.expert_parallel and (self.data_parallel == "fsdp" or self.compile):
+            raise ValueError("expert_parallel runs with DDP for the replicated weights and without compile; "
+                             "drop --data-parallel fsdp / --compile")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.export_dtype not in ("bfloat16", "float32", "float16"):
@@ -235,9 +241,13 @@ class Trainer:
         state = None
         if resume:
             state = self._load_checkpoint(latest)
+        self.ep = cfg.expert_parallel and self.info.distributed
+        if self.ep:
+            shard_experts(self.model, self.info.rank, self.info.world_size)
         self.module = parallelize(self.model, self.info, self.device, fp8=cfg.fp8,
                                   activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
-                                  data_parallel=cfg.data_parallel)
+                                  data_parallel="ddp" if self.ep else cfg.data_parallel,
+                                  ddp_ignore=expert_parameter_names(self.model) if self.ep else ())
         self.sharded = is_sharded(self.model)
         self.optimizer = build_optimizer(self.model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay, cfg.eps)
         self.scheduler = build_scheduler(self.optimizer, cfg.lr, cfg.warmup_steps, cfg.stable_steps,
@@ -245,6 +255,8 @@ class Trainer:
         if state is not None:
             if self.sharded:
                 load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+            elif self.ep:
+                load_optimizer_state(self.model, self.optimizer, state["optimizer"])
             else:
                 self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -287,14 +299,18 @@ class Trainer:
         name = f"step_{self.step:07d}"
         final = self.ckpt_dir / name
         # FSDP2: gather full tensors to rank 0 (every rank takes part); optimizer state keyed by parameter name
-        model_state = self.full_state_model() if self.sharded else self.model
-        optim_state = full_optimizer_state(self.model, self.optimizer) if self.sharded else None
+        model_state = self.full_state_model() if self.sharded or self.ep else self.model
+        optim_state = None
+        if self.sharded:
+            optim_state = full_optimizer_state(self.model, self.optimizer)
+        elif self.ep:
+            optim_state = gather_optimizer_state(self.model, self.optimizer)
         if self.info.is_main:
             tmp = self.ckpt_dir / f".{name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             save_model(model_state, tmp / "model")
-            optim_state = optim_state if self.sharded else self.optimizer.state_dict()
+            optim_state = optim_state if self.sharded or self.ep else self.optimizer.state_dict()
             torch.save({"step": self.step, "world_size": self.info.world_size, "config": self.cfg.to_json(),
                         "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
                         "loader": self.loader.state_dict(), "balancer": self.balancer.state_dict(),
@@ -314,7 +330,7 @@ class Trainer:
     def full_state_model(self, dtype: str = "float32") -> Transformer | None:
         """A CPU `Transformer` in `dtype` holding the full weights and buffers, on rank 0 (None elsewhere). With
         FSDP2 the shards are gathered first, so every rank must call this."""
-        state = full_model_state(self.model) if self.sharded else None
+        state = full_model_state(self.model) if self.sharded else gather_full_state(self.model) if self.ep else None
         if not self.info.is_main:
             return None
         if state is None:
@@ -384,7 +400,10 @@ class Trainer:
             if not last:
                 self.balancer.observe()  # the last micro-batch's routing is counted after the update launch
             sums += torch.stack([loss.detach(), ce.detach(), mtp.detach(), balance.detach()])
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
+        if self.ep:  # the global norm: owned experts summed over ranks
+            grad_norm = clip_grad_norm_ep(self.model, cfg.grad_clip or float("inf"))
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor norm over all shards
             grad_norm = grad_norm.full_tensor()
         values = all_reduce_mean(torch.cat([sums / cfg.grad_accum, grad_norm.detach().float().view(1)]), self.info)
