@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 import dsv3
 from dsv3.train.trainer import train
-from test_train_shared import exit_worker, make_shards, tiny_config
+from test_train_shared import exit_worker, make_shards, tiny_config, train_killed_then_resumed
 
 STEPS = 4
 
@@ -62,26 +62,12 @@ def test_two_gloo_ranks_equal_one_process_with_double_batch(tmp_path):
 
 def _killed_then_resumed_worker(rank: int, world: int, port: int, data: str, out: str) -> None:
     """FSDP2: a run killed after step 3 (the last checkpoint is step 2), then resumed from that checkpoint."""
-    from dsv3.train.trainer import Trainer
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    cfg = tiny_config(steps=STEPS, batch_size=2, ckpt_every=2, data_parallel="fsdp")
-    real_step = Trainer.train_step
-
-    def killed_after_3(self):
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return real_step(self)
-
     try:
-        Trainer.train_step = killed_after_3
-        try:
-            train(cfg, data, out)
-        except KeyboardInterrupt:
-            pass
-        Trainer.train_step = real_step
-        train(cfg, data, out, resume=True)
+        train_killed_then_resumed(tiny_config(steps=STEPS, batch_size=2, ckpt_every=2, data_parallel="fsdp"),
+                                  data, out, kill_after=3)
     except BaseException:
         torch.distributed.destroy_process_group()
         raise

@@ -12,35 +12,21 @@ import dsv3
 from dsv3.train.expert_parallel import RemoteExpert, shard_experts
 from dsv3.train.trainer import TrainConfig, train
 from test_train_ddp import _free_port, _losses
-from test_train_shared import exit_worker, make_shards, tiny_config, tiny_model
+from test_train_shared import exit_worker, make_shards, tiny_config, tiny_model, train_killed_then_resumed
 
 STEPS = 4
 
 
 def _worker(rank: int, world: int, port: int, data: str, out: str, kill_after: int | None) -> None:
-    from dsv3.train.trainer import Trainer
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     cfg = tiny_config(steps=STEPS, batch_size=2, ckpt_every=2, expert_parallel=True)
-    real_step = Trainer.train_step
-
-    def killed(self):
-        if self.step == kill_after:
-            raise KeyboardInterrupt
-        return real_step(self)
-
     try:
-        if kill_after is not None:
-            Trainer.train_step = killed
-            try:
-                train(cfg, data, out)
-            except KeyboardInterrupt:
-                pass
-            Trainer.train_step = real_step
-            train(cfg, data, out, resume=True)
-        else:
+        if kill_after is None:
             train(cfg, data, out)
+        else:
+            train_killed_then_resumed(cfg, data, out, kill_after)
     except BaseException:
         torch.distributed.destroy_process_group()
         raise

@@ -70,3 +70,24 @@ def exit_worker() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def train_killed_then_resumed(cfg, data, out, kill_after: int) -> None:
+    """Train `cfg` but stop (KeyboardInterrupt) once step `kill_after` is done, as a kill would; then resume the
+    run from its latest checkpoint to the end."""
+    from dsv3.train.trainer import Trainer, train
+    real_step = Trainer.train_step
+
+    def killed(self):
+        if self.step == kill_after:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    Trainer.train_step = killed
+    try:
+        train(cfg, data, out)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        Trainer.train_step = real_step
+    train(cfg, data, out, resume=True)
