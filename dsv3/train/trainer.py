@@ -27,7 +27,7 @@ import random
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from dsv3.train.expert_parallel import (clip_grad_norm_ep, expert_parameter_name
 from dsv3.train.fsdp import full_model_state, full_optimizer_state, is_sharded, load_full_optimizer_state
 from dsv3.train.losses import model_balance_loss, mtp_losses, next_token_loss
 from dsv3.train.optim import build_optimizer, build_scheduler, lr_at
-from dsv3.train.parallelize import DistInfo, all_reduce_mean, init_distributed, parallelize, resolve_device
+from dsv3.train.parallelize import all_reduce_mean, init_distributed, parallelize, resolve_device
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 PRECISIONS = ("bf16", "fp32")
