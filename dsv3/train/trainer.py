@@ -241,6 +241,7 @@ class Trainer:
         state = None
         if resume:
             state = self._load_checkpoint(latest)
+        self.n_params = sum(p.numel() for p in self.model.parameters())  # before any sharding
         self.ep = cfg.expert_parallel and self.info.distributed
         if self.ep:
             shard_experts(self.model, self.info.rank, self.info.world_size)
@@ -487,9 +488,10 @@ class Trainer:
         self._open_writer()
         main = self.info.is_main
         if main:
-            n_params = sum(p.numel() for p in self.model.parameters())
-            tqdm.write(f"dsv3 train: {n_params / 1e6:.1f}M parameters, {self.tokens_per_step:,} tokens/step, "
-                       f"{cfg.steps} steps, device {self.device}, world {self.info.world_size}, "
+            mode = ("FSDP2" if self.sharded else "expert parallel + DDP" if self.ep else "DDP"
+                    if self.info.distributed else "one process")
+            tqdm.write(f"dsv3 train: {self.n_params / 1e6:.1f}M parameters, {self.tokens_per_step:,} tokens/step, "
+                       f"{cfg.steps} steps, device {self.device}, world {self.info.world_size} ({mode}), "
                        f"{'fp8' if cfg.fp8 else cfg.precision}{', compiled' if cfg.compile else ''}")
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not main, dynamic_ncols=True)
         last: dict = {}
