@@ -280,6 +280,17 @@ def cublas_block_shape(n: int, k: int) -> bool:
     return n % 128 == 0 and k % 512 == 0
 
 
+@functools.cache
+def _hopper(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
+def _cublas_key(a_fp8: torch.Tensor, w_fp8: torch.Tensor, out_dtype: torch.dtype) -> tuple[int, torch.dtype, int, int]:
+    """(device index, out dtype, N, K): what `_scaled_mm_ok` remembers a cuBLAS check under."""
+    index = a_fp8.device.index if a_fp8.device.index is not None else torch.cuda.current_device()
+    return (index, out_dtype, *w_fp8.shape)
+
+
 def _scaled_mm_applies(a_fp8: torch.Tensor, w_fp8: torch.Tensor, out_dtype: torch.dtype, block: int) -> bool:
     """Shape and build checks for cuBLAS; a (device, dtype, N, K) never tried yet counts as applicable (the
     first call tries it and checks it, see `_scaled_mm_checked`) except during CUDA-graph capture."""
@@ -289,21 +300,19 @@ def _scaled_mm_applies(a_fp8: torch.Tensor, w_fp8: torch.Tensor, out_dtype: torc
         return False
     if out_dtype not in (torch.bfloat16, torch.float32) or not hasattr(torch, "_scaled_mm"):
         return False
-    index = a_fp8.device.index if a_fp8.device.index is not None else torch.cuda.current_device()
-    if torch.cuda.get_device_capability(index) < (9, 0):
+    key = _cublas_key(a_fp8, w_fp8, out_dtype)
+    if not _hopper(key[0]):
         return False
-    key = (index, out_dtype, n, k)
     return _scaled_mm_ok.get(key, not torch.cuda.is_current_stream_capturing())
 
 
 def _scaled_mm_checked(a_fp8, a_scale, w_fp8, w_scale, out_dtype) -> torch.Tensor | None:
     """`scaled_mm_block`, the first time per (device, dtype, N, K) checked against the reference on up to
     128 rows; None (and that shape remembered as refused) when cuBLAS refuses it or disagrees."""
-    n, k = w_fp8.shape
-    index = a_fp8.device.index if a_fp8.device.index is not None else torch.cuda.current_device()
-    key = (index, out_dtype, n, k)
+    key = _cublas_key(a_fp8, w_fp8, out_dtype)
     if _scaled_mm_ok.get(key):
         return scaled_mm_block(a_fp8, a_scale, w_fp8, w_scale, out_dtype)
+    n, k = w_fp8.shape
     try:
         out = scaled_mm_block(a_fp8, a_scale, w_fp8, w_scale, out_dtype)
         rows = min(128, a_fp8.numel() // k)
@@ -333,10 +342,10 @@ def fp8_gemm(
 
     `a_scale` is `[..., ceil(K/block)]` (from `quantize_act`), `w_scale` is
     `[ceil(N/block), ceil(K/block)]` (from `quantize_weight`). Accumulation is fp32.
-    `backend="auto"` on CUDA (sm89+): cuBLAS block-scaled `torch._scaled_mm` for M > 64 with whole 128-blocks
-    where this build supports it (1.4-1.8x faster than our kernel there, measured in benchmarks/fp8_gemm.py),
-    else our Triton kernel (split-K, faster at decode sizes); elsewhere the PyTorch reference. `"triton"`,
-    `"scaled_mm"` and `"ref"` force one.
+    `backend="auto"` on CUDA (sm89+): cuBLAS block-scaled `torch._scaled_mm` for M > 64 on the shapes of
+    `cublas_block_shape`, checked on the first call per shape (1.26-1.31x our Triton kernel at M = 128 and 4096, measured in
+    benchmarks/fp8_gemm.py), else our Triton kernel (split-K, faster at decode sizes); elsewhere the PyTorch
+    reference. `"triton"`, `"scaled_mm"` and `"ref"` force one.
     """
     _check_gemm_shapes(a_fp8, a_scale, w_fp8, w_scale, block)
     if backend not in ("auto", "triton", "scaled_mm", "ref"):
