@@ -60,7 +60,8 @@ def test_two_expert_parallel_ranks_equal_one_process(tmp_path, kill_after):
     b = dsv3.load_model(tmp_path / "ep" / ckpt, dtype=torch.float32).state_dict()  # all experts gathered
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst < 1e-5, f"max weight difference {worst}: " + str(sorted(((a[k] - b[k]).abs().max().item(), k) for k in a)[-6:])
+    largest = sorted(((a[k] - b[k]).abs().max().item(), k) for k in a)[-3:]
+    assert worst < 1e-5, f"max weight difference {worst}: {largest}"
     biases = [k for k in a if k.endswith("e_score_correction_bias")]
     assert biases and all(torch.equal(a[k], b[k]) for k in biases)
     state = torch.load(tmp_path / "ep" / "checkpoints" / f"step_{STEPS:07d}" / "train_state.pt", weights_only=False)

@@ -343,9 +343,9 @@ def fp8_gemm(
     `a_scale` is `[..., ceil(K/block)]` (from `quantize_act`), `w_scale` is
     `[ceil(N/block), ceil(K/block)]` (from `quantize_weight`). Accumulation is fp32.
     `backend="auto"` on CUDA (sm89+): cuBLAS block-scaled `torch._scaled_mm` for M > 64 on the shapes of
-    `cublas_block_shape`, checked on the first call per shape (1.26-1.31x our Triton kernel at M = 128 and 4096, measured in
-    benchmarks/fp8_gemm.py), else our Triton kernel (split-K, faster at decode sizes); elsewhere the PyTorch
-    reference. `"triton"`, `"scaled_mm"` and `"ref"` force one.
+    `cublas_block_shape`, checked on the first call per shape (1.26-1.31x our Triton kernel at M = 128 and
+    4096, benchmarks/fp8_gemm.py), else our Triton kernel (split-K, faster at decode sizes); elsewhere the
+    PyTorch reference. `"triton"`, `"scaled_mm"` and `"ref"` force one.
     """
     _check_gemm_shapes(a_fp8, a_scale, w_fp8, w_scale, block)
     if backend not in ("auto", "triton", "scaled_mm", "ref"):

@@ -299,19 +299,20 @@ class Trainer:
             rngs = [_rng_state()]
         name = f"step_{self.step:07d}"
         final = self.ckpt_dir / name
-        # FSDP2: gather full tensors to rank 0 (every rank takes part); optimizer state keyed by parameter name
+        # FSDP2 / expert parallel: full tensors gathered to rank 0 (every rank takes part), optimizer state keyed
+        # by parameter name
         model_state = self.full_state_model() if self.sharded or self.ep else self.model
-        optim_state = None
         if self.sharded:
             optim_state = full_optimizer_state(self.model, self.optimizer)
         elif self.ep:
             optim_state = gather_optimizer_state(self.model, self.optimizer)
+        else:
+            optim_state = self.optimizer.state_dict()
         if self.info.is_main:
             tmp = self.ckpt_dir / f".{name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             save_model(model_state, tmp / "model")
-            optim_state = optim_state if self.sharded or self.ep else self.optimizer.state_dict()
             torch.save({"step": self.step, "world_size": self.info.world_size, "config": self.cfg.to_json(),
                         "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
                         "loader": self.loader.state_dict(), "balancer": self.balancer.state_dict(),
