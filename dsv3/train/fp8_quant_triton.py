@@ -1,12 +1,13 @@
 """Triton kernels for the two FP8 training quantizations that the inference kernels do not cover, each one
-pass over its input that writes the operands in the layouts cuBLAS's block-scaled GEMMs read:
+pass over its input that writes the operands in the layouts cuBLAS's block-scaled GEMMs read (the weight's
+transpose excepted):
 
 - `quantize_tokens_t(x [M, C])`: 128×1 tiles (128 tokens of one channel), the wgrad operands. Writes the
   codes transposed, `[C, M']` row-major (M' = M rounded up to `align`, padding tokens are zeros), and the scales
   `[C, M'/128]` with stride `(1, C)`. Replaces a transposing copy plus a quantization pass.
-- `quantize_weight_t(w [N, K])`: 128×128 blocks; writes the codes `[N', K']` and their transpose `[K', N']`
-  (the dgrad operand) in the same pass, and the scales `[N'/128, K'/128]`; N', K' rounded up to `align` with
-  zero blocks.
+- `quantize_weight_t(w [N, K])`: 128×128 blocks; writes the codes `[N', K']` and the scales `[N'/128, K'/128]`
+  (N', K' rounded up to `align` with zero blocks) in one pass, then the codes' transpose `[K', N']` (the dgrad
+  operand) by a copy (see the function).
 
 The arithmetic is `dsv3.kernels.fp8`'s reference: scale = max-abs / 448 with IEEE division (1 for all-zero
 tiles), codes = round-to-nearest-even(x / scale) clamped to ±448, so codes and scales equal the reference
@@ -51,7 +52,7 @@ if triton is not None:
         tl.store(s_ptr + pid_m * C + cols, scale, mask=cols < C)  # [M'/128, C] row-major
 
     @triton.jit
-    def _quant_weight_t_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, N, K, N_PAD, K_PAD, stride_wn):
+    def _quant_weight_kernel(w_ptr, q_ptr, s_ptr, N, K, K_PAD, stride_wn):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         rows = pid_n * 128 + tl.arange(0, 128)
@@ -64,7 +65,6 @@ if triton is not None:
         y = tl.math.div_rn(w, tl.full((128, 128), 1.0, tl.float32) * scale)
         y = tl.minimum(tl.maximum(y, -_E4M3_MAX), _E4M3_MAX).to(q_ptr.dtype.element_ty)
         tl.store(q_ptr + rows[:, None].to(tl.int64) * K_PAD + cols[None, :], y)  # [N', K']
-        tl.store(qt_ptr + cols[None, :].to(tl.int64) * N_PAD + rows[:, None], y)  # [K', N']
         tl.store(s_ptr + pid_n * (K_PAD // 128) + pid_k, scale)
 
 
@@ -91,11 +91,9 @@ def quantize_weight_t(w: torch.Tensor, align: int = 128) -> tuple[torch.Tensor, 
     n, k = w.shape
     n_pad, k_pad = -(-n // align) * align, -(-k // align) * align
     q = torch.empty(n_pad, k_pad, dtype=torch.float8_e4m3fn, device=w.device)
-    qt = torch.empty(k_pad, n_pad, dtype=torch.float8_e4m3fn, device=w.device)
     s = torch.empty(n_pad // 128, k_pad // 128, dtype=torch.float32, device=w.device)
-    _quant_weight_t_kernel[(n_pad // 128, k_pad // 128)](w, q, qt, s, n, k, n_pad, k_pad, w.stride(0), num_warps=8)
-    # On the H200 (Triton 3.6) the kernel's transposed store wrote the codes untransposed (the codes and scales
-    # were right, bit for bit; tests/test_train_fp8_gemms.py, 2026-11-29), so the transpose is a plain copy here
-    # until a fixed kernel store is verified on a GPU.
-    qt.copy_(q.t())
+    _quant_weight_kernel[(n_pad // 128, k_pad // 128)](w, q, s, n, k, k_pad, w.stride(0), num_warps=8)
+    # the transpose is a plain copy: an in-kernel transposed store of the e4m3 tile wrote it untransposed on the
+    # H200 (Triton 3.6; the codes and scales were right bit for bit; tests/test_train_fp8_gemms.py, 2026-11-29)
+    qt = q.t().contiguous()
     return q, qt, s
