@@ -410,20 +410,13 @@ class _ChoiceStream:
         return out.finished, out.text, out.finish_reason, entries
 
 
-async def _completion_events(handle: RequestHandle, req: P.CompletionRequest, meta: dict[str, Any],
-                             prompt_tokens: int, holdback: int, token_text: P.TokenText) -> AsyncIterator[str]:
-    n = handle.num
-    sent = [0] * n
-    streams = [_ChoiceStream() for _ in range(n)]
+async def _framed(handle: RequestHandle, req: P.CompletionRequest | P.ChatCompletionRequest, meta: dict[str, Any],
+                  prompt_tokens: int, streams: list[_ChoiceStream], chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The SSE frame around a request's choice chunks: the usage chunk (when asked), `[DONE]`, an error event
+    if the engine fails, and the request aborted however the stream ends (a client gone included)."""
     try:
-        async for index, out in handle:
-            final, text, reason, entries = streams[index].advance(out)
-            offset = sent[index]
-            piece, sent[index] = _visible(text, sent[index], final, holdback)
-            lp = P.completion_logprobs(entries, token_text, offset) if req.logprobs is not None and entries else None
-            if piece or final or lp:
-                choice = {"index": index, "text": piece, "logprobs": lp, "finish_reason": reason if final else None}
-                yield _chunk(meta, [choice], req.include_usage)
+        async for chunk in chunks:
+            yield chunk
         if req.include_usage:
             yield _chunk(meta, [], True, P.usage(prompt_tokens, sum(c.tokens for c in streams)))
         yield P.sse("[DONE]")
@@ -434,14 +427,33 @@ async def _completion_events(handle: RequestHandle, req: P.CompletionRequest, me
         handle.abort()
 
 
-async def _chat_events(handle: RequestHandle, req: P.ChatCompletionRequest, meta: dict[str, Any], prompt_tokens: int,
-                       holdback: int, prefix: str, parse_tools: bool, token_text: P.TokenText) -> AsyncIterator[str]:
+def _completion_events(handle: RequestHandle, req: P.CompletionRequest, meta: dict[str, Any],
+                       prompt_tokens: int, holdback: int, token_text: P.TokenText) -> AsyncIterator[str]:
+    streams = [_ChoiceStream() for _ in range(handle.num)]
+    sent = [0] * handle.num
+
+    async def chunks() -> AsyncIterator[str]:
+        async for index, out in handle:
+            final, text, reason, entries = streams[index].advance(out)
+            offset = sent[index]
+            piece, sent[index] = _visible(text, sent[index], final, holdback)
+            lp = P.completion_logprobs(entries, token_text, offset) if req.logprobs is not None and entries else None
+            if piece or final or lp:
+                choice = {"index": index, "text": piece, "logprobs": lp, "finish_reason": reason if final else None}
+                yield _chunk(meta, [choice], req.include_usage)
+
+    return _framed(handle, req, meta, prompt_tokens, streams, chunks())
+
+
+def _chat_events(handle: RequestHandle, req: P.ChatCompletionRequest, meta: dict[str, Any], prompt_tokens: int,
+                 holdback: int, prefix: str, parse_tools: bool, token_text: P.TokenText) -> AsyncIterator[str]:
     n = handle.num
     meta = {**meta, "object": "chat.completion.chunk"}
     parsers = [T.StreamParser(prefix) for _ in range(n)]
     sent, ncalls = [0] * n, [0] * n
     streams = [_ChoiceStream() for _ in range(n)]
-    try:
+
+    async def chunks() -> AsyncIterator[str]:
         yield _chunk(meta, [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                              "finish_reason": None} for i in range(n)], req.include_usage)
         async for index, out in handle:
@@ -462,11 +474,5 @@ async def _chat_events(handle: RequestHandle, req: P.ChatCompletionRequest, meta
             if delta or final or lp:
                 choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason if final else None}
                 yield _chunk(meta, [choice], req.include_usage)
-        if req.include_usage:
-            yield _chunk(meta, [], True, P.usage(prompt_tokens, sum(c.tokens for c in streams)))
-        yield P.sse("[DONE]")
-    except (EngineError, ValueError) as err:
-        yield P.sse(P.error_body(str(err), "server_error", code="engine_error"))
-        yield P.sse("[DONE]")
-    finally:
-        handle.abort()
+
+    return _framed(handle, req, meta, prompt_tokens, streams, chunks())
