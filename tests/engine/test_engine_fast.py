@@ -49,7 +49,7 @@ def test_fast_needs_cuda_and_changes_nothing_before_refusing(ckpt):
     assert not is_prepared(model)
 
 
-def test_fast_off_is_the_default_path(ckpt):
+def test_fast_off_is_the_default_on_cpu(ckpt):
     folder, oracle = ckpt
     model = dsv3.load_model(folder, dtype=torch.float32, progress=False)
     llm = LLM(model, num_blocks=32, block_size=4, max_num_seqs=3, max_num_batched_tokens=8)
