@@ -99,3 +99,31 @@ def test_swap_can_keep_routed_experts_plain():
     assert isinstance(moe.shared_experts.gate_proj, FP8Linear)
     assert isinstance(model.layers[1].self_attn.q_b_proj, FP8Linear)
     assert n == n_all - 3 * len(moe.experts) * sum(hasattr(b.mlp, "experts") for b in model.blocks())
+
+
+def test_small_topk_selects_what_topk_selects():
+    from dsv3.model.moe import small_topk
+    torch.manual_seed(0)
+    x = torch.randn(64, 32)
+    x[::3, 8:16] = float("-inf")  # a masked group, as group-limited routing leaves them (>= k finite per row)
+    for k in (1, 2, 4, 8):
+        values, indices = small_topk(x, k)
+        ref_v, ref_i = x.topk(k, dim=-1)
+        assert torch.equal(values, ref_v) and torch.equal(indices, ref_i)
+
+
+def test_compiled_gate_routes_like_the_eager_gate():
+    """Under torch.compile the gate takes `small_topk`; its weights and experts equal eager `topk` routing."""
+    from dsv3.model.moe import Gate
+    torch.manual_seed(0)
+    args = ModelArgs(**{**TINY_MODEL, "vocab_size": 64, "dtype": "float32", "n_routed_experts": 16,
+                        "n_expert_groups": 4, "n_limited_groups": 2, "n_activated_experts": 4})
+    gate = Gate(args, dtype=torch.float32)
+    with torch.no_grad():
+        gate.weight.normal_(0.0, 0.5)
+        gate.e_score_correction_bias.normal_(0.0, 0.1)
+    x = torch.randn(50, args.dim)
+    w_ref, i_ref = gate(x)
+    w, i = torch.compile(gate, fullgraph=True, dynamic=False)(x)
+    assert torch.equal(i.sort(-1)[0], i_ref.sort(-1)[0])
+    torch.testing.assert_close(w.gather(1, i.argsort(-1)), w_ref.gather(1, i_ref.argsort(-1)))

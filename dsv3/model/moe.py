@@ -33,6 +33,20 @@ from dsv3.config import ModelArgs
 from dsv3.model.layers import MLP
 
 
+def small_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x.topk(k, dim=-1)` (values, indices, descending) as k rounds of max-and-mask. For the router's tiny
+    last dims (2 of 8, 2 of 4 groups, 8 of 256) inside a compiled graph, inductor fuses these rounds into
+    the surrounding kernels, where `topk` is an opaque, slow small-slice kernel (~11 ms per step of the 1B
+    preset). Needs at least k entries above -inf per row (routing always has them)."""
+    values, indices = [], []
+    for _ in range(k):
+        v, i = x.max(dim=-1, keepdim=True)  # [..., 1]
+        values.append(v)
+        indices.append(i)
+        x = x.scatter(-1, i, float("-inf"))
+    return torch.cat(values, dim=-1), torch.cat(indices, dim=-1)
+
+
 class Gate(nn.Module):
     def __init__(self, args: ModelArgs, dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -58,17 +72,18 @@ class Gate(nn.Module):
         logits = F.linear(x if x.dtype == torch.float32 else x.float(), weight)  # [N, E]
         scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        topk = small_topk if torch.compiler.is_compiling() else torch.topk  # same selection; fusable when compiled
         if self.n_groups > 1 and self.topk_method != "greedy":
             grouped = choice.view(-1, self.n_groups, self.n_experts // self.n_groups)  # [N, G, E/G]
             if self.topk_method == "noaux_tc":
-                group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+                group_scores = topk(grouped, 2)[0].sum(dim=-1)
             else:
                 group_scores = grouped.amax(dim=-1)
-            keep = group_scores.topk(self.topk_groups, dim=-1)[1]  # [N, topk_groups]
+            keep = topk(group_scores, self.topk_groups)[1]  # [N, topk_groups]
             dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
             choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf") if self.topk_method == "noaux_tc"
                                          else 0.0).flatten(1)
-        indices = choice.topk(self.topk, dim=-1)[1]  # [N, K]
+        indices = topk(choice, self.topk)[1]  # [N, K]
         weights = scores.gather(1, indices)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
