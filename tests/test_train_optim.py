@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dsv3.train.optim import build_optimizer, build_scheduler, lr_at, param_groups
+from dsv3.train.optim import build_optimizer, build_scheduler, clip_in_fused_step, lr_at, param_groups
 from test_train_shared import tiny_config, tiny_model
 
 PEAK, FINAL, W, S, C = 2.2e-4, 2.2e-5, 10, 20, 30
@@ -61,3 +61,33 @@ def test_adamw_hyperparameters_and_groups():
     assert sum(len(g["params"]) for g in param_groups(model, 0.1)) == len(list(model.parameters()))
     with pytest.raises(ValueError, match="lr"):
         build_optimizer(model, lr=0.0)
+
+
+@pytest.mark.parametrize("grad_size", [0.01, 50.0])  # below and above the clip norm
+def test_clip_folded_into_fused_adamw_equals_clip_grad_norm(grad_size):
+    """`clip_in_fused_step` + fused AdamW == `clip_grad_norm_` + AdamW over three steps (same norms, same weights)."""
+    torch.manual_seed(0)
+    params = [torch.randn(7, 5), torch.randn(130), torch.randn(3, 4, 2)]
+    runs = []
+    for folded in (False, True):
+        ps = [torch.nn.Parameter(p.clone()) for p in params]
+        opt = torch.optim.AdamW(ps, lr=0.05, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+        gen = torch.Generator().manual_seed(1)
+        norms = []
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen) * grad_size
+            norms.append(clip_in_fused_step(opt, 1.0) if folded else torch.nn.utils.clip_grad_norm_(ps, 1.0))
+            opt.step()
+        runs.append((torch.stack(norms), ps))
+    (n_ref, p_ref), (n, p_new) = runs
+    torch.testing.assert_close(n, n_ref)
+    for a, b in zip(p_new, p_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert (n_ref > 1.0).all() == (grad_size > 1)  # the large case really clips
+
+
+def test_clip_in_fused_step_needs_a_fused_optimizer():
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match="fused"):
+        clip_in_fused_step(torch.optim.AdamW([p], lr=0.1), 1.0)

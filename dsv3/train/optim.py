@@ -66,3 +66,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, peak: float, warmup: int, 
         raise ValueError(f"final lr must be in [0, peak={peak}], got {final}")
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_at(step, peak, warmup, stable, decay, final) / peak)
+
+
+def clip_in_fused_step(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
+    """Gradient clipping at `max_norm` folded into a fused AdamW step: returns the global grad norm and sets
+    the optimizer's `grad_scale` (the divisor its fused kernel applies to every gradient, the hook
+    `torch.amp.GradScaler` uses) to `max(1, (norm + 1e-6) / max_norm)`, which is dividing by the reciprocal
+    of `clip_grad_norm_`'s coefficient `min(1, max_norm / (norm + 1e-6))`. That saves the separate pass that
+    multiplies every gradient in place (~1.7 GB read and written per step for 0.9B float32 gradients), with no
+    host sync. Only for `fused=True` optimizers (the others reject `grad_scale`)."""
+    if not optimizer.defaults.get("fused"):
+        raise ValueError("clip_in_fused_step needs an optimizer built with fused=True")
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    optimizer.grad_scale = ((norm.float() + 1e-6) / max_norm).clamp(min=1.0)
+    return norm

@@ -43,7 +43,7 @@ from dsv3.train.expert_parallel import (clip_grad_norm_ep, expert_parameter_name
                                         gather_optimizer_state, load_optimizer_state, shard_experts)
 from dsv3.train.fsdp import full_model_state, full_optimizer_state, is_sharded, load_full_optimizer_state
 from dsv3.train.losses import model_balance_loss, mtp_losses, next_token_loss
-from dsv3.train.optim import build_optimizer, build_scheduler, lr_at
+from dsv3.train.optim import build_optimizer, build_scheduler, clip_in_fused_step, lr_at
 from dsv3.train.parallelize import all_reduce_mean, init_distributed, parallelize, resolve_device
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
@@ -404,6 +404,8 @@ class Trainer:
             sums += torch.stack([loss.detach(), ce.detach(), mtp.detach(), balance.detach()])
         if self.ep:  # the global norm: owned experts summed over ranks
             grad_norm = clip_grad_norm_ep(self.model, cfg.grad_clip or float("inf"))
+        elif cfg.grad_clip and not self.sharded and self.optimizer.defaults.get("fused"):
+            grad_norm = clip_in_fused_step(self.optimizer, cfg.grad_clip)  # applied inside the fused AdamW
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor norm over all shards
