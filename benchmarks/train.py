@@ -77,7 +77,7 @@ def profile_steps(trainer, steps: int) -> dict:
     total = sum(split.values())
     return {"gpu_ms_per_step": round(total, 2),
             "split_ms": {k: round(v, 2) for k, v in sorted(split.items(), key=lambda kv: -kv[1])},
-            "top_kernels_ms": {k: round(v, 2) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]}}
+            "top_kernels_ms": {k: round(v, 2) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:25]}}
 
 
 def run_one(args: argparse.Namespace, fp8: bool, out: Path) -> dict:
