@@ -102,6 +102,7 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(MLP(args.dim, args.moe_inter_dim, dtype) for _ in range(self.n_experts))
         self.shared_experts = (MLP(args.dim, args.n_shared_experts * args.moe_inter_dim, dtype)
                                if args.n_shared_experts else None)
+        self.grouped_mm = None  # fn(a [M, K], w [E, N, K], offsets [E]) replacing the bf16 grouped GEMMs (FP8 experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x `[..., D]` -> `[..., D]`. Reference path: loop over the experts that received tokens."""
@@ -184,10 +185,16 @@ class MoE(nn.Module):
         counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))  # [E], static shape (no bincount)
         offsets = counts.cumsum(0, dtype=torch.int32)  # [E] end of each expert's rows
         xs = _GatherPairs.apply(x.to(dtype), order, inverse, k)  # [N * K, D] sorted by expert
-        w13, w2 = self.stacked_weights(dtype)
-        h = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offsets)  # [N * K, 2I]
+        fn = self.grouped_mm
+        if fn is None:
+            w13, w2 = self.stacked_weights(dtype)
+            h = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offsets)  # [N * K, 2I]
+        else:  # e.g. FP8 experts: the weights go in as their masters, the op quantizes them
+            w13, w2 = self.stacked_weights(self.experts[0].gate_proj.weight.dtype)
+            h = fn(xs, w13, offsets)  # [N * K, 2I]
         gate, up = h.chunk(2, dim=-1)
-        y = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offsets)  # [N * K, D]
+        a = F.silu(gate) * up  # [N * K, I]
+        y = torch._grouped_mm(a, w2.transpose(1, 2), offs=offsets) if fn is None else fn(a, w2, offsets)  # [N * K, D]
         y = _PermuteRows.apply(y, inverse, order).view(n, k, -1)  # [N, K, D] back in (token, slot) order
         out = (y.float() * weights.unsqueeze(-1)).sum(dim=1)  # [N, D] float32 weighted sum (not autocast)
         return out.to(x.dtype)

@@ -1,0 +1,194 @@
+"""FP8 grouped GEMM for the routed experts in training: `fp8_grouped_mm(x, w, offsets)`, differentiable.
+
+`x [M, K]` holds rows sorted by expert, `offsets [E]` (int32) the end row of each expert, `w [E, N, K]` the
+experts' stacked weights (float32 masters or bf16); the result is `[M, N]`, `y[rows of e] = x[rows of e] w_eᵀ`,
+in the autocast dtype (else x's dtype) - what `torch._grouped_mm(x, w.transpose(1, 2), offs=offsets)` gives.
+All three GEMMs run on e4m3 operands with fp32 accumulation, tiled as the DeepSeek-V3 report says:
+
+| GEMM | left operand | right operand |
+| --- | --- | --- |
+| forward `y = x w_eᵀ` | x in 1x128 tiles (per row, 128 of K) | w_e in 128x128 blocks |
+| dgrad `dx = dy w_e` | dy in 1x128 tiles (per row, 128 of N) | the same 128x128 blocks |
+| wgrad `dW_e = dy_eᵀ x_e` | dy in 128x1 tiles (128 rows, one channel) | x in 128x1 tiles |
+
+The wgrad tiles start at each expert's first row, so no tile crosses an expert boundary and an expert's last
+tile is short. Each scale is its tile's max-abs / 448 (1 for an all-zero tile), codes are `x * (1 / scale)`
+clamped to ±448 and rounded to nearest e4m3; the weight is quantized from the master copy at every call.
+
+Two implementations of the same numerics:
+- `fp8_grouped_mm_ref`: plain PyTorch (fake-quantize each operand with its tiles, float32 matmul per expert, a
+  host loop over the experts); the oracle of the tests and the path on CPU. Its `block` can be made small so
+  tiny hand-checked cases exercise partial tiles.
+- the Triton kernels of `fp8_grouped_triton` on CUDA: quantization passes that read each operand once (the
+  activation pass writes both its row tiles and its transposed column tiles), then grouped GEMMs whose grids
+  are static (no host sync: each program finds its expert from `offsets` on the device).
+
+`enable_fp8_experts(model)` makes every `MoE` of a model run its grouped routed experts through this op.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.model.moe import MoE
+from dsv3.train import fp8_grouped_triton as kernels
+
+BLOCK = 128
+FP8_MAX = 448.0
+_E4M3 = torch.float8_e4m3fn
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _fake_quant(x: torch.Tensor) -> torch.Tensor:
+    """x `[..., B]` float32, one tile per last-dim vector -> rounded through e4m3 with the tile's scale."""
+    scale = x.abs().amax(dim=-1, keepdim=True) / FP8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (x * (1.0 / scale)).clamp(-FP8_MAX, FP8_MAX).to(_E4M3)
+    return q.to(torch.float32) * scale
+
+
+def fake_quant_rows(x: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """x `[R, C]` -> float32 `[R, C]` rounded through e4m3 in 1 x block tiles along C."""
+    r, c = x.shape
+    tiles = -(-c // block)
+    xf = F.pad(x.to(torch.float32), (0, tiles * block - c)).view(r, tiles, block)  # [R, Cb, b]
+    return _fake_quant(xf).view(r, tiles * block)[:, :c]
+
+
+def fake_quant_blocks(w: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """w `[N, K]` -> float32 `[N, K]` rounded through e4m3 in block x block tiles (edges padded with zeros)."""
+    n, k = w.shape
+    nb, kb = -(-n // block), -(-k // block)
+    wf = F.pad(w.to(torch.float32), (0, kb * block - k, 0, nb * block - n))
+    wf = wf.view(nb, block, kb, block).permute(0, 2, 1, 3).reshape(nb, kb, block * block)  # [Nb, Kb, b*b]
+    wq = _fake_quant(wf).view(nb, kb, block, block).permute(0, 2, 1, 3).reshape(nb * block, kb * block)
+    return wq[:n, :k]
+
+
+def _bounds(offsets: torch.Tensor, m: int) -> list[tuple[int, int]]:
+    """offsets `[E]` -> [(start, end)] per expert (host read: reference path only)."""
+    ends = offsets.tolist()
+    starts = [0] + ends[:-1]
+    if any(b < a for a, b in zip(starts, ends)) or (ends and ends[-1] != m):
+        raise ValueError(f"offsets must be non-decreasing and end at the row count {m}, got {ends}")
+    return list(zip(starts, ends))
+
+
+def _check(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> None:
+    if x.dim() != 2 or w.dim() != 3:
+        raise ValueError(f"fp8_grouped_mm expects x [M, K] and w [E, N, K], got {tuple(x.shape)} and {tuple(w.shape)}")
+    if w.shape[2] != x.shape[1]:
+        raise ValueError(f"fp8_grouped_mm: x has K={x.shape[1]}, w expects K={w.shape[2]}")
+    if offsets.dim() != 1 or offsets.shape[0] != w.shape[0] or offsets.dtype != torch.int32:
+        raise ValueError(f"fp8_grouped_mm: offsets must be int32 [E={w.shape[0]}], got {offsets.dtype} "
+                         f"{tuple(offsets.shape)}")
+    if not (x.is_floating_point() and w.is_floating_point()):
+        raise ValueError(f"fp8_grouped_mm expects floating-point x and w, got {x.dtype} and {w.dtype}")
+
+
+class _GroupedRef(torch.autograd.Function):
+    """The reference: fake-quantized operands, float32 matmuls, a loop over the experts."""
+
+    @staticmethod
+    def forward(ctx, x, w, offsets, block, out_dtype):
+        bounds = _bounds(offsets, x.shape[0])
+        xq = fake_quant_rows(x, block)  # [M, K]
+        wq = [fake_quant_blocks(w[e], block) for e in range(w.shape[0])]  # E x [N, K]
+        y = x.new_zeros(x.shape[0], w.shape[1], dtype=torch.float32)
+        for e, (a, b) in enumerate(bounds):
+            y[a:b] = xq[a:b] @ wq[e].T
+        ctx.save_for_backward(x, w)
+        ctx.bounds, ctx.block, ctx.wq = bounds, block, wq
+        return y.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        block = ctx.block
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dyq = fake_quant_rows(dy, block)  # [M, N], 1 x block tiles along N
+            dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+            for e, (a, b) in enumerate(ctx.bounds):
+                dx[a:b] = dyq[a:b] @ ctx.wq[e]
+            dx = dx.to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+            for e, (a, b) in enumerate(ctx.bounds):
+                if b > a:  # block x 1 tiles from the expert's first row: rows of the transposed slices
+                    dw[e] = fake_quant_rows(dy[a:b].T, block) @ fake_quant_rows(x[a:b].T, block).T
+            dw = dw.to(w.dtype)
+        return dx, dw, None, None, None
+
+
+def fp8_grouped_mm_ref(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, block: int = BLOCK,
+                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """PyTorch reference of `fp8_grouped_mm` (host loop over experts; any device). `block` is the tile size."""
+    _check(x, w, offsets)
+    return _GroupedRef.apply(x, w, offsets, block, out_dtype or _out_dtype(x))
+
+
+class _GroupedTriton(torch.autograd.Function):
+    """The same numerics through the Triton kernels; no host sync."""
+
+    @staticmethod
+    def forward(ctx, x, w, offsets, out_dtype):
+        need_w = ctx.needs_input_grad[1]
+        xq, xs, xtq, xts = kernels.quant_act(x, offsets, rows=True, cols=need_w)
+        wq, wtq, ws = kernels.quant_weight(w.detach())
+        y = kernels.grouped_gemm(xq, xs, wq, ws, offsets, out_dtype)
+        ctx.save_for_backward(xtq, xts, wtq, ws, offsets)
+        ctx.m, ctx.x_dtype, ctx.w_dtype = x.shape[0], x.dtype, w.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xtq, xts, wtq, ws, offsets = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dyq, dys, dytq, dyts = kernels.quant_act(dy, offsets, rows=need_x, cols=need_w)
+        dx = dw = None
+        if need_x:  # dx = dy w_e: the transposed weight codes, block scales read transposed
+            dx = kernels.grouped_gemm(dyq, dys, wtq, ws, offsets, ctx.x_dtype, transpose_b_scales=True)
+        if need_w:
+            dw = kernels.grouped_wgrad(dytq, dyts, xtq, xts, offsets, ctx.m)
+            dw = dw if ctx.w_dtype == torch.float32 else dw.to(ctx.w_dtype)
+        return dx, dw, None, None
+
+
+def triton_applies(x: torch.Tensor) -> bool:
+    """True when the Triton kernels take `x`'s device: CUDA sm89+ with Triton, or CPU under TRITON_INTERPRET=1."""
+    if not kernels.available():
+        return False
+    if x.is_cuda:
+        return torch.cuda.get_device_capability(x.device) >= (8, 9)
+    return kernels._INTERPRET and x.device.type == "cpu"
+
+
+@torch.compiler.disable
+def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
+                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x `[M, K]` (rows sorted by expert), w `[E, N, K]`, offsets `[E]` int32 end rows (the last must be M)
+    -> `[M, N]` in `out_dtype` (default: the autocast dtype, else x's). FP8 forward, dgrad and wgrad; the
+    Triton kernels on CUDA (no host sync), the reference elsewhere."""
+    _check(x, w, offsets)
+    out_dtype = out_dtype or _out_dtype(x)
+    if triton_applies(x):
+        return _GroupedTriton.apply(x, w, offsets.contiguous(), out_dtype)
+    return _GroupedRef.apply(x, w, offsets, BLOCK, out_dtype)
+
+
+def enable_fp8_experts(model: nn.Module) -> int:
+    """Route the grouped routed experts of every `MoE` in `model` through `fp8_grouped_mm` (their weights go in
+    as the float32 masters). Returns how many MoE layers were switched."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.grouped_mm = fp8_grouped_mm
+            count += 1
+    return count
