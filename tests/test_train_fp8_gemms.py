@@ -177,7 +177,114 @@ def test_wrong_triton_quantizers_are_refused(monkeypatch):
     monkeypatch.setattr(fp8_gemms, "refused", {})
     monkeypatch.setattr(fp8_gemms, "_checked", set())
     x = torch.randn(256, 64, generator=torch.Generator().manual_seed(0)) * torch.logspace(-2, 2, 64)
-    q, s = fp8_gemms.quantize_tokens_t(x)
+    q, s = fp8_gemms.quantize_tokens_t(x, fp8_gemms.ALIGN_K)
     q_ref, s_ref = quantize_act_ref(torch.nn.functional.pad(x, (0, 0, 0, -256 % fp8_gemms.ALIGN_K)).t())
-    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref.t())
     assert [k[0] for k in fp8_gemms.refused] == ["tokens"]
+
+
+def _hard_operand(rows: int, cols: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Values over twelve decades (per column), an outlier column, an all-zero row and column, and one row of
+    exact e4m3 midpoints (1.0625, 17, ...) with max-abs 448, i.e. scale 1: ties must round to even."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=g) * torch.logspace(-6, 6, cols)[torch.randperm(cols, generator=g)]
+    x[:, cols // 2] *= 1e3
+    x[rows // 3] = 0
+    x[:, 1] = 0
+    ties = torch.tensor([1.0625, -17.0, 3.25 + 0.125, 0.5 + 1 / 32, 448.0, -0.0])
+    x[2, : min(cols, 6)] = ties[: min(cols, 6)]
+    x[2, 6:] = 0
+    return x.to(dtype)
+
+
+def _quantize_all(x, w, rows, cols, tok_rows, w_rows, w_cols):
+    return (*fp8_gemms.quantize_rows_torch(x, rows, cols), *fp8_gemms.quantize_tokens_t_torch(x, tok_rows),
+            *fp8_gemms.quantize_blocks_torch(w, w_rows, w_cols))
+
+
+def _bits(t):
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+@pytest.mark.parametrize("m,c,dtype", [(77, 200, torch.float32), (130, 300, torch.bfloat16), (3, 129, torch.float32)])
+def test_torch_quantizers_equal_the_reference_bit_for_bit(m, c, dtype):
+    """The torch-op quantizers (what inductor fuses) give exactly `quantize_act` / `quantize_weight`'s codes and
+    scales, eagerly and compiled by inductor (CPU), on shapes that are not multiples of 128."""
+    import torch.nn.functional as F
+    from dsv3.kernels.fp8 import quantize_act, quantize_weight
+    x = _hard_operand(m, c, dtype, seed=m)
+    w = _hard_operand(c + 40, m, torch.float32, seed=c) * 0.01  # [N, K], neither a multiple of 128
+    rows, cols = m + 13, -(-c // 128) * 128 + 128  # extra zero rows / tiles too
+    tok_rows, w_rows, w_cols = -(-m // 512) * 512, -(-(c + 40) // 128) * 128, -(-m // 512) * 512
+    xq_ref, xs_ref = quantize_act(F.pad(x, (0, cols - c, 0, rows - m)))  # [rows, cols], [rows, cols/128]
+    tq_ref, ts_ref = quantize_act(F.pad(x, (0, 0, 0, tok_rows - m)).t())  # [C, tok_rows]: 128 tokens per tile
+    wq_ref, ws_ref = quantize_weight(F.pad(w, (0, w_cols - m, 0, w_rows - c - 40)))
+    want = (xq_ref, xs_ref.t(), tq_ref, ts_ref.t(), wq_ref, ws_ref)
+    eager = _quantize_all(x, w, rows, cols, tok_rows, w_rows, w_cols)
+    compiled = torch.compile(_quantize_all, fullgraph=True, dynamic=False)(x, w, rows, cols, tok_rows, w_rows, w_cols)
+    names = ("row codes", "row scales", "token codes", "token scales", "weight codes", "weight scales")
+    for name, e, c_, r in zip(names, eager, compiled, want):
+        assert e.shape == r.shape and e.is_contiguous(), name
+        assert torch.equal(_bits(e), _bits(r)), f"eager {name}"
+        assert torch.equal(_bits(c_), _bits(r)), f"compiled {name}"
+    # the unpadded weight codes are the unpadded reference's
+    wq0, ws0 = quantize_weight(w)
+    assert torch.equal(_bits(eager[4][: c + 40, :m]), _bits(wq0)) and torch.equal(eager[5][: ws0.shape[0], : ws0.shape[1]], ws0)
+
+
+def test_float64_product_is_the_float32_quotient():
+    """The quantizers' division: f32(f64(x) * (1 / f64(s))) equals IEEE float32 x / s (checked on a million
+    random float32 pairs spanning 2^±60, and on bf16-valued numerators)."""
+    g = torch.Generator().manual_seed(0)
+    n = 1 << 20
+    x = (torch.rand(n, generator=g) * 2 - 1) * torch.exp2(torch.randint(-60, 60, (n,), generator=g).float())
+    s = (torch.rand(n, generator=g) + 0.5) * torch.exp2(torch.randint(-60, 60, (n,), generator=g).float())
+    for num in (x, x.bfloat16().float()):
+        got = (num.double() * s.double().reciprocal()).float()
+        assert torch.equal(got, num / s)
+    amax = x.abs()
+    assert torch.equal((amax.double() / 448.0).float(), amax / 448.0)
+
+
+@pytest.mark.gpu
+def test_compiled_quantizers_equal_the_reference_on_gpu():
+    """Inductor's Triton code for the torch-op quantizers (float64 division, see fp8_gemms) gives the CPU
+    reference's codes and scales bit for bit."""
+    import torch.nn.functional as F
+    from dsv3.kernels.fp8 import quantize_act_ref, quantize_weight
+    m, c = 1000, 700
+    x = _hard_operand(m, c, torch.bfloat16, seed=1)
+    w = _hard_operand(c, m, torch.float32, seed=2) * 0.01
+    args = (m + 8, 768, 1024, 768, 1024)
+    got = torch.compile(_quantize_all, fullgraph=True, dynamic=False)(x.cuda(), w.cuda(), *args)
+    xq, xs = quantize_act_ref(F.pad(x, (0, 768 - c, 0, 8)))
+    tq, ts = quantize_act_ref(F.pad(x, (0, 0, 0, 1024 - m)).t())
+    wq, ws = quantize_weight(F.pad(w, (0, 1024 - m, 0, 768 - c)))
+    names = ("row codes", "row scales", "token codes", "token scales", "weight codes", "weight scales")
+    for name, a, r in zip(names, got, (xq, xs.t(), tq, ts.t(), wq, ws)):
+        assert torch.equal(_bits(a.cpu()), _bits(r)), name
+
+
+@pytest.mark.gpu
+def test_compiled_fp8_linear_equals_eager_on_gpu():
+    """Two FP8 linears compiled whole by inductor (fullgraph: no graph break; torch-op quantizers, the GEMM a
+    custom op) give the eager result (Triton quantizers, same cuBLAS GEMMs) and its gradients."""
+    from dsv3.train.fp8_linear import FP8Linear
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(FP8Linear(1000, 768, emulate=False), FP8Linear(768, 1000, emulate=False)).cuda()
+    x = torch.randn(4, 333, 1000, device="cuda")
+
+    def run(fn):
+        net.zero_grad()
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = fn(xx)
+        y.float().square().sum().backward()
+        return [y.detach(), xx.grad, *(p.grad.clone() for p in net.parameters())]
+
+    eager = run(net)
+    compiled = run(torch.compile(net, fullgraph=True))
+    assert not fp8_gemms.refused, fp8_gemms.refused
+    for name, a, b in zip(("y", "dx", "dW1", "dW2"), compiled, eager):
+        print(name, "bitwise equal" if torch.equal(a, b) else f"relative difference {_rel(a, b):.2e}")
+        assert _rel(a, b) < 1e-5, name

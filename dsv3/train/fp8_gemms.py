@@ -1,4 +1,6 @@
-"""The three FP8 GEMMs of a training linear on CUDA, through cuBLAS block-scaled FP8 (`F.scaled_mm`).
+"""The three FP8 GEMMs of a training linear: quantizers in plain torch ops and the block-scaled GEMM as an
+opaque custom op (`torch.ops.dsv3.fp8_scaled_mm`, cuBLAS `F.scaled_mm` on Hopper), so that `torch.compile`
+traces a whole FP8 linear with no graph break and fuses each quantization into the kernel of its producer.
 
 DeepSeek-V3's tiles map onto cuBLAS's block-wise scaling recipes (Hopper, cuBLASLt >= 12.9):
 
@@ -13,17 +15,26 @@ Every contraction is zero-padded to a multiple of 512 (`ALIGN_K`; zero rows and 
 tile max-abs nor the sums): on the H200 (torch 2.11, CUDA 13) cuBLAS returned wrong results, up to inf, without
 an error when K/128 was not a multiple of 4 (found by the `dsv3.kernels.fp8` work: K = 256, 384, 640, 1152
 wrong; 512, 1024, 2048, 7168 right). Token counts are padded to a multiple of 16 (cuBLAS refused M = 65).
+The emulation (`emulate=True`, the CPU oracle) pads to 128 only.
 
-Scale layouts cuBLAS wants (checked by torch): a 1×128 scale of an `[R, C]` operand is `[R, C/128]` with
-stride `(1, R)`; a 128×128 scale of B `[K, N]` is `[ceil4(K/128), N/128]` with stride `(1, ceil4(K/128))`.
+Quantizers (`quantize_rows`: 1×128 tiles along a row; `quantize_tokens_t`: 128×1 tiles, codes written
+transposed; `quantize_weight_padded`: 128×128 blocks) equal `dsv3.kernels.fp8.quantize_act` /
+`quantize_weight` bit for bit: scale = IEEE float32 `amax / 448` (1 for all-zero tiles), codes =
+round-to-nearest-even(IEEE float32 `x / scale`) clamped to ±448. Under `torch.compile` they are torch ops, and
+inductor would otherwise turn the divisions into an approximate `div.full.f32` (and `/ 448` into a multiply by
+a rounded 1/448), so both go through float64: `f32(f64(x) * f64(1 / f64(scale)))` is the correctly rounded
+float32 quotient of two float32 numbers, because such a quotient is never an exact float32 midpoint and lies at
+least 2^-49 (relative) from every midpoint, while the float64 error is below 2^-51 (same for `amax / 448`).
+Run eagerly on CUDA the Triton kernels (`fp8_quant_triton`, `dsv3.kernels.fp8.quantize_act`) do the same
+arithmetic in one pass each; the first call per shape of each is checked against its input (`refused`).
 
-`blockwise_supported(device)` probes once whether the recipes run (an sm90 GPU and a torch/cuBLAS that has
-them; `probe_errors` says why not); `dsv3.train.fp8_linear` falls back to the Triton forward/dgrad kernels and
-an emulated wgrad otherwise. Guards, because cuBLAS's block-scaled support has refused or mis-computed some
-shapes on this stack: the first call per shape of each GEMM is checked against the float32 product of the
-same dequantized operands, and the first call per shape of each Triton quantizer against its input; a
-failure is recorded in `refused` and that shape takes the emulation / PyTorch path from then on.
-The emulated GEMMs of `fp8_linear` are the oracle these are tested against (tests/test_train_fp8_gemms.py).
+`torch.ops.dsv3.fp8_scaled_mm(a [M, K], b [N, K], a_scale_t [K/128, M], b_scale, b_blocks, out_dtype)`
+takes every operand row-major (cuBLAS's column-major B is `b.t()`): `b_scale` is `[N/128, K/128]` for 128×128
+blocks of b, else `[K/128, N]` (1×128 tiles of b, transposed like `a_scale_t`). On a GPU where
+`blockwise_supported` holds, it runs `F.scaled_mm`; the first call per shape is checked against the float32
+product of the same dequantized operands, and a refused or wrong shape (`refused`) takes the float32
+emulation (`emulated_mm`) from then on. Elsewhere it runs the Triton FP8 GEMM (other CUDA GPUs, 128×128 B)
+or the emulation. The emulated GEMMs of `fp8_linear` are the oracle (tests/test_train_fp8_gemms.py).
 """
 
 from __future__ import annotations
@@ -33,41 +44,70 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from dsv3.kernels.fp8 import quantize_act, quantize_weight
+from dsv3.kernels.fp8 import FP8_DTYPE, FP8_MAX, quantize_act
 from dsv3.train import fp8_quant_triton
 
 BLOCK = 128
-ALIGN_K = 512  # every contraction padded to a multiple of this (see the module docstring)
+ALIGN_K = 512  # every contraction of the cuBLAS path padded to a multiple of this (see the module docstring)
+ALIGN_M = 16  # rows of A on the cuBLAS path
 
 
 def _ceil(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _pad_cols(x: torch.Tensor, cols: int) -> torch.Tensor:
-    """`[R, C]` -> `[R, cols]` with zero columns appended (no copy when already that wide)."""
-    return x if x.shape[1] == cols else F.pad(x, (0, cols - x.shape[1]))
+def _pad2(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """`[R, C]` -> `[rows, cols]` with zeros appended (no copy when already that size)."""
+    if x.shape[0] == rows and x.shape[1] == cols:
+        return x
+    return F.pad(x, (0, cols - x.shape[1], 0, rows - x.shape[0]))
 
 
-def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
-    return x if x.shape[0] == rows else F.pad(x, (0, 0, 0, rows - x.shape[0]))
+# ---------------------------------------------------------------- quantizers in torch ops (traceable)
+
+def _scale(amax: torch.Tensor) -> torch.Tensor:
+    """float32 max-abs -> IEEE float32 `amax / 448`, 1 where the tile is all zeros."""
+    s = (amax.to(torch.float64) / FP8_MAX).to(torch.float32)
+    return torch.where(s > 0, s, torch.ones_like(s))
 
 
-def _col_major(s: torch.Tensor) -> torch.Tensor:
-    """A 1×128 scale `[R, T]` with stride `(1, R)` (a view when it already is)."""
-    s = s.to(torch.float32)
-    return s if s.stride(0) == 1 and (s.shape[1] == 1 or s.stride(1) == s.shape[0]) else s.t().contiguous().t()
+def _codes(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """e4m3 of IEEE float32 `x / scale` (x float32, scale broadcastable), clamped to ±448."""
+    q = (x.to(torch.float64) * scale.to(torch.float64).reciprocal()).to(torch.float32)
+    return q.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
-def _block_scale(s: torch.Tensor) -> torch.Tensor:
-    """128×128 scales `[out_blocks, contraction_blocks]` -> cuBLAS's B layout `[ceil4(cb), out_blocks]`,
-    stride `(1, ceil4(cb))` (the contraction blocks zero-padded to a multiple of 4)."""
-    s = s.to(torch.float32)
-    return _pad_cols(s, _ceil(s.shape[1], 4)).contiguous().t()
+def quantize_rows_torch(x: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x `[R, C]` zero-padded to `[rows, cols]` (cols a multiple of 128), 1×128 tiles along each row ->
+    codes `[rows, cols]` e4m3 and scales transposed `[cols/128, rows]` float32 (contiguous)."""
+    t = _pad2(x, rows, cols).to(torch.float32).view(rows, cols // BLOCK, BLOCK)  # [R', Cb, 128]
+    s = _scale(t.abs().amax(dim=-1))  # [R', Cb]
+    return _codes(t, s[..., None]).view(rows, cols), s.t().contiguous()
 
+
+def quantize_tokens_t_torch(x: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x `[M, C]` zero-padded to `rows` tokens (a multiple of 128), 128×1 tiles (128 tokens of a channel) ->
+    codes transposed `[C, rows]` e4m3 and scales `[rows/128, C]` float32 (the transposed layout of the codes'
+    1×128 scales)."""
+    c = x.shape[1]
+    t = _pad2(x, rows, c).to(torch.float32).view(rows // BLOCK, BLOCK, c)  # [Mb, 128, C]
+    s = _scale(t.abs().amax(dim=1))  # [Mb, C]
+    return _codes(t, s[:, None, :]).view(rows, c).t().contiguous(), s
+
+
+def quantize_blocks_torch(w: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w `[N, K]` zero-padded to `[rows, cols]` (multiples of 128), 128×128 blocks -> codes `[rows, cols]`
+    e4m3 and scales `[rows/128, cols/128]` float32."""
+    t = _pad2(w, rows, cols).to(torch.float32).view(rows // BLOCK, BLOCK, cols // BLOCK, BLOCK)
+    s = _scale(t.abs().amax(dim=(1, 3)))  # [Nb, Kb]
+    return _codes(t, s[:, None, :, None]).view(rows, cols), s
+
+
+# ---------------------------------------------------------------- dispatch: Triton kernels when eager on CUDA
 
 def _use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda and fp8_quant_triton.available()
+    """The one-pass Triton quantizers: eager CUDA only (compiled graphs use the torch ops, fused by inductor)."""
+    return t.is_cuda and not torch.compiler.is_compiling() and fp8_quant_triton.available()
 
 
 def _kernel_ok(kind: str, x: torch.Tensor, deq: torch.Tensor) -> bool:
@@ -88,118 +128,177 @@ def _kernel_ok(kind: str, x: torch.Tensor, deq: torch.Tensor) -> bool:
     return True
 
 
-def quantize_weight_padded(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _known_good(kind: str, x: torch.Tensor) -> bool:
+    key = (kind, x.device.index, tuple(x.shape), x.dtype)
+    return key in _checked and key not in refused
+
+
+def quantize_rows(x: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_rows_torch`, through the Triton activation quantizer when eager on CUDA."""
+    if _use_triton(x) and cols % BLOCK == 0:
+        q, s = quantize_act(_pad2(x, rows, cols), BLOCK)  # Triton on CUDA; s: [rows, cols/128] column-major
+        return q, s.t().contiguous()
+    return quantize_rows_torch(x, rows, cols)
+
+
+def quantize_tokens_t(x: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_tokens_t_torch`, in one Triton pass when eager on CUDA (checked on its first call per shape)."""
+    if _use_triton(x) and rows == _ceil(x.shape[0], ALIGN_K):
+        q, s = fp8_quant_triton.quantize_tokens_t(x, ALIGN_K)  # [C, rows], [C, rows/128] stride (1, C)
+        if _known_good("tokens", x):
+            return q, s.t()
+        deq = (q.float() * s.repeat_interleave(BLOCK, 1)).t()[: x.shape[0]]  # [M, C]
+        if _kernel_ok("tokens", x, deq):
+            return q, s.t()
+    return quantize_tokens_t_torch(x, rows)
+
+
+def quantize_weight_padded(w: torch.Tensor, align: int = ALIGN_K) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """W `[N, K]` -> e4m3 codes `[N', K']`, the same codes transposed `[K', N']` (contiguous, for dgrad) and
-    128×128 scales `[N'/128, K'/128]`; both dims zero-padded to multiples of `ALIGN_K` (each is a contraction:
-    K of the forward, N of dgrad; padding blocks are zeros). One Triton pass on CUDA."""
+    128×128 scales `[N'/128, K'/128]`; both dims zero-padded to multiples of `align` (each is a contraction:
+    K of the forward, N of dgrad; padding blocks are zeros). One Triton pass when eager on CUDA."""
     w = w.detach()
     n, k = w.shape
-    if _use_triton(w):
-        w_q, w_qt, w_s = fp8_quant_triton.quantize_weight_t(w, ALIGN_K)
-        key = ("weight", w.device.index, tuple(w.shape), w.dtype)
-        if key in _checked and key not in refused:
+    rows, cols = _ceil(n, align), _ceil(k, align)
+    if _use_triton(w) and align % BLOCK == 0:
+        w_q, w_qt, w_s = fp8_quant_triton.quantize_weight_t(w, align)
+        if _known_good("weight", w):
             return w_q, w_qt, w_s
         deq = (w_q.float() * w_s.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1))[:n, :k]
         if _kernel_ok("weight", w, deq):  # the transpose is a copy of these codes (fp8_quant_triton)
             return w_q, w_qt, w_s
-    w_q, w_s = quantize_weight(_pad_rows(_pad_cols(w, _ceil(k, ALIGN_K)), _ceil(n, ALIGN_K)), BLOCK)
+    w_q, w_s = quantize_blocks_torch(w, rows, cols)
     return w_q, w_q.t().contiguous(), w_s
 
 
-def quantize_tokens_t(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x `[M, C]` in 128×1 tiles (128 tokens of a channel) -> codes transposed `[C, M']` and scales
-    `[C, M'/128]` (M' = M rounded up to `ALIGN_K`; padding tokens are zeros). One Triton pass on CUDA."""
-    if _use_triton(x):
-        q, s = fp8_quant_triton.quantize_tokens_t(x, ALIGN_K)
-        key = ("tokens", x.device.index, tuple(x.shape), x.dtype)
-        if key in _checked and key not in refused:
-            return q, s
-        deq = (q.float() * s.repeat_interleave(BLOCK, 1)).t()[: x.shape[0]]  # [M, C]
-        if _kernel_ok("tokens", x, deq):
-            return q, s
-    return quantize_act(_pad_rows(x, _ceil(x.shape[0], ALIGN_K)).t(), BLOCK)
+# ---------------------------------------------------------------- the GEMM: emulation and the custom op
+
+def _dequant_b(b: torch.Tensor, b_scale: torch.Tensor, b_blocks: bool) -> torch.Tensor:
+    """b `[N, K]` codes -> float32 with its scales (128×128 blocks `[ceil(N/128), K/128]`, or 1×128 tiles
+    transposed `[K/128, N]`)."""
+    n, k = b.shape
+    kb = k // BLOCK
+    if b_blocks:
+        nb = b_scale.shape[0]
+        per = b_scale[:, None, :, None].expand(nb, BLOCK, kb, BLOCK).reshape(nb * BLOCK, k)[:n]  # [N, K]
+    else:
+        per = b_scale.t()[:, :, None].expand(n, kb, BLOCK).reshape(n, k)  # [N, K]
+    return b.to(torch.float32) * per
 
 
-def gemm_forward(x: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor, n: int,
-                 out_dtype: torch.dtype) -> torch.Tensor:
-    """x `[M, K]` (high precision) quantized in 1×128 tiles, times padded FP8 Wᵀ -> `[M, n]` `out_dtype`."""
-    m = x.shape[0]
-    x_q, x_s = quantize_act(_pad_rows(_pad_cols(x, w_q.shape[1]), _ceil(m, 16)), BLOCK)  # [M', K'], [M', K'/128]
-    y = _scaled_mm(x_q, w_q.t(), _col_major(x_s), F.ScalingType.BlockWise1x128,
-                   _block_scale(w_s), F.ScalingType.BlockWise128x128, out_dtype)  # [M', N']
-    return y if y.shape == (m, n) else y[:m, :n]
+def emulated_mm(a: torch.Tensor, b: torch.Tensor, a_scale_t: torch.Tensor, b_scale: torch.Tensor,
+                b_blocks: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """What `fp8_scaled_mm` computes, in float32 from the dequantized codes: a `[M, K]`, b `[N, K]`
+    (K a multiple of 128) -> `[M, N]` in `out_dtype`."""
+    m, k = a.shape
+    a_f = (a.to(torch.float32).view(m, k // BLOCK, BLOCK) * a_scale_t.t()[:, :, None]).view(m, k)  # [M, K]
+    return (a_f @ _dequant_b(b, b_scale, b_blocks).t()).to(out_dtype)
 
 
-def gemm_dgrad(dy: torch.Tensor, w_qt: torch.Tensor, w_s: torch.Tensor, k: int,
-               out_dtype: torch.dtype) -> torch.Tensor:
-    """dy `[M, N]` quantized in 1×128 tiles along N, times padded FP8 W (given as its transpose `[K', N']`)
-    -> dx `[M, k]`."""
-    m = dy.shape[0]
-    dy_q, dy_s = quantize_act(_pad_rows(_pad_cols(dy, w_qt.shape[1]), _ceil(m, 16)), BLOCK)  # [M', N'], [M', N'/128]
-    dx = _scaled_mm(dy_q, w_qt.t(), _col_major(dy_s), F.ScalingType.BlockWise1x128,
-                    _block_scale(w_s.t()), F.ScalingType.BlockWise128x128, out_dtype)  # [M', K']
-    return dx if dx.shape == (m, k) else dx[:m, :k]
+@torch.library.custom_op("dsv3::fp8_scaled_mm", mutates_args=())
+def fp8_scaled_mm(a: torch.Tensor, b: torch.Tensor, a_scale_t: torch.Tensor, b_scale: torch.Tensor,
+                  b_blocks: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """Block-scaled FP8 `a bᵀ` with fp32 accumulation: a `[M, K]`, b `[N, K]` e4m3 (row-major), a's 1×128
+    scales transposed `[K/128, M]`, b's scales `[N/128, K/128]` (`b_blocks`) or `[K/128, N]` -> `[M, N]`."""
+    a, b, a_scale_t, b_scale = a.contiguous(), b.contiguous(), a_scale_t.contiguous(), b_scale.contiguous()
+    if blockwise_supported(a.device):
+        return _scaled_mm(a, b, a_scale_t, b_scale, b_blocks, out_dtype)
+    if a.is_cuda and b_blocks and b.shape[0] % BLOCK == 0:
+        from dsv3.kernels.fp8 import fp8_gemm  # Triton on sm89+, the PyTorch reference otherwise
+        return fp8_gemm(a, a_scale_t.t(), b, b_scale, out_dtype=out_dtype)
+    return emulated_mm(a, b, a_scale_t, b_scale, b_blocks, out_dtype)
 
 
-def gemm_wgrad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """dW `[N, K]` float32 `= dyᵀ x` with dy `[M, N]` and x `[M, K]` quantized in 128×1 tiles (128 tokens
-    per channel); the token count (the contraction) is zero-padded to a multiple of `ALIGN_K`."""
-    dy_t, dy_ts = quantize_tokens_t(dy)  # [N, M'], [N, M'/128]
-    x_t, x_ts = quantize_tokens_t(x)  # [K, M'], [K, M'/128]
-    return _scaled_mm(dy_t, x_t.t(), _col_major(dy_ts), F.ScalingType.BlockWise1x128,
-                      _col_major(x_ts), F.ScalingType.BlockWise1x128, torch.float32)  # [N, K]
+@fp8_scaled_mm.register_fake
+def _(a, b, a_scale_t, b_scale, b_blocks, out_dtype):
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
 
 
-# (device, recipes, A shape, B shape, out dtype) -> why cuBLAS's result was refused there (diagnostics)
+def _block_scale(s: torch.Tensor) -> torch.Tensor:
+    """128×128 scales `[out_blocks, contraction_blocks]` -> cuBLAS's B layout `[ceil4(cb), out_blocks]`,
+    stride `(1, ceil4(cb))` (the contraction blocks zero-padded to a multiple of 4)."""
+    cb = s.shape[1]
+    return (s if cb % 4 == 0 else F.pad(s, (0, -cb % 4))).contiguous().t()
+
+
+def _scaled_mm(a, b, a_scale_t, b_scale, b_blocks: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """`F.scaled_mm` in `out_dtype` (bf16 then a cast where cuBLAS offers no float32 output). The first call
+    per (device, recipe, shapes, dtype) is checked against the float32 product of the same dequantized
+    operands on up to 128 rows; a refused or wrong (non-finite, relative error > 1e-2) result is remembered
+    in `refused` and that shape is computed by `emulated_mm` from then on."""
+    key = (a.device.index, bool(b_blocks), tuple(a.shape), tuple(b.shape), out_dtype)
+    if key in refused:
+        return emulated_mm(a, b, a_scale_t, b_scale, b_blocks, out_dtype)
+    direct = out_dtype != torch.float32 or a.device.type != "cuda" or _fp32_out(a.device.index)
+    recipe_b = F.ScalingType.BlockWise128x128 if b_blocks else F.ScalingType.BlockWise1x128
+    scale_b = _block_scale(b_scale) if b_blocks else b_scale.t()
+    try:
+        y = F.scaled_mm(a, b.t(), a_scale_t.t(), F.ScalingType.BlockWise1x128, scale_b, recipe_b,
+                        output_dtype=out_dtype if direct else torch.bfloat16)
+    except (RuntimeError, ValueError, NotImplementedError) as e:
+        refused[key] = f"{type(e).__name__}: {e}"[:300]
+        return emulated_mm(a, b, a_scale_t, b_scale, b_blocks, out_dtype)
+    y = y if direct else y.to(out_dtype)
+    if key not in _checked:
+        _checked.add(key)
+        rows = min(128, a.shape[0])
+        ref = emulated_mm(a[:rows], b, a_scale_t[:, :rows], b_scale, b_blocks, torch.float32)
+        err = float((y[:rows].float() - ref).norm() / ref.norm().clamp_min(1e-30))
+        if not (err < 1e-2 and bool(torch.isfinite(y).all())):
+            refused[key] = f"relative error {err:.3g} against the dequantized product (or non-finite output)"
+            return emulated_mm(a, b, a_scale_t, b_scale, b_blocks, out_dtype)
+    return y
+
+
+# (kind or device, recipe, shapes, dtype) -> why a Triton quantizer or cuBLAS result was refused (diagnostics)
 refused: dict[tuple, str] = {}
 _checked: set[tuple] = set()
 
 
-def _dequantized(a, b, scale_a, scale_b, recipe_b, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The float32 values the product multiplies: A's first `rows` rows `[rows, K]` and B `[K, N]`."""
-    k, n = a.shape[1], b.shape[1]
-    a_f = a[:rows].float() * scale_a[:rows].repeat_interleave(BLOCK, dim=1)[:, :k]
-    if recipe_b == F.ScalingType.BlockWise128x128:
-        per = scale_b[: -(-k // BLOCK)].repeat_interleave(BLOCK, dim=0)[:k].repeat_interleave(BLOCK, dim=1)[:, :n]
-    else:  # 1x128 along K, one row of scales per output column
-        per = scale_b.t().repeat_interleave(BLOCK, dim=0)[:k]
-    return a_f, b.float() * per
+# ---------------------------------------------------------------- the three GEMMs of a linear
+
+def _gemm(emulate: bool):
+    return emulated_mm if emulate else torch.ops.dsv3.fp8_scaled_mm
 
 
-def _scaled_mm(a, b, scale_a, recipe_a, scale_b, recipe_b, out_dtype: torch.dtype) -> torch.Tensor:
-    """`F.scaled_mm` in `out_dtype` (bf16 then a cast where cuBLAS offers no float32 output). The first call
-    per (device, recipes, shapes, dtype) is checked against the float32 product of the same dequantized
-    operands on up to 128 rows; a refused or wrong (non-finite, relative error > 1e-2) result is remembered
-    in `refused` and that shape is computed by the float32 emulation from then on."""
-    key = (a.device.index, int(recipe_a), int(recipe_b), tuple(a.shape), tuple(b.shape), out_dtype)
-    if key in refused:
-        a_f, b_f = _dequantized(a, b, scale_a, scale_b, recipe_b, a.shape[0])
-        return (a_f @ b_f).to(out_dtype)
-    direct = out_dtype != torch.float32 or a.device.type != "cuda" or _fp32_out(a.device.index)
-    try:
-        y = F.scaled_mm(a, b, scale_a, recipe_a, scale_b, recipe_b,
-                        output_dtype=out_dtype if direct else torch.bfloat16)
-    except (RuntimeError, ValueError, NotImplementedError) as e:
-        refused[key] = f"{type(e).__name__}: {e}"[:300]
-        return _scaled_mm(a, b, scale_a, recipe_a, scale_b, recipe_b, out_dtype)
-    y = y if direct else y.float()
-    if key not in _checked:
-        _checked.add(key)
-        rows = min(128, a.shape[0])
-        a_f, b_f = _dequantized(a, b, scale_a, scale_b, recipe_b, rows)
-        ref = a_f @ b_f
-        err = float((y[:rows].float() - ref).norm() / ref.norm().clamp_min(1e-30))
-        if not (err < 1e-2 and bool(torch.isfinite(y).all())):
-            refused[key] = f"relative error {err:.3g} against the dequantized product (or non-finite output)"
-            return _scaled_mm(a, b, scale_a, recipe_a, scale_b, recipe_b, out_dtype)
-    return y
+def gemm_forward(x: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor, n: int, out_dtype: torch.dtype,
+                 emulate: bool = False) -> torch.Tensor:
+    """x `[M, K]` (high precision) quantized in 1×128 tiles, times the padded FP8 W `[N', K']` (from
+    `quantize_weight_padded`) -> `[M, n]` `out_dtype`."""
+    m = x.shape[0]
+    x_q, x_st = quantize_rows(x, m if emulate else _ceil(m, ALIGN_M), w_q.shape[1])  # [M', K'], [K'/128, M']
+    nb = -(-n // BLOCK)  # only the 128-row blocks of W that hold real outputs
+    y = _gemm(emulate)(x_q, w_q[: nb * BLOCK], x_st, w_s[:nb].contiguous(), True, out_dtype)  # [M', nb*128]
+    return y if y.shape == (m, n) else y[:m, :n]
 
+
+def gemm_dgrad(dy: torch.Tensor, w_qt: torch.Tensor, w_s: torch.Tensor, k: int, out_dtype: torch.dtype,
+               emulate: bool = False) -> torch.Tensor:
+    """dy `[M, N]` quantized in 1×128 tiles along N, times the padded FP8 W (given as its transpose
+    `[K', N']`, scales `[N'/128, K'/128]`) -> dx `[M, k]`."""
+    m = dy.shape[0]
+    dy_q, dy_st = quantize_rows(dy, m if emulate else _ceil(m, ALIGN_M), w_qt.shape[1])  # [M', N'], [N'/128, M']
+    kb = -(-k // BLOCK)
+    dx = _gemm(emulate)(dy_q, w_qt[: kb * BLOCK], dy_st, w_s.t()[:kb].contiguous(), True, out_dtype)  # [M', kb*128]
+    return dx if dx.shape == (m, k) else dx[:m, :k]
+
+
+def gemm_wgrad(dy: torch.Tensor, x: torch.Tensor, emulate: bool = False) -> torch.Tensor:
+    """dW `[N, K]` float32 `= dyᵀ x` with dy `[M, N]` and x `[M, K]` quantized in 128×1 tiles (128 tokens
+    per channel); the token count (the contraction) is zero-padded to a multiple of `ALIGN_K` (128 emulated)."""
+    rows = _ceil(dy.shape[0], BLOCK if emulate else ALIGN_K)
+    dy_t, dy_s = quantize_tokens_t(dy, rows)  # [N, M'], [M'/128, N]
+    x_t, x_s = quantize_tokens_t(x, rows)  # [K, M'], [M'/128, K]
+    return _gemm(emulate)(dy_t, x_t, dy_s, x_s, False, torch.float32)  # [N, K]
+
+
+# ---------------------------------------------------------------- what the GPU supports
 
 @functools.cache
 def _fp32_out(device_index: int) -> bool:
     try:
         device = torch.device("cuda", device_index)
-        a = torch.ones(128, 128, device=device).to(torch.float8_e4m3fn)
+        a = torch.ones(128, 128, device=device).to(FP8_DTYPE)
         s = torch.ones(128, 1, device=device)
         F.scaled_mm(a, a.t(), s, F.ScalingType.BlockWise1x128, s, F.ScalingType.BlockWise1x128,
                     output_dtype=torch.float32)
@@ -218,11 +317,14 @@ def _probe(device_index: int) -> bool:
         return False
     try:
         device = torch.device("cuda", device_index)
-        x = torch.randn(256, 256, device=device)
-        w_q, w_qt, w_s = quantize_weight_padded(torch.randn(128, 256, device=device))
-        gemm_forward(x, w_q, w_s, 128, torch.bfloat16)
-        gemm_dgrad(torch.randn(256, 128, device=device), w_qt, w_s, 256, torch.bfloat16)
-        gemm_wgrad(torch.randn(256, 128, device=device), x)
+        w_raw = torch.randn(128, 512, device=device)
+        a, a_st = quantize_rows_torch(torch.randn(256, 512, device=device), 256, 512)  # [256, 512], [4, 256]
+        w, w_s = quantize_blocks_torch(w_raw, 128, 512)  # [128, 512], [1, 4]
+        F.scaled_mm(a, w.t(), a_st.t(), F.ScalingType.BlockWise1x128, _block_scale(w_s),
+                    F.ScalingType.BlockWise128x128, output_dtype=torch.bfloat16)
+        w_r, w_rst = quantize_rows_torch(w_raw, 128, 512)  # [128, 512], [4, 128]
+        F.scaled_mm(w_r, a.t(), w_rst.t(), F.ScalingType.BlockWise1x128, a_st.t(),
+                    F.ScalingType.BlockWise1x128, output_dtype=torch.bfloat16)
         torch.cuda.synchronize(device)
         return True
     except (RuntimeError, NotImplementedError, ValueError, AttributeError) as e:
