@@ -76,3 +76,22 @@ def test_balance_loss_sums_every_moe_layer_with_its_sequence_length():
     assert abs(got.item() - expected) < 1e-6
     got.backward()
     assert all(g.weight.grad is not None and g.weight.grad.abs().sum() > 0 for g in gates)
+
+
+def test_compiled_losses_equal_eager_values_and_gradients():
+    """The trainer compiles the CE and the balance loss with `--compile`: same values and gradients."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 7, 33, dtype=torch.bfloat16)
+    targets = torch.randint(0, 33, (2, 7))
+    targets[0, 3] = -100
+    scores = torch.rand(14, 8)
+    indices = scores.topk(2, dim=-1)[1]
+    outs = []
+    for ce, bal in ((next_token_loss, sequence_balance_loss),
+                    (torch.compile(next_token_loss, dynamic=False), torch.compile(sequence_balance_loss, dynamic=False))):
+        lg, sc = logits.clone().requires_grad_(), scores.clone().requires_grad_()
+        loss = ce(lg, targets) + bal(sc, indices, 7, 2, 0.01)
+        loss.backward()
+        outs.append((loss, lg.grad.float(), sc.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

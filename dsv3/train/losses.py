@@ -27,11 +27,12 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
-def mtp_losses(mtp_logits: list[torch.Tensor], targets: torch.Tensor) -> list[torch.Tensor]:
-    """CE_k for each depth k = 1..D: logits `[B, T - k, V]` against `targets[:, k:]` `[B, T - k]`."""
+def mtp_losses(mtp_logits: list[torch.Tensor], targets: torch.Tensor, ce=next_token_loss) -> list[torch.Tensor]:
+    """CE_k for each depth k = 1..D: logits `[B, T - k, V]` against `targets[:, k:]` `[B, T - k]` (through
+    `ce`, `next_token_loss` or its compiled form)."""
     out = []
     for k, logits in enumerate(mtp_logits, start=1):
-        out.append(next_token_loss(logits, targets[:, k:]))
+        out.append(ce(logits, targets[:, k:]))
     return out
 
 
@@ -73,13 +74,13 @@ def gate_seq_lens(model: nn.Module, seq_len: int) -> list[int]:
     return lens
 
 
-def model_balance_loss(model: nn.Module, seq_len: int, alpha: float) -> torch.Tensor:
-    """Sum over every MoE layer (main and MTP) of `sequence_balance_loss`, from the routing of the last
-    forward pass on sequences of length `seq_len`."""
+def model_balance_loss(model: nn.Module, seq_len: int, alpha: float, layer_loss=sequence_balance_loss) -> torch.Tensor:
+    """Sum over every MoE layer (main and MTP) of `sequence_balance_loss` (or `layer_loss`, e.g. its compiled
+    form), from the routing of the last forward pass on sequences of length `seq_len`."""
     total = None
     for gate, n in zip(moe_gates(model), gate_seq_lens(model, seq_len)):
         if gate.last_scores is None:
             raise ValueError("a MoE gate has no routing recorded: run a forward pass first")
-        loss = sequence_balance_loss(gate.last_scores, gate.last_indices, n, gate.topk, alpha)
+        loss = layer_loss(gate.last_scores, gate.last_indices, n, gate.topk, alpha)
         total = loss if total is None else total + loss
     return total if total is not None else torch.zeros(())

@@ -42,7 +42,7 @@ from dsv3.train.balance import BiasBalancer
 from dsv3.train.expert_parallel import (clip_grad_norm_ep, expert_parameter_names, gather_full_state,
                                         gather_optimizer_state, load_optimizer_state, shard_experts)
 from dsv3.train.fsdp import full_model_state, full_optimizer_state, is_sharded, load_full_optimizer_state
-from dsv3.train.losses import model_balance_loss, mtp_losses, next_token_loss
+from dsv3.train.losses import model_balance_loss, mtp_losses, next_token_loss, sequence_balance_loss
 from dsv3.train.optim import build_optimizer, build_scheduler, clip_in_fused_step, lr_at
 from dsv3.train.parallelize import all_reduce_mean, init_distributed, parallelize, resolve_device
 
@@ -250,6 +250,10 @@ class Trainer:
                                   data_parallel="ddp" if self.ep else cfg.data_parallel,
                                   ddp_ignore=expert_parameter_names(self.model) if self.ep else ())
         self.sharded = is_sharded(self.model)
+        # with --compile the losses fuse too: the CE reads the bf16 logits once instead of via float32 copies
+        self.ce = torch.compile(next_token_loss, dynamic=False) if cfg.compile else next_token_loss
+        self.balance_loss = (torch.compile(sequence_balance_loss, dynamic=False) if cfg.compile
+                             else sequence_balance_loss)
         self.optimizer = build_optimizer(self.model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay, cfg.eps)
         self.scheduler = build_scheduler(self.optimizer, cfg.lr, cfg.warmup_steps, cfg.stable_steps,
                                          cfg.decay_steps, cfg.final_lr)
@@ -373,10 +377,11 @@ class Trainer:
     def _losses(self, inputs: torch.Tensor, targets: torch.Tensor, mtp_weight: float) -> tuple[torch.Tensor, ...]:
         with self._autocast():
             logits, mtp_logits = self.module(inputs, return_mtp=True, absorb=False)
-        ce = next_token_loss(logits, targets)
-        per_depth = mtp_losses(mtp_logits, targets)
+        ce = self.ce(logits, targets)
+        per_depth = mtp_losses(mtp_logits, targets, self.ce)
         mtp = torch.stack(per_depth).mean() if per_depth else torch.zeros((), device=ce.device)
-        balance = model_balance_loss(self.model, inputs.shape[1], self.cfg.balance_alpha).to(ce.device)
+        balance = model_balance_loss(self.model, inputs.shape[1], self.cfg.balance_alpha,
+                                     self.balance_loss).to(ce.device)
         return ce + mtp_weight * mtp + balance, ce, mtp, balance
 
     def train_step(self) -> dict:
