@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 import torch
 
@@ -80,22 +81,28 @@ def bench_gemm(name: str, m: int, n: int, k: int, offsets: torch.Tensor, rep_ms:
             "quant_w": lambda: K.quant_weight(w32.detach()),
             "quant_dy_rows_cols": lambda: K.quant_act(dy, offsets),
         }
-        for v in ("ptr", "tma"):
+        parts["quant_x_rows_cols_4warps"] = lambda: K.quant_act(xd, offsets, num_warps=4)
+        for v in ("ptr", "tma", "persist"):
             parts[f"fwd_gemm_{v}"] = lambda v=v: K.grouped_gemm(q, s, wq, ws, offsets, torch.bfloat16, variant=v)
             parts[f"dgrad_gemm_{v}"] = lambda v=v: K.grouped_gemm(dq, ds, wqt, ws, offsets, torch.bfloat16,
                                                                   transpose_b_scales=True, variant=v)
-            parts[f"wgrad_gemm_{v}"] = lambda v=v: K.grouped_wgrad(dqt, dst, qt, st, offsets, m, variant=v)
+            if v != "persist":
+                parts[f"wgrad_gemm_{v}"] = lambda v=v: K.grouped_wgrad(dqt, dst, qt, st, offsets, m, variant=v)
         breakdown = {p: round(_bench_ms(fn, rep_ms), 4) for p, fn in parts.items()}
-    auto_tma = K.AUTO_TMA
-    K.AUTO_TMA = not auto_tma  # the whole op with the other load variant
-    t["fp8_other"] = _bench_ms(fp8, rep_ms, (x, w16, w32))
-    K.AUTO_TMA = auto_tma
+    # host time of one fp8 forward + backward (launch overhead; the GPU runs behind it)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        fp8()
+        x.grad = w32.grad = None
+    host_ms = (time.perf_counter() - start) * 100
+    torch.cuda.synchronize()
     flop = 2 * m * n * k
     tflops = {p: round(flop / (breakdown[p] * 1e9), 1) for p in breakdown if "gemm" in p}
     return {
         "case": name, "M": m, "N": n, "K": k, "E": experts,
         "bf16_ms": round(t["bf16"], 4), "bf16_cast_ms": round(t["bf16_cast"], 4), "fp8_ms": round(t["fp8"], 4),
-        f"fp8_{'ptr' if K.AUTO_TMA else 'tma'}_ms": round(t["fp8_other"], 4),
+        "fp8_host_ms": round(host_ms, 4), "fp8_auto": K.AUTO,
         "ratio": round(t["bf16"] / t["fp8"], 3), "ratio_vs_cast": round(t["bf16_cast"] / t["fp8"], 3),
         "bf16_tflops": round(3 * flop / (t["bf16"] * 1e9), 1), "fp8_tflops": round(3 * flop / (t["fp8"] * 1e9), 1),
         "bf16_peak_frac": round(3 * flop / (t["bf16"] * 1e9) / BF16_PEAK_TFLOPS, 3),
@@ -127,6 +134,58 @@ def bench_mlp(m: int, dim: int, inter: int, offsets: torch.Tensor, rep_ms: int) 
             "bf16_cast_ms": round(t16, 4), "fp8_ms": round(t8, 4), "ratio": round(t16 / t8, 3)}
 
 
+GEMM_SWEEP = [  # (kind, BLOCK_M, BLOCK_N, warps, stages, PIPE, FLATTEN, programs per SM)
+    *[("tma", bm, bn, w, st, pipe, False, 0) for bm, bn, st, w in
+      [(128, 128, 3, 8), (128, 256, 3, 8), (128, 128, 4, 8), (64, 256, 3, 8), (64, 128, 3, 4), (128, 128, 3, 4),
+       (64, 128, 4, 4)] for pipe in (False, True)],
+    *[("persist", bm, bn, w, st, pipe, flat, per_sm) for bm, bn, st, w in [(128, 128, 3, 8)]
+      for pipe in (False, True) for flat in (False, True) for per_sm in (1, 2)],
+]
+WGRAD_SWEEP = [(bn, bk, w, st, pipe) for bn, bk, st, w in
+               [(128, 128, 3, 8), (128, 256, 3, 8), (128, 128, 4, 8), (64, 256, 3, 8), (64, 128, 3, 4),
+                (128, 128, 3, 4), (64, 128, 4, 4)] for pipe in (False, True)]
+
+
+def sweep(m: int, n: int, k: int, offsets: torch.Tensor, rep_ms: int):
+    """Each GEMM kernel config alone on one shape: time, TFLOP/s, registers and spills (tuning aid)."""
+    dev = offsets.device
+    experts = offsets.shape[0]
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    dy = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(experts, n, k, device=dev) * k ** -0.5
+    q, s, qt, st = K.quant_act(x, offsets)
+    _, _, dqt, dst = K.quant_act(dy, offsets)
+    wq, _, ws = K.quant_weight(w)
+    ref = K.grouped_gemm(q, s, wq, ws, offsets, torch.float32, variant="ptr")
+    wref = K.grouped_wgrad(dqt, dst, qt, st, offsets, m, variant="ptr")
+    flop = 2 * m * n * k
+    runs = [("gemm", c) for c in GEMM_SWEEP] + [("wgrad", c) for c in WGRAD_SWEEP]
+    for op, c in runs:
+        if op == "gemm":
+            kind, bm, bn, warps, stages, pipe, flat, per_sm = c
+            cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages, "PIPE": pipe}
+            if kind == "persist":
+                cfg.update(FLATTEN=flat, programs_per_sm=per_sm)
+            fn = lambda: K.grouped_gemm(q, s, wq, ws, offsets, torch.float32, variant=kind, config=cfg)  # noqa: E731
+            want = ref
+        else:
+            bn, bk, warps, stages, pipe = c
+            kind = "tma"
+            cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages, "PIPE": pipe}
+            fn = lambda: K.grouped_wgrad(dqt, dst, qt, st, offsets, m, variant="tma", config=cfg)  # noqa: E731
+            want = wref
+        row = {"sweep": op, "M": m, "N": n, "K": k, "kind": kind, **cfg}
+        try:
+            err = _rel(fn(), want)
+            ms = _bench_ms(fn, rep_ms)
+            kern = K.LAST_KERNEL
+            row.update(ms=round(ms, 4), tflops=round(flop / (ms * 1e9), 1), rel_err_vs_ptr=round(err, 6),
+                       regs=getattr(kern, "n_regs", None), spills=getattr(kern, "n_spills", None))
+        except Exception as exc:  # a config that does not compile or run: say so, go on
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        print(json.dumps(row), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=32768, help="tokens per step (default 32768)")
@@ -135,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=1024, help="model width D (default 1024)")
     p.add_argument("--inter", type=int, default=512, help="expert intermediate width I (default 512)")
     p.add_argument("--rep-ms", type=int, default=200, help="timed milliseconds per measurement (default 200)")
+    p.add_argument("--sweep", action="store_true", help="also time every GEMM kernel config alone (default off)")
     args = p.parse_args(argv)
     if not (torch.cuda.is_available() and K.available()):
         print("fp8_grouped benchmark needs a CUDA GPU with Triton", file=sys.stderr)
@@ -146,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                       "triton": K.triton.__version__, "rows": m, "experts": args.experts,
                       "rows_per_expert_min_max": [int(counts.min()), int(counts.max())]}), flush=True)
+    if args.sweep:
+        sweep(m, 2 * args.inter, args.dim, offsets, args.rep_ms)
+        sweep(m, args.dim, args.inter, offsets, args.rep_ms)
     rows = [bench_gemm("w13", m, 2 * args.inter, args.dim, offsets, args.rep_ms),
             bench_gemm("w2", m, args.dim, args.inter, offsets, args.rep_ms)]
     for row in rows:

@@ -188,15 +188,20 @@ def test_triton_kernels_match_reference(device, counts, k, n):
     y_ref = G.fp8_grouped_mm_ref(xr, wr, offsets)
     y_ref.backward(dy)
     dq, ds, dqt, dst = K.quant_act(dyd, od)
-    for variant in ("ptr", "tma"):  # pointer loads, TMA tile loads
-        y = K.grouped_gemm(q, s, wq, ws, od, torch.float32, variant=variant)
-        dx = K.grouped_gemm(dq, ds, wqt, ws, od, torch.float32, transpose_b_scales=True, variant=variant)
-        dw = K.grouped_wgrad(dqt, dst, qt, st, od, m, variant=variant)
+    variants = [("ptr", None, None), ("tma", None, None)]  # pointer loads, TMA tile loads
+    if counts == CASES[0][0]:  # the persistent grid, the pipelined main loops, on the first case
+        variants += [("persist", None, None),
+                     ("persist", {"BLOCK_M": 64, "BLOCK_N": 128, "PIPE": True, "FLATTEN": True}, None),
+                     ("tma", {"BLOCK_M": 64, "BLOCK_N": 128, "PIPE": True}, {"BLOCK_N": 64, "BLOCK_K": 128, "PIPE": True})]
+    for variant, cfg, wcfg in variants:
+        y = K.grouped_gemm(q, s, wq, ws, od, torch.float32, variant=variant, config=cfg)
+        dx = K.grouped_gemm(dq, ds, wqt, ws, od, torch.float32, transpose_b_scales=True, variant=variant, config=cfg)
+        dw = K.grouped_wgrad(dqt, dst, qt, st, od, m, variant=variant, config=wcfg)
         # the interpreter sums in float32 like the reference; FP8 tensor cores accumulate 128-long blocks in
         # reduced precision (why the report promotes every 128 elements): normwise 1e-3 there
         tol = 1e-5 if device == "cpu" else 1e-3
         for got, want in ((y, y_ref), (dx, xr.grad), (dw, wr.grad)):
-            assert _rel(got.cpu(), want) < tol, variant
+            assert _rel(got.cpu(), want) < tol, (variant, cfg)
         for e in [i for i, c in enumerate(counts) if c == 0]:
             assert torch.all(dw[e] == 0)
 

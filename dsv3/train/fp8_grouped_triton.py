@@ -22,11 +22,14 @@ Scales: `s = amax / 448` (IEEE division; an all-zero tile gets 1), codes `x * (1
 after clamping to ±448; the PyTorch reference in `fp8_grouped.py` computes exactly this, bit for bit.
 Under `TRITON_INTERPRET=1` the kernels run on CPU tensors with one fixed config; the interpreter's float32 ->
 e4m3 cast drops the carry when rounding up across a power of two (-125.6 -> -64), so there (EXACT) the value is
-first rounded to the e4m3 grid with integer ops and the cast is exact.
+first rounded to the e4m3 grid with integer ops and the cast is exact. Byte outputs are stored as integers
+(the transposed tiles 4 rows to a uint32): with ptxas 12.9 a kernel that stores an fp8 tile both plainly and
+transposed can corrupt the transposed one (triton-lang/triton#11111, seen here on the H200: NaN codes).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -120,14 +123,19 @@ if triton is not None:
         ax = tl.abs(x)
         if ROWS:  # 1x128 tiles: per row, over these 128 columns
             s, inv = _scale(tl.max(ax, axis=1))
-            q = _to_e4m3(x * inv[:, None], EXACT)
+            q = _to_e4m3(x * inv[:, None], EXACT).to(tl.uint8, bitcast=True)
             tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q, mask=mask)
             tl.store(s_ptr + kb * stride_sk + rows, s, mask=rmask)
         if COLS:  # 128x1 tiles: per column, over this tile's rows (padding rows are zeros)
             s, inv = _scale(tl.max(ax, axis=0))
-            q = _to_e4m3(x * inv[None, :], EXACT)
-            slot = (t * BLOCK + r).to(tl.int64)
-            tl.store(qt_ptr + cols.to(tl.int64)[None, :] * stride_qtk + slot[:, None], q, mask=cmask[None, :])
+            q = _to_e4m3(x * inv[None, :], EXACT).to(tl.uint8, bitcast=True).to(tl.uint32)
+            # 4 consecutive rows -> one little-endian uint32, so the transpose moves 32-bit words, not bytes
+            q4 = tl.reshape(q, (BLOCK // 4, 4, BLOCK))  # [row groups, 4, cols]
+            shift = (tl.arange(0, 4) * 8).to(tl.uint32)
+            packed = tl.sum(q4 << shift[None, :, None], axis=1)  # [BLOCK / 4, BLOCK], disjoint bytes
+            slot = (t * (BLOCK // 4) + tl.arange(0, BLOCK // 4)).to(tl.int64)
+            tl.store(qt_ptr + cols.to(tl.int64)[None, :] * (stride_qtk // 4) + slot[:, None], packed,
+                     mask=cmask[None, :])
             tl.store(st_ptr + t * stride_stt + cols, s, mask=cmask)
 
     @triton.jit
@@ -146,7 +154,7 @@ if triton is not None:
         w = w.to(tl.float32)
         amax = tl.zeros((BLOCK,), tl.float32) + tl.max(tl.max(tl.abs(w), axis=1), axis=0)  # the block's, per row
         s, inv = _scale(amax)
-        q = _to_e4m3(w * inv[:, None], EXACT)
+        q = _to_e4m3(w * inv[:, None], EXACT).to(tl.uint8, bitcast=True)  # byte stores as integers (see above)
         tl.store(q_ptr + e * stride_qe + rows[:, None] * stride_qn + cols[None, :], q, mask=mask)
         tl.store(qt_ptr + e * stride_qte + cols[None, :] * stride_qtk + rows[:, None], q, mask=mask)
         tl.store(s_ptr + e * stride_se + nb * stride_sn + kb, tl.max(s, axis=0))
@@ -243,6 +251,7 @@ if triton is not None:
         E, N, K, M_BUCKET,
         stride_ask, stride_bse, stride_bsn, stride_bsk, stride_cm,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr,
+        PIPE: tl.constexpr = False,
     ):
         # _grouped_gemm_kernel with A and B tiles through TMA: b_desc views B as [E * N, K]; rows past the
         # expert (A) or past N (B, the next expert's) are read but never stored, reads past the end are zeros
@@ -260,17 +269,97 @@ if triton is not None:
         bs_base = bs_ptr + expert * stride_bse
         bs_ptrs = bs_base + ((offs_n % N) // BLOCK_K) * stride_bsn  # [BN]
         bs_ptr1 = bs_base + (pid_n * BLOCK_N // BLOCK_K) * stride_bsn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kt in range(0, tl.cdiv(K, BLOCK_K)):
-            a = a_desc.load([row0, kt * BLOCK_K])  # [BM, BK]
-            b = b_desc.load([row_b, kt * BLOCK_K])  # [BN, BK], K-major
-            a_s = tl.load(as_ptrs + kt * stride_ask)
-            if BLOCK_N <= BLOCK_K:
-                acc += tl.dot(a, b.T) * (a_s * tl.load(bs_ptr1 + kt * stride_bsk))[:, None]
-            else:
-                acc += tl.dot(a, b.T) * (a_s[:, None] * tl.load(bs_ptrs + kt * stride_bsk)[None, :])
+        acc = _tma_mainloop(a_desc, b_desc, as_ptrs, bs_ptrs, bs_ptr1, row0, row_b, K, stride_ask, stride_bsk,
+                            BLOCK_M, BLOCK_N, BLOCK_K, PIPE)
         c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < row_end) & (offs_n[None, :] < N))
+
+    @triton.jit
+    def _block_scales(as_ptrs, bs_ptrs, bs_ptr1, kt, stride_ask, stride_bsk, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+        """Row scales of A [BM] (times B's block scale when one block covers the tile) and B's column scales
+        [BN] (ones in that case) for K-block kt."""
+        a_s = tl.load(as_ptrs + kt * stride_ask)
+        if BLOCK_N <= BLOCK_K:
+            return a_s * tl.load(bs_ptr1 + kt * stride_bsk), tl.full((BLOCK_N,), 1.0, tl.float32)
+        return a_s, tl.load(bs_ptrs + kt * stride_bsk)
+
+    @triton.jit
+    def _tma_mainloop(a_desc, b_desc, as_ptrs, bs_ptrs, bs_ptr1, row0, row_b, K, stride_ask, stride_bsk,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PIPE: tl.constexpr):
+        """Σ over 128-blocks of K of the FP8 dot times its row and block scales (fp32 promotion per block).
+        PIPE: issue block kt's dot before promoting block kt-1's product (lets the two overlap)."""
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if PIPE:
+            p = tl.dot(a_desc.load([row0, 0]), b_desc.load([row_b, 0]).T)
+            sa, sb = _block_scales(as_ptrs, bs_ptrs, bs_ptr1, 0, stride_ask, stride_bsk, BLOCK_N, BLOCK_K)
+            for kt in range(1, tl.cdiv(K, BLOCK_K)):
+                p_next = tl.dot(a_desc.load([row0, kt * BLOCK_K]), b_desc.load([row_b, kt * BLOCK_K]).T)
+                if BLOCK_N <= BLOCK_K:
+                    acc += p * sa[:, None]
+                else:
+                    acc += p * (sa[:, None] * sb[None, :])
+                sa, sb = _block_scales(as_ptrs, bs_ptrs, bs_ptr1, kt, stride_ask, stride_bsk, BLOCK_N, BLOCK_K)
+                p = p_next
+            if BLOCK_N <= BLOCK_K:
+                acc += p * sa[:, None]
+            else:
+                acc += p * (sa[:, None] * sb[None, :])
+        else:
+            for kt in range(0, tl.cdiv(K, BLOCK_K)):
+                a = a_desc.load([row0, kt * BLOCK_K])  # [BM, BK]
+                b = b_desc.load([row_b, kt * BLOCK_K])  # [BN, BK], K-major
+                sa, sb = _block_scales(as_ptrs, bs_ptrs, bs_ptr1, kt, stride_ask, stride_bsk, BLOCK_N, BLOCK_K)
+                if BLOCK_N <= BLOCK_K:
+                    acc += tl.dot(a, b.T) * sa[:, None]
+                else:
+                    acc += tl.dot(a, b.T) * (sa[:, None] * sb[None, :])
+        return acc
+
+    @triton.jit
+    def _persistent_tile(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, tile, grid_n, e, starts, ends, tiles, first, N, K,
+                         stride_ask, stride_bse, stride_bsn, stride_bsk, stride_cm,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PIPE: tl.constexpr):
+        t = tile // grid_n
+        pid_n = tile % grid_n
+        expert = tl.sum((first + tiles <= t).to(tl.int32), 0)
+        sel = e == expert
+        row0 = tl.sum(tl.where(sel, starts + (t - first) * BLOCK_M, 0), 0)
+        row_end = tl.sum(tl.where(sel, ends, 0), 0)
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        as_ptrs = as_ptr + tl.minimum(offs_m, row_end - 1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_b = expert * N + pid_n * BLOCK_N
+        bs_base = bs_ptr + expert * stride_bse
+        bs_ptrs = bs_base + ((offs_n % N) // BLOCK_K) * stride_bsn
+        bs_ptr1 = bs_base + (pid_n * BLOCK_N // BLOCK_K) * stride_bsn
+        acc = _tma_mainloop(a_desc, b_desc, as_ptrs, bs_ptrs, bs_ptr1, row0, row_b, K, stride_ask, stride_bsk,
+                            BLOCK_M, BLOCK_N, BLOCK_K, PIPE)
+        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < row_end) & (offs_n[None, :] < N))
+
+    @triton.jit
+    def _grouped_gemm_persistent_kernel(
+        a_desc, as_ptr, b_desc, bs_ptr, c_ptr, offs_ptr,
+        E, N, K, M_BUCKET,
+        stride_ask, stride_bse, stride_bsn, stride_bsk, stride_cm,
+        PROGRAMS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr,
+        PIPE: tl.constexpr = False, FLATTEN: tl.constexpr = False,
+    ):
+        # _grouped_gemm_tma_kernel as a persistent kernel: PROGRAMS programs stride over the output tiles
+        grid_n = tl.cdiv(N, BLOCK_N)
+        e, starts, ends, tiles, first = _expert_table(offs_ptr, E, BLOCK_M, E_PAD)
+        total = tl.sum(tiles, 0) * grid_n
+        if FLATTEN:
+            for tile in tl.range(tl.program_id(0), total, PROGRAMS, flatten=True):
+                _persistent_tile(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, tile, grid_n, e, starts, ends, tiles, first,
+                                 N, K, stride_ask, stride_bse, stride_bsn, stride_bsk, stride_cm,
+                                 BLOCK_M, BLOCK_N, BLOCK_K, PIPE)
+        else:
+            for tile in range(tl.program_id(0), total, PROGRAMS):
+                _persistent_tile(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, tile, grid_n, e, starts, ends, tiles, first,
+                                 N, K, stride_ask, stride_bse, stride_bsn, stride_bsk, stride_cm,
+                                 BLOCK_M, BLOCK_N, BLOCK_K, PIPE)
 
     @triton.jit
     def _grouped_wgrad_tma_kernel(
@@ -278,8 +367,9 @@ if triton is not None:
         E, N, K, M_BUCKET,
         stride_ast, stride_bst, stride_ce, stride_cn,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr,
+        PIPE: tl.constexpr = False,
     ):
-        # _grouped_wgrad_kernel with the dyᵀ and xᵀ tiles through TMA
+        # _grouped_wgrad_kernel with the dyᵀ and xᵀ tiles through TMA (PIPE as in _tma_mainloop)
         pid = tl.program_id(0)
         grid_n = tl.cdiv(N, BLOCK_N)
         grid_k = tl.cdiv(K, BLOCK_K)
@@ -296,12 +386,26 @@ if triton is not None:
         as_ptrs = as_ptr + t0 * stride_ast + offs_n % N
         bs_ptrs = bs_ptr + t0 * stride_bst + offs_k % K
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for i in range(0, count):
-            a = a_desc.load([pid_n * BLOCK_N, (t0 + i) * BLOCK_T])  # [BN, BT]
-            b = b_desc.load([pid_k * BLOCK_K, (t0 + i) * BLOCK_T])  # [BK, BT]
-            a_s = tl.load(as_ptrs + i * stride_ast)
-            b_s = tl.load(bs_ptrs + i * stride_bst)
-            acc += tl.dot(a, b.T) * (a_s[:, None] * b_s[None, :])
+        if PIPE:
+            if count > 0:
+                p = tl.dot(a_desc.load([pid_n * BLOCK_N, t0 * BLOCK_T]), b_desc.load([pid_k * BLOCK_K, t0 * BLOCK_T]).T)
+                a_s = tl.load(as_ptrs)
+                b_s = tl.load(bs_ptrs)
+                for i in range(1, count):
+                    p_next = tl.dot(a_desc.load([pid_n * BLOCK_N, (t0 + i) * BLOCK_T]),
+                                    b_desc.load([pid_k * BLOCK_K, (t0 + i) * BLOCK_T]).T)
+                    acc += p * (a_s[:, None] * b_s[None, :])
+                    a_s = tl.load(as_ptrs + i * stride_ast)
+                    b_s = tl.load(bs_ptrs + i * stride_bst)
+                    p = p_next
+                acc += p * (a_s[:, None] * b_s[None, :])
+        else:
+            for i in range(0, count):
+                a = a_desc.load([pid_n * BLOCK_N, (t0 + i) * BLOCK_T])  # [BN, BT]
+                b = b_desc.load([pid_k * BLOCK_K, (t0 + i) * BLOCK_T])  # [BK, BT]
+                a_s = tl.load(as_ptrs + i * stride_ast)
+                b_s = tl.load(bs_ptrs + i * stride_bst)
+                acc += tl.dot(a, b.T) * (a_s[:, None] * b_s[None, :])
         c_ptrs = c_ptr + expert.to(tl.int64) * stride_ce + offs_n[:, None] * stride_cn + offs_k[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
 
@@ -317,11 +421,11 @@ if triton is not None:
         nargs["b_desc"].block_shape = [nargs["BLOCK_K"], nargs["BLOCK_T"]]
 
     # (BLOCK_M, BLOCK_N, stages, warps); quick mode keeps the last two
-    _GEMM = [(128, 256, 3, 8), (256, 128, 3, 8), (128, 128, 4, 8), (128, 128, 3, 4), (64, 256, 4, 4),
-             (128, 128, 4, 4), (64, 128, 4, 4)]
+    _GEMM = [(128, 128, 3, 8), (128, 256, 3, 8), (256, 128, 3, 8), (128, 128, 4, 8), (64, 256, 3, 8),
+             (64, 128, 3, 4), (64, 128, 5, 4), (128, 128, 3, 4), (128, 128, 4, 4), (64, 128, 4, 4)]
     # (BLOCK_N, BLOCK_K, stages, warps)
-    _WGRAD = [(128, 256, 3, 8), (256, 128, 3, 8), (128, 128, 4, 8), (128, 128, 3, 4), (128, 128, 4, 4),
-              (64, 128, 4, 4)]
+    _WGRAD = [(128, 128, 3, 8), (128, 256, 3, 8), (256, 128, 3, 8), (128, 128, 4, 8), (64, 256, 3, 8),
+              (64, 128, 3, 4), (128, 128, 3, 4), (128, 128, 4, 4), (64, 128, 4, 4)]
 
     def _configs(table, names, hook=None):
         configs = [_cfg(dict(zip(names, c[:2])), c[2], c[3], hook) for c in table]
@@ -342,7 +446,7 @@ def _e_pad(e: int) -> int:
     return max(2, triton.next_power_of_2(e))
 
 
-def quant_act(x: torch.Tensor, offsets: torch.Tensor, rows: bool = True, cols: bool = True):
+def quant_act(x: torch.Tensor, offsets: torch.Tensor, rows: bool = True, cols: bool = True, num_warps: int = 8):
     """x `[M, K]` (any float dtype) -> (q `[M, K]`, s `[K/128, M]`, qt `[K, P]`, st `[T, K]`); the parts not
     asked for are None. Row tiles cover the experts' rows; qt holds each expert's 128-row tiles from its
     first row, transposed, padding rows zero. Tile slots past the experts' last tile are left unwritten."""
@@ -361,9 +465,10 @@ def quant_act(x: torch.Tensor, offsets: torch.Tensor, rows: bool = True, cols: b
         dummy_s = torch.empty(1, 1, dtype=torch.float32, device=dev)
         qq, ss, qqt, sst = (q if rows else dummy, s if rows else dummy_s, qt if cols else dummy,
                             st if cols else dummy_s)
+        qq, qqt = qq.view(torch.uint8), (qqt.view(torch.int32) if cols else qqt.view(torch.uint8))
         _quant_act_kernel[(t, kb)](
-            x, qq, ss, qqt, sst, offsets, e, k, x.stride(0), qq.stride(0), ss.stride(0), qqt.stride(0), sst.stride(0),
-            ROWS=rows, COLS=cols, EXACT=_INTERPRET, E_PAD=_e_pad(e), BLOCK=TILE, num_warps=8,
+            x, qq, ss, qqt, sst, offsets, e, k, x.stride(0), qq.stride(0), ss.stride(0), t * TILE, sst.stride(0),
+            ROWS=rows, COLS=cols, EXACT=_INTERPRET, E_PAD=_e_pad(e), BLOCK=TILE, num_warps=num_warps,
         )
     return q, s, qt, st
 
@@ -378,19 +483,15 @@ def quant_weight(w: torch.Tensor):
     s = torch.empty(e, nb, kb, dtype=torch.float32, device=w.device)
     if w.numel():
         _quant_weight_kernel[(e, nb, kb)](
-            w, q, qt, s, n, k, w.stride(0), w.stride(1), q.stride(0), q.stride(1), qt.stride(0), qt.stride(1),
-            s.stride(0), s.stride(1), EXACT=_INTERPRET, BLOCK=TILE, num_warps=8,
+            w, q.view(torch.uint8), qt.view(torch.uint8), s, n, k, w.stride(0), w.stride(1), q.stride(0), q.stride(1),
+            qt.stride(0), qt.stride(1), s.stride(0), s.stride(1), EXACT=_INTERPRET, BLOCK=TILE, num_warps=8,
         )
     return q, qt, s
 
 
-VARIANTS = ("auto", "ptr", "tma")
-AUTO_TMA = True  # what "auto" picks where TMA applies
-
-
-def _check_variant(variant: str) -> None:
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+VARIANTS = ("auto", "ptr", "tma", "persist")
+AUTO = "tma"  # what "auto" picks where TMA applies (else "ptr")
+LAST_KERNEL = None  # the compiled kernel of the last explicit-config launch (registers, spills: benchmarks)
 
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:
@@ -399,24 +500,42 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
                for t in tensors)
 
 
-def _use_tma(variant: str, *tensors: torch.Tensor) -> bool:
-    _check_variant(variant)
+def _pick(variant: str, *tensors: torch.Tensor) -> str:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     ok = _tma_ok(*tensors)
-    if variant == "tma" and not ok:
-        raise ValueError("variant='tma' needs 16-byte aligned e4m3 rows (lengths a multiple of 16)")
-    return ok and (variant == "tma" or (variant == "auto" and AUTO_TMA))
+    if variant in ("tma", "persist") and not ok:
+        raise ValueError(f"variant={variant!r} needs 16-byte aligned e4m3 rows (lengths a multiple of 16)")
+    if variant == "auto":
+        return AUTO if ok else "ptr"
+    return variant
+
+
+def _launch(kernel, grid, args, config: dict, **fixed):
+    """One launch with an explicit config (`num_warps`, `num_stages` and constexprs in `config`)."""
+    global LAST_KERNEL
+    meta = dict(config)
+    meta.pop("programs_per_sm", None)
+    LAST_KERNEL = kernel[grid](*args, **fixed, **meta)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, offsets: torch.Tensor,
-                 out_dtype: torch.dtype, transpose_b_scales: bool = False, variant: str = "auto") -> torch.Tensor:
+                 out_dtype: torch.dtype, transpose_b_scales: bool = False, variant: str = "auto",
+                 config: dict | None = None) -> torch.Tensor:
     """a `[M, K]` e4m3 with scales `[K/128, M]`, b `[E, N, K]` e4m3 with block scales `[E, N/128, K/128]`
     (`[E, K/128, N/128]` read transposed when `transpose_b_scales`) -> `[M, N]` in `out_dtype`: each expert's
     rows times its b. Rows past `offsets[-1]` are not written. `variant`: pointer loads ("ptr"), TMA tile
-    loads ("tma"), or "auto"."""
+    loads ("tma"), TMA in a persistent grid ("persist"), or "auto". `config` (benchmarks): launch with these
+    block sizes / warps / stages instead of the autotuned ones."""
     m, k = a.shape
     e, n, _ = b.shape
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
-    tma = _use_tma(variant, a, b)
+    kind = _pick(variant, a, b)
     if m == 0 or n == 0:
         return out
     if transpose_b_scales:
@@ -428,34 +547,48 @@ def grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch
         return ((-(-m // meta["BLOCK_M"]) + e) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     sizes = (e, n, k, triton.next_power_of_2(m))
-    if tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        a_desc = TensorDescriptor.from_tensor(a, [128, TILE])  # block shapes are set per config
-        b_desc = TensorDescriptor.from_tensor(b.view(e * n, k), [128, TILE])
-        args = (a_desc, a_s, b_desc, b_s, out, offsets, *sizes, a_s.stride(0), s_e, s_n, s_k, out.stride(0))
+    fixed = {"BLOCK_K": TILE, "E_PAD": _e_pad(e)}
+    if kind == "ptr":
+        args = (a, a_s, b, b_s, out, offsets, *sizes, a.stride(0), a_s.stride(0), b.stride(0), b.stride(1),
+                s_e, s_n, s_k, out.stride(0))
         if _INTERPRET:
-            a_desc.block_shape, b_desc.block_shape = [32, TILE], [128, TILE]
-            _grouped_gemm_tma_kernel[grid](*args, BLOCK_M=32, BLOCK_N=128, BLOCK_K=TILE, E_PAD=_e_pad(e))
+            _gemm_fixed[grid](*args, BLOCK_M=32, BLOCK_N=128, **fixed)
+        elif config is not None:
+            _launch(_gemm_fixed, grid, args, config, **fixed)
         else:
-            _gemm_tma_tuned[grid](*args, BLOCK_K=TILE, E_PAD=_e_pad(e))
+            _gemm_tuned[grid](*args, **fixed)
         return out
-    args = (a, a_s, b, b_s, out, offsets, *sizes, a.stride(0), a_s.stride(0), b.stride(0), b.stride(1),
-            s_e, s_n, s_k, out.stride(0))
-    if _INTERPRET:
-        _gemm_fixed[grid](*args, BLOCK_M=32, BLOCK_N=128, BLOCK_K=TILE, E_PAD=_e_pad(e))
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    cfg = config or ({"BLOCK_M": 32, "BLOCK_N": 128} if _INTERPRET else None)
+    a_desc = TensorDescriptor.from_tensor(a, [128, TILE])  # block shapes: set per config
+    b_desc = TensorDescriptor.from_tensor(b.view(e * n, k), [128, TILE])
+    if cfg is not None:
+        a_desc.block_shape, b_desc.block_shape = [cfg["BLOCK_M"], TILE], [cfg["BLOCK_N"], TILE]
+    args = (a_desc, a_s, b_desc, b_s, out, offsets, *sizes, a_s.stride(0), s_e, s_n, s_k, out.stride(0))
+    if kind == "persist":
+        cfg = cfg or dict(PERSIST_CONFIG)
+        per_sm = cfg.get("programs_per_sm", 1)
+        programs = 4 if _INTERPRET else per_sm * _sm_count(a.device.index or 0)
+        _launch(_grouped_gemm_persistent_kernel, (programs,), (*args, programs), cfg, **fixed)
+    elif cfg is not None:
+        _launch(_grouped_gemm_tma_kernel, grid, args, cfg, **fixed)
     else:
-        _gemm_tuned[grid](*args, BLOCK_K=TILE, E_PAD=_e_pad(e))
+        _gemm_tma_tuned[grid](*args, **fixed)
     return out
 
 
+PERSIST_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "programs_per_sm": 2}
+
+
 def grouped_wgrad(dyt: torch.Tensor, dyt_s: torch.Tensor, xt: torch.Tensor, xt_s: torch.Tensor,
-                  offsets: torch.Tensor, m: int, variant: str = "auto") -> torch.Tensor:
+                  offsets: torch.Tensor, m: int, variant: str = "auto", config: dict | None = None) -> torch.Tensor:
     """dyᵀ `[N, P]` e4m3 with scales `[T, N]`, xᵀ `[K, P]` e4m3 with scales `[T, K]` (from `quant_act`'s column
-    tiles of M rows) -> dW `[E, N, K]` float32; experts without rows get zeros. `variant` as `grouped_gemm`."""
+    tiles of M rows) -> dW `[E, N, K]` float32; experts without rows get zeros. `variant` and `config` as
+    `grouped_gemm` ("persist" means "tma" here: each program already loops over a whole expert)."""
     n, k, e = dyt.shape[0], xt.shape[0], offsets.shape[0]
     out = torch.empty(e, n, k, dtype=torch.float32, device=dyt.device)
-    tma = _use_tma(variant, dyt, xt)
+    kind = _pick(variant, dyt, xt)
     if n == 0 or k == 0:
         return out
     sizes = (e, n, k, triton.next_power_of_2(max(m, 1)))
@@ -463,23 +596,25 @@ def grouped_wgrad(dyt: torch.Tensor, dyt_s: torch.Tensor, xt: torch.Tensor, xt_s
     def grid(meta):
         return (e * triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]),)
 
-    if tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        a_desc = TensorDescriptor.from_tensor(dyt, [128, TILE])
-        b_desc = TensorDescriptor.from_tensor(xt, [128, TILE])
-        args = (a_desc, dyt_s, b_desc, xt_s, out, offsets, *sizes, dyt_s.stride(0), xt_s.stride(0),
-                out.stride(0), out.stride(1))
-        if _INTERPRET:
-            a_desc.block_shape, b_desc.block_shape = [64, TILE], [128, TILE]
-            _grouped_wgrad_tma_kernel[grid](*args, BLOCK_N=64, BLOCK_K=128, BLOCK_T=TILE, E_PAD=_e_pad(e))
+    fixed = {"BLOCK_T": TILE, "E_PAD": _e_pad(e)}
+    cfg = config or ({"BLOCK_N": 64, "BLOCK_K": 128} if _INTERPRET else None)
+    if kind == "ptr":
+        args = (dyt, dyt_s, xt, xt_s, out, offsets, *sizes,
+                dyt.stride(0), dyt_s.stride(0), xt.stride(0), xt_s.stride(0), out.stride(0), out.stride(1))
+        if cfg is not None:
+            _launch(_grouped_wgrad_kernel, grid, args, cfg, **fixed)
         else:
-            _wgrad_tma_tuned[grid](*args, BLOCK_T=TILE, E_PAD=_e_pad(e))
+            _wgrad_tuned[grid](*args, **fixed)
         return out
-    args = (dyt, dyt_s, xt, xt_s, out, offsets, *sizes,
-            dyt.stride(0), dyt_s.stride(0), xt.stride(0), xt_s.stride(0), out.stride(0), out.stride(1))
-    if _INTERPRET:
-        _grouped_wgrad_kernel[grid](*args, BLOCK_N=64, BLOCK_K=128, BLOCK_T=TILE, E_PAD=_e_pad(e))
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    a_desc = TensorDescriptor.from_tensor(dyt, [128, TILE])
+    b_desc = TensorDescriptor.from_tensor(xt, [128, TILE])
+    args = (a_desc, dyt_s, b_desc, xt_s, out, offsets, *sizes, dyt_s.stride(0), xt_s.stride(0),
+            out.stride(0), out.stride(1))
+    if cfg is not None:
+        a_desc.block_shape, b_desc.block_shape = [cfg["BLOCK_N"], TILE], [cfg["BLOCK_K"], TILE]
+        _launch(_grouped_wgrad_tma_kernel, grid, args, cfg, **fixed)
     else:
-        _wgrad_tuned[grid](*args, BLOCK_T=TILE, E_PAD=_e_pad(e))
+        _wgrad_tma_tuned[grid](*args, **fixed)
     return out
