@@ -78,6 +78,7 @@ def _fake_scaled_mm(a, b, scale_a, recipe_a, scale_b, recipe_b, output_dtype=tor
     n = b.shape[1]
     kb = -(-k // 128)
     assert a.dtype == b.dtype == torch.float8_e4m3fn and a.stride(1) == 1 and b.stride(0) == 1  # A row-, B column-major
+    assert m % 16 == 0 and n % 16 == 0, f"{m}x{n}: cuBLAS refuses row counts that are not multiples of 16"
     assert recipe_a == ScalingType.BlockWise1x128
     assert scale_a.shape == (m, kb) and scale_a.stride(0) == 1 and (kb == 1 or scale_a.stride(1) == m)
     a_f = a.float() * scale_a.repeat_interleave(128, dim=1)[:, :k]
@@ -93,7 +94,7 @@ def _fake_scaled_mm(a, b, scale_a, recipe_a, scale_b, recipe_b, output_dtype=tor
     return (a_f @ (b.float() * per)).to(output_dtype)
 
 
-@pytest.mark.parametrize("m,k,n", [(200, 256, 288), (256, 384, 128), (77, 128, 256)])
+@pytest.mark.parametrize("m,k,n", [(200, 256, 288), (256, 384, 128), (77, 128, 256), (50, 1000, 200)])
 def test_cublas_path_layouts_on_cpu_against_emulation(monkeypatch, m, k, n):
     """CPU: the cuBLAS path's operand/scale layouts and padding, through a fake `F.scaled_mm` that enforces
     torch's documented recipe contract, equal the emulated GEMMs."""

@@ -14,7 +14,8 @@ Every product accumulates in fp32 with one scale per 128 elements of the contrac
 Every contraction is zero-padded to a multiple of 512 (`ALIGN_K`; zero rows and columns change neither the
 tile max-abs nor the sums): on the H200 (torch 2.11, CUDA 13) cuBLAS returned wrong results, up to inf, without
 an error when K/128 was not a multiple of 4 (found by the `dsv3.kernels.fp8` work: K = 256, 384, 640, 1152
-wrong; 512, 1024, 2048, 7168 right). Token counts are padded to a multiple of 16 (cuBLAS refused M = 65).
+wrong; 512, 1024, 2048, 7168 right). The rows of every operand (tokens, or channels in wgrad) are padded to
+a multiple of 16 (cuBLAS refused M = 65).
 The emulation (`emulate=True`, the CPU oracle) pads to 128 only.
 
 Quantizers (`quantize_rows`: 1×128 tiles along a row; `quantize_tokens_t`: 128×1 tiles, codes written
@@ -85,11 +86,11 @@ def quantize_rows_torch(x: torch.Tensor, rows: int, cols: int) -> tuple[torch.Te
     return _codes(t, s[..., None]).view(rows, cols), s.t().contiguous()
 
 
-def quantize_tokens_t_torch(x: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x `[M, C]` zero-padded to `rows` tokens (a multiple of 128), 128×1 tiles (128 tokens of a channel) ->
-    codes transposed `[C, rows]` e4m3 and scales `[rows/128, C]` float32 (the transposed layout of the codes'
-    1×128 scales)."""
-    c = x.shape[1]
+def quantize_tokens_t_torch(x: torch.Tensor, rows: int, cols: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x `[M, C]` zero-padded to `[rows, cols]` (rows a multiple of 128; cols defaults to C), 128×1 tiles (128
+    tokens of a channel) -> codes transposed `[cols, rows]` e4m3 and scales `[rows/128, cols]` float32 (the
+    transposed layout of the codes' 1×128 scales)."""
+    c = x.shape[1] if cols is None else cols
     t = _pad2(x, rows, c).to(torch.float32).view(rows // BLOCK, BLOCK, c)  # [Mb, 128, C]
     s = _scale(t.abs().amax(dim=1))  # [Mb, C]
     return _codes(t, s[:, None, :]).view(rows, c).t().contiguous(), s
@@ -141,16 +142,18 @@ def quantize_rows(x: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, 
     return quantize_rows_torch(x, rows, cols)
 
 
-def quantize_tokens_t(x: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_tokens_t(x: torch.Tensor, rows: int, cols: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize_tokens_t_torch`, in one Triton pass when eager on CUDA (checked on its first call per shape)."""
+    cols = x.shape[1] if cols is None else cols
     if _use_triton(x) and rows == _ceil(x.shape[0], ALIGN_K):
+        x = _pad2(x, x.shape[0], cols)  # the kernel pads the tokens itself
         q, s = fp8_quant_triton.quantize_tokens_t(x, ALIGN_K)  # [C, rows], [C, rows/128] stride (1, C)
         if _known_good("tokens", x):
             return q, s.t()
         deq = (q.float() * s.repeat_interleave(BLOCK, 1)).t()[: x.shape[0]]  # [M, C]
         if _kernel_ok("tokens", x, deq):
             return q, s.t()
-    return quantize_tokens_t_torch(x, rows)
+    return quantize_tokens_t_torch(x, rows, cols)
 
 
 def quantize_weight_padded(w: torch.Tensor, align: int = ALIGN_K) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -285,11 +288,14 @@ def gemm_dgrad(dy: torch.Tensor, w_qt: torch.Tensor, w_s: torch.Tensor, k: int, 
 
 def gemm_wgrad(dy: torch.Tensor, x: torch.Tensor, emulate: bool = False) -> torch.Tensor:
     """dW `[N, K]` float32 `= dyᵀ x` with dy `[M, N]` and x `[M, K]` quantized in 128×1 tiles (128 tokens
-    per channel); the token count (the contraction) is zero-padded to a multiple of `ALIGN_K` (128 emulated)."""
-    rows = _ceil(dy.shape[0], BLOCK if emulate else ALIGN_K)
-    dy_t, dy_s = quantize_tokens_t(dy, rows)  # [N, M'], [M'/128, N]
-    x_t, x_s = quantize_tokens_t(x, rows)  # [K, M'], [M'/128, K]
-    return _gemm(emulate)(dy_t, x_t, dy_s, x_s, False, torch.float32)  # [N, K]
+    per channel); the token count (the contraction) is zero-padded to a multiple of `ALIGN_K` (128 emulated),
+    N and K (the rows of the two operands) to multiples of `ALIGN_M` for cuBLAS."""
+    (m, n), k = dy.shape, x.shape[1]
+    rows, align = (_ceil(m, BLOCK), 1) if emulate else (_ceil(m, ALIGN_K), ALIGN_M)
+    dy_t, dy_s = quantize_tokens_t(dy, rows, _ceil(n, align))  # [N', M'], [M'/128, N']
+    x_t, x_s = quantize_tokens_t(x, rows, _ceil(k, align))  # [K', M'], [M'/128, K']
+    dw = _gemm(emulate)(dy_t, x_t, dy_s, x_s, False, torch.float32)  # [N', K']
+    return dw if dw.shape == (n, k) else dw[:n, :k]
 
 
 # ---------------------------------------------------------------- what the GPU supports
