@@ -200,7 +200,7 @@ def _hard_operand(rows: int, cols: int, dtype: torch.dtype, seed: int) -> torch.
 
 def _quantize_all(x, w, rows, cols, tok_rows, w_rows, w_cols):
     return (*fp8_gemms.quantize_rows_torch(x, rows, cols), *fp8_gemms.quantize_tokens_t_torch(x, tok_rows),
-            *fp8_gemms.quantize_blocks_torch(w, w_rows, w_cols))
+            *fp8_gemms.quantize_blocks_torch(w, w_rows, w_cols), fp8_gemms.quantize_weight_padded(w, 512)[1])
 
 
 def _bits(t):
@@ -220,10 +220,12 @@ def test_torch_quantizers_equal_the_reference_bit_for_bit(m, c, dtype):
     xq_ref, xs_ref = quantize_act(F.pad(x, (0, cols - c, 0, rows - m)))  # [rows, cols], [rows, cols/128]
     tq_ref, ts_ref = quantize_act(F.pad(x, (0, 0, 0, tok_rows - m)).t())  # [C, tok_rows]: 128 tokens per tile
     wq_ref, ws_ref = quantize_weight(F.pad(w, (0, w_cols - m, 0, w_rows - c - 40)))
-    want = (xq_ref, xs_ref.t(), tq_ref, ts_ref.t(), wq_ref, ws_ref)
+    wt_ref = quantize_weight(F.pad(w, (0, -m % 512, 0, -(c + 40) % 512)))[0].t()  # codes of Wᵀ (dgrad operand)
+    want = (xq_ref, xs_ref.t(), tq_ref, ts_ref.t(), wq_ref, ws_ref, wt_ref)
     eager = _quantize_all(x, w, rows, cols, tok_rows, w_rows, w_cols)
     compiled = torch.compile(_quantize_all, fullgraph=True, dynamic=False)(x, w, rows, cols, tok_rows, w_rows, w_cols)
-    names = ("row codes", "row scales", "token codes", "token scales", "weight codes", "weight scales")
+    names = ("row codes", "row scales", "token codes", "token scales", "weight codes", "weight scales",
+             "transposed weight codes")
     for name, e, c_, r in zip(names, eager, compiled, want):
         assert e.shape == r.shape and e.is_contiguous(), name
         assert torch.equal(_bits(e), _bits(r)), f"eager {name}"
@@ -261,8 +263,10 @@ def test_compiled_quantizers_equal_the_reference_on_gpu():
     xq, xs = quantize_act_ref(F.pad(x, (0, 768 - c, 0, 8)))
     tq, ts = quantize_act_ref(F.pad(x, (0, 0, 0, 1024 - m)).t())
     wq, ws = quantize_weight(F.pad(w, (0, 1024 - m, 0, 768 - c)))
-    names = ("row codes", "row scales", "token codes", "token scales", "weight codes", "weight scales")
-    for name, a, r in zip(names, got, (xq, xs.t(), tq, ts.t(), wq, ws)):
+    wt = quantize_weight(F.pad(w, (0, 1024 - m, 0, 1024 - c)))[0].t()
+    names = ("row codes", "row scales", "token codes", "token scales", "weight codes", "weight scales",
+             "transposed weight codes")
+    for name, a, r in zip(names, got, (xq, xs.t(), tq, ts.t(), wq, ws, wt)):
         assert torch.equal(_bits(a.cpu()), _bits(r)), name
 
 

@@ -171,7 +171,11 @@ def quantize_weight_padded(w: torch.Tensor, align: int = ALIGN_K) -> tuple[torch
         if _kernel_ok("weight", w, deq):  # the transpose is a copy of these codes (fp8_quant_triton)
             return w_q, w_qt, w_s
     w_q, w_s = quantize_blocks_torch(w, rows, cols)
-    return w_q, w_q.t().contiguous(), w_s
+    # the transpose quantized from the transposed master (the same blocks, so the same codes): the transposing
+    # happens on the high-precision read, never as an e4m3 copy (Triton/ptxas mis-stored transposed e4m3 tiles
+    # on this stack, see fp8_quant_triton)
+    w_qt, _ = quantize_blocks_torch(w.t(), cols, rows)
+    return w_q, w_qt, w_s
 
 
 # ---------------------------------------------------------------- the GEMM: emulation and the custom op
