@@ -82,12 +82,14 @@ def bench_gemm(name: str, m: int, n: int, k: int, offsets: torch.Tensor, rep_ms:
             "quant_dy_rows_cols": lambda: K.quant_act(dy, offsets),
         }
         parts["quant_x_rows_cols_4warps"] = lambda: K.quant_act(xd, offsets, num_warps=4)
-        for v in ("ptr", "tma", "persist"):
+        parts["quant_x_rows_cols_pack3d"] = lambda: K.quant_act(xd, offsets, pack3d=True)
+        parts["quant_x_cols_pack3d"] = lambda: K.quant_act(xd, offsets, rows=False, pack3d=True)
+        parts["quant_x_cols"] = lambda: K.quant_act(xd, offsets, rows=False)
+        for v in ("ptr", "tma"):
             parts[f"fwd_gemm_{v}"] = lambda v=v: K.grouped_gemm(q, s, wq, ws, offsets, torch.bfloat16, variant=v)
             parts[f"dgrad_gemm_{v}"] = lambda v=v: K.grouped_gemm(dq, ds, wqt, ws, offsets, torch.bfloat16,
                                                                   transpose_b_scales=True, variant=v)
-            if v != "persist":
-                parts[f"wgrad_gemm_{v}"] = lambda v=v: K.grouped_wgrad(dqt, dst, qt, st, offsets, m, variant=v)
+            parts[f"wgrad_gemm_{v}"] = lambda v=v: K.grouped_wgrad(dqt, dst, qt, st, offsets, m, variant=v)
         breakdown = {p: round(_bench_ms(fn, rep_ms), 4) for p, fn in parts.items()}
     # host time of one fp8 forward + backward (launch overhead; the GPU runs behind it)
     torch.cuda.synchronize()
@@ -134,16 +136,11 @@ def bench_mlp(m: int, dim: int, inter: int, offsets: torch.Tensor, rep_ms: int) 
             "bf16_cast_ms": round(t16, 4), "fp8_ms": round(t8, 4), "ratio": round(t16 / t8, 3)}
 
 
-GEMM_SWEEP = [  # (kind, BLOCK_M, BLOCK_N, warps, stages, PIPE, FLATTEN, programs per SM)
-    *[("tma", bm, bn, w, st, pipe, False, 0) for bm, bn, st, w in
-      [(128, 128, 3, 8), (128, 256, 3, 8), (128, 128, 4, 8), (64, 256, 3, 8), (64, 128, 3, 4), (128, 128, 3, 4),
-       (64, 128, 4, 4)] for pipe in (False, True)],
-    *[("persist", bm, bn, w, st, pipe, flat, per_sm) for bm, bn, st, w in [(128, 128, 3, 8)]
-      for pipe in (False, True) for flat in (False, True) for per_sm in (1, 2)],
+GEMM_SWEEP = [  # (kind, BLOCK_M, BLOCK_N, warps, stages)
+    ("tma", 128, 128, 8, 3), ("tma", 128, 256, 8, 3), ("tma", 64, 256, 8, 3), ("tma", 128, 128, 4, 3),
+    ("tma", 64, 128, 4, 3), ("tma", 64, 128, 4, 2), ("tma", 64, 64, 4, 3), ("ptr", 64, 128, 4, 3),
 ]
-WGRAD_SWEEP = [(bn, bk, w, st, pipe) for bn, bk, st, w in
-               [(128, 128, 3, 8), (128, 256, 3, 8), (128, 128, 4, 8), (64, 256, 3, 8), (64, 128, 3, 4),
-                (128, 128, 3, 4), (64, 128, 4, 4)] for pipe in (False, True)]
+WGRAD_SWEEP = [(128, 128, 8, 3), (64, 256, 8, 3), (64, 128, 4, 3), (64, 128, 4, 2), (64, 64, 4, 3)]
 
 
 def sweep(m: int, n: int, k: int, offsets: torch.Tensor, rep_ms: int):
@@ -162,16 +159,14 @@ def sweep(m: int, n: int, k: int, offsets: torch.Tensor, rep_ms: int):
     runs = [("gemm", c) for c in GEMM_SWEEP] + [("wgrad", c) for c in WGRAD_SWEEP]
     for op, c in runs:
         if op == "gemm":
-            kind, bm, bn, warps, stages, pipe, flat, per_sm = c
-            cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages, "PIPE": pipe}
-            if kind == "persist":
-                cfg.update(FLATTEN=flat, programs_per_sm=per_sm)
+            kind, bm, bn, warps, stages = c
+            cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
             fn = lambda: K.grouped_gemm(q, s, wq, ws, offsets, torch.float32, variant=kind, config=cfg)  # noqa: E731
             want = ref
         else:
-            bn, bk, warps, stages, pipe = c
+            bn, bk, warps, stages = c
             kind = "tma"
-            cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages, "PIPE": pipe}
+            cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
             fn = lambda: K.grouped_wgrad(dqt, dst, qt, st, offsets, m, variant="tma", config=cfg)  # noqa: E731
             want = wref
         row = {"sweep": op, "M": m, "N": n, "K": k, "kind": kind, **cfg}

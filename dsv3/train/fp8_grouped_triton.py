@@ -29,7 +29,6 @@ transposed can corrupt the transposed one (triton-lang/triton#11111, seen here o
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -106,6 +105,7 @@ if triton is not None:
         x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, offs_ptr,
         E, K, stride_xm, stride_qm, stride_sk, stride_qtk, stride_stt,
         ROWS: tl.constexpr, COLS: tl.constexpr, EXACT: tl.constexpr, E_PAD: tl.constexpr, BLOCK: tl.constexpr,
+        PACK3D: tl.constexpr,
     ):
         t = tl.program_id(0)
         kb = tl.program_id(1)
@@ -119,19 +119,28 @@ if triton is not None:
         cmask = cols < K
         mask = rmask[:, None] & cmask[None, :]
         rows64 = rows.to(tl.int64)
-        x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        ax = tl.abs(x)
+        if ROWS or not PACK3D:
+            x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            ax = tl.abs(x)
         if ROWS:  # 1x128 tiles: per row, over these 128 columns
             s, inv = _scale(tl.max(ax, axis=1))
             q = _to_e4m3(x * inv[:, None], EXACT).to(tl.uint8, bitcast=True)
             tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q, mask=mask)
             tl.store(s_ptr + kb * stride_sk + rows, s, mask=rmask)
         if COLS:  # 128x1 tiles: per column, over this tile's rows (padding rows are zeros)
-            s, inv = _scale(tl.max(ax, axis=0))
-            q = _to_e4m3(x * inv[None, :], EXACT).to(tl.uint8, bitcast=True).to(tl.uint32)
             # 4 consecutive rows -> one little-endian uint32, so the transpose moves 32-bit words, not bytes
-            q4 = tl.reshape(q, (BLOCK // 4, 4, BLOCK))  # [row groups, 4, cols]
             shift = (tl.arange(0, 4) * 8).to(tl.uint32)
+            if PACK3D:  # load the tile as [row groups, 4, cols]: the packing sums along an axis of the load layout
+                rows3 = row0 + tl.arange(0, BLOCK // 4)[:, None, None] * 4 + tl.arange(0, 4)[None, :, None]
+                mask3 = (rows3 < row_end) & cmask[None, None, :]
+                x3 = tl.load(x_ptr + rows3.to(tl.int64) * stride_xm + cols[None, None, :], mask=mask3, other=0.0)
+                x3 = x3.to(tl.float32)
+                s, inv = _scale(tl.max(tl.max(tl.abs(x3), axis=1), axis=0))
+                q4 = _to_e4m3(x3 * inv[None, None, :], EXACT).to(tl.uint8, bitcast=True).to(tl.uint32)
+            else:
+                s, inv = _scale(tl.max(ax, axis=0))
+                q = _to_e4m3(x * inv[None, :], EXACT).to(tl.uint8, bitcast=True).to(tl.uint32)
+                q4 = tl.reshape(q, (BLOCK // 4, 4, BLOCK))  # [row groups, 4, cols]
             packed = tl.sum(q4 << shift[None, :, None], axis=1)  # [BLOCK / 4, BLOCK], disjoint bytes
             slot = (t * (BLOCK // 4) + tl.arange(0, BLOCK // 4)).to(tl.int64)
             tl.store(qt_ptr + cols.to(tl.int64)[None, :] * (stride_qtk // 4) + slot[:, None], packed,
@@ -251,7 +260,6 @@ if triton is not None:
         E, N, K, M_BUCKET,
         stride_ask, stride_bse, stride_bsn, stride_bsk, stride_cm,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr,
-        PIPE: tl.constexpr = False,
     ):
         # _grouped_gemm_kernel with A and B tiles through TMA: b_desc views B as [E * N, K]; rows past the
         # expert (A) or past N (B, the next expert's) are read but never stored, reads past the end are zeros
@@ -270,96 +278,24 @@ if triton is not None:
         bs_ptrs = bs_base + ((offs_n % N) // BLOCK_K) * stride_bsn  # [BN]
         bs_ptr1 = bs_base + (pid_n * BLOCK_N // BLOCK_K) * stride_bsn
         acc = _tma_mainloop(a_desc, b_desc, as_ptrs, bs_ptrs, bs_ptr1, row0, row_b, K, stride_ask, stride_bsk,
-                            BLOCK_M, BLOCK_N, BLOCK_K, PIPE)
+                            BLOCK_M, BLOCK_N, BLOCK_K)
         c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < row_end) & (offs_n[None, :] < N))
-
-    @triton.jit
-    def _block_scales(as_ptrs, bs_ptrs, bs_ptr1, kt, stride_ask, stride_bsk, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
-        """Row scales of A [BM] (times B's block scale when one block covers the tile) and B's column scales
-        [BN] (ones in that case) for K-block kt."""
-        a_s = tl.load(as_ptrs + kt * stride_ask)
-        if BLOCK_N <= BLOCK_K:
-            return a_s * tl.load(bs_ptr1 + kt * stride_bsk), tl.full((BLOCK_N,), 1.0, tl.float32)
-        return a_s, tl.load(bs_ptrs + kt * stride_bsk)
 
     @triton.jit
     def _tma_mainloop(a_desc, b_desc, as_ptrs, bs_ptrs, bs_ptr1, row0, row_b, K, stride_ask, stride_bsk,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PIPE: tl.constexpr):
-        """Σ over 128-blocks of K of the FP8 dot times its row and block scales (fp32 promotion per block).
-        PIPE: issue block kt's dot before promoting block kt-1's product (lets the two overlap)."""
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Σ over 128-blocks of K of the FP8 dot times its row and block scales (fp32 promotion per block)."""
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if PIPE:
-            p = tl.dot(a_desc.load([row0, 0]), b_desc.load([row_b, 0]).T)
-            sa, sb = _block_scales(as_ptrs, bs_ptrs, bs_ptr1, 0, stride_ask, stride_bsk, BLOCK_N, BLOCK_K)
-            for kt in range(1, tl.cdiv(K, BLOCK_K)):
-                p_next = tl.dot(a_desc.load([row0, kt * BLOCK_K]), b_desc.load([row_b, kt * BLOCK_K]).T)
-                if BLOCK_N <= BLOCK_K:
-                    acc += p * sa[:, None]
-                else:
-                    acc += p * (sa[:, None] * sb[None, :])
-                sa, sb = _block_scales(as_ptrs, bs_ptrs, bs_ptr1, kt, stride_ask, stride_bsk, BLOCK_N, BLOCK_K)
-                p = p_next
+        for kt in range(0, tl.cdiv(K, BLOCK_K)):
+            a = a_desc.load([row0, kt * BLOCK_K])  # [BM, BK]
+            b = b_desc.load([row_b, kt * BLOCK_K])  # [BN, BK], K-major
+            a_s = tl.load(as_ptrs + kt * stride_ask)
             if BLOCK_N <= BLOCK_K:
-                acc += p * sa[:, None]
+                acc += tl.dot(a, b.T) * (a_s * tl.load(bs_ptr1 + kt * stride_bsk))[:, None]
             else:
-                acc += p * (sa[:, None] * sb[None, :])
-        else:
-            for kt in range(0, tl.cdiv(K, BLOCK_K)):
-                a = a_desc.load([row0, kt * BLOCK_K])  # [BM, BK]
-                b = b_desc.load([row_b, kt * BLOCK_K])  # [BN, BK], K-major
-                sa, sb = _block_scales(as_ptrs, bs_ptrs, bs_ptr1, kt, stride_ask, stride_bsk, BLOCK_N, BLOCK_K)
-                if BLOCK_N <= BLOCK_K:
-                    acc += tl.dot(a, b.T) * sa[:, None]
-                else:
-                    acc += tl.dot(a, b.T) * (sa[:, None] * sb[None, :])
+                acc += tl.dot(a, b.T) * (a_s[:, None] * tl.load(bs_ptrs + kt * stride_bsk)[None, :])
         return acc
-
-    @triton.jit
-    def _persistent_tile(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, tile, grid_n, e, starts, ends, tiles, first, N, K,
-                         stride_ask, stride_bse, stride_bsn, stride_bsk, stride_cm,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PIPE: tl.constexpr):
-        t = tile // grid_n
-        pid_n = tile % grid_n
-        expert = tl.sum((first + tiles <= t).to(tl.int32), 0)
-        sel = e == expert
-        row0 = tl.sum(tl.where(sel, starts + (t - first) * BLOCK_M, 0), 0)
-        row_end = tl.sum(tl.where(sel, ends, 0), 0)
-        offs_m = row0 + tl.arange(0, BLOCK_M)
-        as_ptrs = as_ptr + tl.minimum(offs_m, row_end - 1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_b = expert * N + pid_n * BLOCK_N
-        bs_base = bs_ptr + expert * stride_bse
-        bs_ptrs = bs_base + ((offs_n % N) // BLOCK_K) * stride_bsn
-        bs_ptr1 = bs_base + (pid_n * BLOCK_N // BLOCK_K) * stride_bsn
-        acc = _tma_mainloop(a_desc, b_desc, as_ptrs, bs_ptrs, bs_ptr1, row0, row_b, K, stride_ask, stride_bsk,
-                            BLOCK_M, BLOCK_N, BLOCK_K, PIPE)
-        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < row_end) & (offs_n[None, :] < N))
-
-    @triton.jit
-    def _grouped_gemm_persistent_kernel(
-        a_desc, as_ptr, b_desc, bs_ptr, c_ptr, offs_ptr,
-        E, N, K, M_BUCKET,
-        stride_ask, stride_bse, stride_bsn, stride_bsk, stride_cm,
-        PROGRAMS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr,
-        PIPE: tl.constexpr = False, FLATTEN: tl.constexpr = False,
-    ):
-        # _grouped_gemm_tma_kernel as a persistent kernel: PROGRAMS programs stride over the output tiles
-        grid_n = tl.cdiv(N, BLOCK_N)
-        e, starts, ends, tiles, first = _expert_table(offs_ptr, E, BLOCK_M, E_PAD)
-        total = tl.sum(tiles, 0) * grid_n
-        if FLATTEN:
-            for tile in tl.range(tl.program_id(0), total, PROGRAMS, flatten=True):
-                _persistent_tile(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, tile, grid_n, e, starts, ends, tiles, first,
-                                 N, K, stride_ask, stride_bse, stride_bsn, stride_bsk, stride_cm,
-                                 BLOCK_M, BLOCK_N, BLOCK_K, PIPE)
-        else:
-            for tile in range(tl.program_id(0), total, PROGRAMS):
-                _persistent_tile(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, tile, grid_n, e, starts, ends, tiles, first,
-                                 N, K, stride_ask, stride_bse, stride_bsn, stride_bsk, stride_cm,
-                                 BLOCK_M, BLOCK_N, BLOCK_K, PIPE)
 
     @triton.jit
     def _grouped_wgrad_tma_kernel(
@@ -367,9 +303,8 @@ if triton is not None:
         E, N, K, M_BUCKET,
         stride_ast, stride_bst, stride_ce, stride_cn,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr,
-        PIPE: tl.constexpr = False,
     ):
-        # _grouped_wgrad_kernel with the dyᵀ and xᵀ tiles through TMA (PIPE as in _tma_mainloop)
+        # _grouped_wgrad_kernel with the dyᵀ and xᵀ tiles through TMA
         pid = tl.program_id(0)
         grid_n = tl.cdiv(N, BLOCK_N)
         grid_k = tl.cdiv(K, BLOCK_K)
@@ -386,26 +321,12 @@ if triton is not None:
         as_ptrs = as_ptr + t0 * stride_ast + offs_n % N
         bs_ptrs = bs_ptr + t0 * stride_bst + offs_k % K
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        if PIPE:
-            if count > 0:
-                p = tl.dot(a_desc.load([pid_n * BLOCK_N, t0 * BLOCK_T]), b_desc.load([pid_k * BLOCK_K, t0 * BLOCK_T]).T)
-                a_s = tl.load(as_ptrs)
-                b_s = tl.load(bs_ptrs)
-                for i in range(1, count):
-                    p_next = tl.dot(a_desc.load([pid_n * BLOCK_N, (t0 + i) * BLOCK_T]),
-                                    b_desc.load([pid_k * BLOCK_K, (t0 + i) * BLOCK_T]).T)
-                    acc += p * (a_s[:, None] * b_s[None, :])
-                    a_s = tl.load(as_ptrs + i * stride_ast)
-                    b_s = tl.load(bs_ptrs + i * stride_bst)
-                    p = p_next
-                acc += p * (a_s[:, None] * b_s[None, :])
-        else:
-            for i in range(0, count):
-                a = a_desc.load([pid_n * BLOCK_N, (t0 + i) * BLOCK_T])  # [BN, BT]
-                b = b_desc.load([pid_k * BLOCK_K, (t0 + i) * BLOCK_T])  # [BK, BT]
-                a_s = tl.load(as_ptrs + i * stride_ast)
-                b_s = tl.load(bs_ptrs + i * stride_bst)
-                acc += tl.dot(a, b.T) * (a_s[:, None] * b_s[None, :])
+        for i in range(0, count):
+            a = a_desc.load([pid_n * BLOCK_N, (t0 + i) * BLOCK_T])  # [BN, BT]
+            b = b_desc.load([pid_k * BLOCK_K, (t0 + i) * BLOCK_T])  # [BK, BT]
+            a_s = tl.load(as_ptrs + i * stride_ast)
+            b_s = tl.load(bs_ptrs + i * stride_bst)
+            acc += tl.dot(a, b.T) * (a_s[:, None] * b_s[None, :])
         c_ptrs = c_ptr + expert.to(tl.int64) * stride_ce + offs_n[:, None] * stride_cn + offs_k[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
 
@@ -420,12 +341,11 @@ if triton is not None:
         nargs["a_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_T"]]
         nargs["b_desc"].block_shape = [nargs["BLOCK_K"], nargs["BLOCK_T"]]
 
-    # (BLOCK_M, BLOCK_N, stages, warps); quick mode keeps the last two
-    _GEMM = [(128, 128, 3, 8), (128, 256, 3, 8), (256, 128, 3, 8), (128, 128, 4, 8), (64, 256, 3, 8),
-             (64, 128, 3, 4), (64, 128, 5, 4), (128, 128, 3, 4), (128, 128, 4, 4), (64, 128, 4, 4)]
+    # (BLOCK_M, BLOCK_N, stages, warps); quick mode keeps the last two. Measured on the H200 (MOE_1B shapes): small
+    # tiles win, 3 CTAs per SM hide the per-block promotion; 128x256 tiles spill, 128x128 x 8 warps fits 1 CTA per SM
+    _GEMM = [(128, 128, 3, 8), (64, 64, 3, 4), (64, 128, 2, 4), (64, 128, 4, 4), (64, 128, 3, 4)]
     # (BLOCK_N, BLOCK_K, stages, warps)
-    _WGRAD = [(128, 128, 3, 8), (128, 256, 3, 8), (256, 128, 3, 8), (128, 128, 4, 8), (64, 256, 3, 8),
-              (64, 128, 3, 4), (128, 128, 3, 4), (128, 128, 4, 4), (64, 128, 4, 4)]
+    _WGRAD = [(128, 128, 3, 8), (64, 256, 3, 8), (64, 64, 3, 4), (64, 128, 2, 4), (64, 128, 4, 4), (64, 128, 3, 4)]
 
     def _configs(table, names, hook=None):
         configs = [_cfg(dict(zip(names, c[:2])), c[2], c[3], hook) for c in table]
@@ -446,7 +366,12 @@ def _e_pad(e: int) -> int:
     return max(2, triton.next_power_of_2(e))
 
 
-def quant_act(x: torch.Tensor, offsets: torch.Tensor, rows: bool = True, cols: bool = True, num_warps: int = 8):
+QUANT_PACK3D = False  # quant_act's column tiles loaded a second time as [32, 4, 128] (measured variant)
+QUANT_WARPS = 8
+
+
+def quant_act(x: torch.Tensor, offsets: torch.Tensor, rows: bool = True, cols: bool = True,
+              num_warps: int | None = None, pack3d: bool | None = None):
     """x `[M, K]` (any float dtype) -> (q `[M, K]`, s `[K/128, M]`, qt `[K, P]`, st `[T, K]`); the parts not
     asked for are None. Row tiles cover the experts' rows; qt holds each expert's 128-row tiles from its
     first row, transposed, padding rows zero. Tile slots past the experts' last tile are left unwritten."""
@@ -468,7 +393,8 @@ def quant_act(x: torch.Tensor, offsets: torch.Tensor, rows: bool = True, cols: b
         qq, qqt = qq.view(torch.uint8), (qqt.view(torch.int32) if cols else qqt.view(torch.uint8))
         _quant_act_kernel[(t, kb)](
             x, qq, ss, qqt, sst, offsets, e, k, x.stride(0), qq.stride(0), ss.stride(0), t * TILE, sst.stride(0),
-            ROWS=rows, COLS=cols, EXACT=_INTERPRET, E_PAD=_e_pad(e), BLOCK=TILE, num_warps=num_warps,
+            ROWS=rows, COLS=cols, EXACT=_INTERPRET, E_PAD=_e_pad(e), BLOCK=TILE,
+            PACK3D=QUANT_PACK3D if pack3d is None else pack3d, num_warps=num_warps or QUANT_WARPS,
         )
     return q, s, qt, st
 
@@ -489,7 +415,7 @@ def quant_weight(w: torch.Tensor):
     return q, qt, s
 
 
-VARIANTS = ("auto", "ptr", "tma", "persist")
+VARIANTS = ("auto", "ptr", "tma")
 AUTO = "tma"  # what "auto" picks where TMA applies (else "ptr")
 LAST_KERNEL = None  # the compiled kernel of the last explicit-config launch (registers, spills: benchmarks)
 
@@ -504,7 +430,7 @@ def _pick(variant: str, *tensors: torch.Tensor) -> str:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     ok = _tma_ok(*tensors)
-    if variant in ("tma", "persist") and not ok:
+    if variant == "tma" and not ok:
         raise ValueError(f"variant={variant!r} needs 16-byte aligned e4m3 rows (lengths a multiple of 16)")
     if variant == "auto":
         return AUTO if ok else "ptr"
@@ -514,14 +440,7 @@ def _pick(variant: str, *tensors: torch.Tensor) -> str:
 def _launch(kernel, grid, args, config: dict, **fixed):
     """One launch with an explicit config (`num_warps`, `num_stages` and constexprs in `config`)."""
     global LAST_KERNEL
-    meta = dict(config)
-    meta.pop("programs_per_sm", None)
-    LAST_KERNEL = kernel[grid](*args, **fixed, **meta)
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    LAST_KERNEL = kernel[grid](*args, **fixed, **config)
 
 
 def grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, offsets: torch.Tensor,
@@ -530,8 +449,8 @@ def grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch
     """a `[M, K]` e4m3 with scales `[K/128, M]`, b `[E, N, K]` e4m3 with block scales `[E, N/128, K/128]`
     (`[E, K/128, N/128]` read transposed when `transpose_b_scales`) -> `[M, N]` in `out_dtype`: each expert's
     rows times its b. Rows past `offsets[-1]` are not written. `variant`: pointer loads ("ptr"), TMA tile
-    loads ("tma"), TMA in a persistent grid ("persist"), or "auto". `config` (benchmarks): launch with these
-    block sizes / warps / stages instead of the autotuned ones."""
+    loads ("tma"), or "auto". `config` (benchmarks): launch with these block sizes / warps / stages instead of
+    the autotuned ones."""
     m, k = a.shape
     e, n, _ = b.shape
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
@@ -566,26 +485,18 @@ def grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch
     if cfg is not None:
         a_desc.block_shape, b_desc.block_shape = [cfg["BLOCK_M"], TILE], [cfg["BLOCK_N"], TILE]
     args = (a_desc, a_s, b_desc, b_s, out, offsets, *sizes, a_s.stride(0), s_e, s_n, s_k, out.stride(0))
-    if kind == "persist":
-        cfg = cfg or dict(PERSIST_CONFIG)
-        per_sm = cfg.get("programs_per_sm", 1)
-        programs = 4 if _INTERPRET else per_sm * _sm_count(a.device.index or 0)
-        _launch(_grouped_gemm_persistent_kernel, (programs,), (*args, programs), cfg, **fixed)
-    elif cfg is not None:
+    if cfg is not None:
         _launch(_grouped_gemm_tma_kernel, grid, args, cfg, **fixed)
     else:
         _gemm_tma_tuned[grid](*args, **fixed)
     return out
 
 
-PERSIST_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "programs_per_sm": 2}
-
-
 def grouped_wgrad(dyt: torch.Tensor, dyt_s: torch.Tensor, xt: torch.Tensor, xt_s: torch.Tensor,
                   offsets: torch.Tensor, m: int, variant: str = "auto", config: dict | None = None) -> torch.Tensor:
     """dyᵀ `[N, P]` e4m3 with scales `[T, N]`, xᵀ `[K, P]` e4m3 with scales `[T, K]` (from `quant_act`'s column
     tiles of M rows) -> dW `[E, N, K]` float32; experts without rows get zeros. `variant` and `config` as
-    `grouped_gemm` ("persist" means "tma" here: each program already loops over a whole expert)."""
+    `grouped_gemm`."""
     n, k, e = dyt.shape[0], xt.shape[0], offsets.shape[0]
     out = torch.empty(e, n, k, dtype=torch.float32, device=dyt.device)
     kind = _pick(variant, dyt, xt)
