@@ -127,3 +127,22 @@ def test_compiled_gate_routes_like_the_eager_gate():
     w, i = torch.compile(gate, fullgraph=True, dynamic=False)(x)
     assert torch.equal(i.sort(-1)[0], i_ref.sort(-1)[0])
     torch.testing.assert_close(w.gather(1, i.argsort(-1)), w_ref.gather(1, i_ref.argsort(-1)))
+
+
+def test_a_training_block_compiles_without_graph_breaks():
+    """`compile_model` compiles whole blocks: on the training path (SDPA, grouped MoE, bf16 autocast) a MoE
+    block must trace as one graph (fullgraph raises on any break, e.g. the complex rope's storage check)."""
+    model = tiny_model()
+    model.train()
+    use_sdpa(model)
+    block = model.layers[-1]
+    assert hasattr(block.mlp, "experts")
+    x = torch.randn(2, 16, model.args.dim, requires_grad=True)
+    cos, sin = model.rotary(torch.arange(16).expand(2, -1))
+    compiled = torch.compile(block, fullgraph=True, backend="eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = compiled(x, cos, sin, None, 0, False, None)
+        ref = block(x, cos, sin, None, 0, False, None)
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=1e-3)  # bf16; the rope's real form rounds apart
+    out.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

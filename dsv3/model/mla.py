@@ -117,8 +117,8 @@ class MLA(nn.Module):
         when the caller already has it (the engine computes it once per step). `rotation`: for x `[N, D]`, the
         rope of each token as a matrix `[N, R, R]` (`rotation_matrices`), applied by one batched product per
         rotated tensor instead of a complex multiply's five small ops (decoding, where those ops dominate)."""
-        if rotation is not None:
-            freqs = None
+        if rotation is not None or torch.compiler.is_compiling():  # compiled: real-arithmetic rope, since the
+            freqs = None  # complex multiply's storage-offset check is a graph break (and inductor has no complex)
         elif self.interleave and freqs is None:
             freqs = torch.complex(cos, sin)
         elif not self.interleave:
