@@ -173,7 +173,7 @@ def test_triton_kernels_match_reference(device, counts, k, n):
     xd, wd, dyd, od = (t.to(device) for t in (x, w, dy, offsets))
     # quantization: codes x scales equal the reference's fake-quantized values exactly
     q, s, qt, st = K.quant_act(xd, od)
-    _, _, qt3, st3 = K.quant_act(xd, od, rows=False, pack3d=True)  # the other column-tile load
+    _, _, qt3, st3 = K.quant_act(xd, od, pack3d=not K.QUANT_PACK3D)  # the other column-tile load
     used = len(_tiles(counts))  # tile slots past the experts' last tile are never written
     assert torch.equal(qt3[:, :used * 128].view(torch.uint8), qt[:, :used * 128].view(torch.uint8))
     assert torch.equal(st3[:used], st[:used])
@@ -248,6 +248,9 @@ def test_enable_fp8_experts_routes_grouped_moe_through_fp8():
     torch.manual_seed(0)
     args = ModelArgs(**{**TINY_MODEL, "vocab_size": 64, "dtype": "float32"})
     moe = MoE(args, dtype=torch.float32).train()
+    with torch.no_grad():  # the module leaves its weights uninitialised
+        for p in moe.parameters():
+            p.normal_(0.0, 0.2)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(40, moe.dim, generator=g)
     grad = torch.randn(40, moe.dim, generator=g)

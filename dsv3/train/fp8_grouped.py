@@ -24,6 +24,11 @@ Two implementations of the same numerics:
   are static (no host sync: each program finds its expert from `offsets` on the device).
 
 `enable_fp8_experts(model)` makes every `MoE` of a model run its grouped routed experts through this op.
+
+Speed (H200, Triton 3.6, `benchmarks/fp8_grouped.py`, 131072 rows over 32 experts): the FP8 GEMMs reach 590-760
+TFLOP/s (small 64x128 tiles win: the per-128 promotion serialises each block's dot, so 3 CTAs per SM hide it), about
+bf16 `torch._grouped_mm`'s own rate, and the quantization passes come on top: forward + backward is 0.80x bf16 on
+w13 (K=1024) and 0.52x on w2 (K=512). This op buys the report's numerics, not speed, on this stack.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ tile return at once.
   128x1 column tiles, transposed (`qt [K, P]` e4m3 with the rows of tile t at columns `t*128...`, zero padded
   to whole tiles, scales `[T, K]`: the token-contiguous operand of wgrad). P = 128 * T, T = cdiv(M,128) + E.
 - `quant_weight(w)`: `w [E, N, K]` in 128x128 blocks -> q `[E, N, K]`, its transpose `[E, K, N]` (dgrad reads
-  it K-major, as FP8 wgmma wants) and scales `[E, N/128, K/128]`.
+  it K-major, as FP8 wgmma wants; a torch copy, the weight is small) and scales `[E, N/128, K/128]`.
 - `grouped_gemm(a, a_s, b, b_s, offsets)`: `C[rows of e] = Σ_kb (A_kb · B_e,kbᵀ) · a_s · b_s` with BLOCK_K 128:
   one FP8 tensor-core dot per 128 of K, scaled and added into an fp32 accumulator (the report's promotion).
   Forward: b = the weight; dgrad: b = its transpose with the block scales read transposed.
@@ -22,9 +22,10 @@ Scales: `s = amax / 448` (IEEE division; an all-zero tile gets 1), codes `x * (1
 after clamping to ±448; the PyTorch reference in `fp8_grouped.py` computes exactly this, bit for bit.
 Under `TRITON_INTERPRET=1` the kernels run on CPU tensors with one fixed config; the interpreter's float32 ->
 e4m3 cast drops the carry when rounding up across a power of two (-125.6 -> -64), so there (EXACT) the value is
-first rounded to the e4m3 grid with integer ops and the cast is exact. Byte outputs are stored as integers
-(the transposed tiles 4 rows to a uint32): with ptxas 12.9 a kernel that stores an fp8 tile both plainly and
-transposed can corrupt the transposed one (triton-lang/triton#11111, seen here on the H200: NaN codes).
+first rounded to the e4m3 grid with integer ops and the cast is exact. Byte outputs are stored as integers and
+no kernel stores bytes transposed (the column tiles go 4 rows to a uint32): with Triton 3.6's ptxas a kernel that
+stores an 8-bit tile both plainly and transposed corrupts the transposed copy (triton-lang/triton#11111; seen
+here on the H200 with fp8 and with uint8 stores, not with the packed words).
 """
 
 from __future__ import annotations
@@ -149,8 +150,8 @@ if triton is not None:
 
     @triton.jit
     def _quant_weight_kernel(
-        w_ptr, q_ptr, qt_ptr, s_ptr,
-        N, K, stride_we, stride_wn, stride_qe, stride_qn, stride_qte, stride_qtk, stride_se, stride_sn,
+        w_ptr, q_ptr, s_ptr,
+        N, K, stride_we, stride_wn, stride_qe, stride_qn, stride_se, stride_sn,
         EXACT: tl.constexpr, BLOCK: tl.constexpr,
     ):
         e = tl.program_id(0).to(tl.int64)
@@ -165,7 +166,6 @@ if triton is not None:
         s, inv = _scale(amax)
         q = _to_e4m3(w * inv[:, None], EXACT).to(tl.uint8, bitcast=True)  # byte stores as integers (see above)
         tl.store(q_ptr + e * stride_qe + rows[:, None] * stride_qn + cols[None, :], q, mask=mask)
-        tl.store(qt_ptr + e * stride_qte + cols[None, :] * stride_qtk + rows[:, None], q, mask=mask)
         tl.store(s_ptr + e * stride_se + nb * stride_sn + kb, tl.max(s, axis=0))
 
     @triton.jit
@@ -366,7 +366,9 @@ def _e_pad(e: int) -> int:
     return max(2, triton.next_power_of_2(e))
 
 
-QUANT_PACK3D = False  # quant_act's column tiles loaded a second time as [32, 4, 128] (measured variant)
+# quant_act's column tiles loaded a second time as [32, 4, 128], the 4 packed rows along an axis of the load: on the
+# H200 (x [131072, 1024] bf16) rows + columns 0.240 ms against 0.284 ms packing from the 2-D tile
+QUANT_PACK3D = True
 QUANT_WARPS = 8
 
 
@@ -405,14 +407,13 @@ def quant_weight(w: torch.Tensor):
     w = w if w.stride(-1) == 1 else w.contiguous()
     nb, kb = -(-n // TILE), -(-k // TILE)
     q = torch.empty(e, n, k, dtype=torch.float8_e4m3fn, device=w.device)
-    qt = torch.empty(e, k, n, dtype=torch.float8_e4m3fn, device=w.device)
     s = torch.empty(e, nb, kb, dtype=torch.float32, device=w.device)
     if w.numel():
         _quant_weight_kernel[(e, nb, kb)](
-            w, q.view(torch.uint8), qt.view(torch.uint8), s, n, k, w.stride(0), w.stride(1), q.stride(0), q.stride(1),
-            qt.stride(0), qt.stride(1), s.stride(0), s.stride(1), EXACT=_INTERPRET, BLOCK=TILE, num_warps=8,
+            w, q.view(torch.uint8), s, n, k, w.stride(0), w.stride(1), q.stride(0), q.stride(1),
+            s.stride(0), s.stride(1), EXACT=_INTERPRET, BLOCK=TILE, num_warps=8,
         )
-    return q, qt, s
+    return q, q.transpose(1, 2).contiguous(), s
 
 
 VARIANTS = ("auto", "ptr", "tma")
