@@ -174,7 +174,9 @@ class MoE(nn.Module):
     def routed_grouped(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """`routed` without a host sync: grouped GEMMs over the pairs sorted by expert (see the module doc).
         Runs in the autocast dtype when autocast is on (the grouped GEMM is not an autocast op). Dispatch and
-        combine are permutations (gathers both ways, no atomics), so forward and backward are deterministic."""
+        combine are permutations (gathers both ways, no atomics), so forward and backward are deterministic.
+        `self.grouped_mm`, when set (`dsv3.train.fp8_grouped.enable_fp8_experts`), replaces both grouped GEMMs:
+        `fn(a, w [E, N, K], offsets)`, with the stacked weights in their master dtype."""
         n, k = indices.shape
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
