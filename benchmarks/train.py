@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="token shard folder from `dsv3 data tokenize`")
     p.add_argument("--model", default="moe_1b", help="moe_1b (built in), a preset name or a ModelArgs JSON path")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps per run (default 1000)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per step (default 16)")
+    p.add_argument("--batch-size", type=int, default=48,
+                   help="sequences per step (default 48: 98k tokens, ~111 GiB peak for the preset with --compile)")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     p.add_argument("--eval-batches", type=int, default=20, help="validation batches at the end (default 20)")
