@@ -35,8 +35,10 @@ MOE_1B = {
     "max_seq_len": 4096, "init_std": 0.006,
 }
 
-# kernel-name fragments -> family, first match wins (names of cuBLAS, flash attention, Triton, inductor)
-FAMILIES = (("scaled_mm", "fp8 gemm"), ("sm90_xmma_gemm_e4m3", "fp8 gemm"), ("e4m3", "fp8 gemm"),
+# kernel-name fragments -> family, first match wins (names of cuBLAS, flash attention, Triton, inductor;
+# cuBLAS' FP8 kernels are `nvjet_sm90_qq...`)
+FAMILIES = (("fp8_scaled_mm", "fp8 quantize (fused)"),  # inductor kernels named after the op they feed
+            ("sm90_qq", "fp8 gemm"), ("scaled_mm", "fp8 gemm"), ("sm90_xmma_gemm_e4m3", "fp8 gemm"), ("e4m3", "fp8 gemm"),
             ("grouped", "grouped gemm"), ("flash", "attention"), ("fmha", "attention"), ("attention", "attention"),
             ("gemm", "gemm"), ("nvjet", "gemm"), ("cutlass", "gemm"), ("act_quant", "fp8 quantize"),
             ("quant", "fp8 quantize"), ("triton", "fused (triton)"), ("elementwise", "elementwise"),
