@@ -1,6 +1,8 @@
 """The training fast paths against the model's own reference code, on CPU: SDPA attention vs `MLA.forward`
 with the causal mask (outputs and gradients), `use_sdpa` on a whole model (same logits; cached decoding
-untouched), what `compile_model` compiles, and FP8 swapping that keeps routed experts on the grouped path."""
+untouched), what `compile_model` compiles, FP8 swapping that keeps routed experts on the grouped path, the
+router's fusable `small_topk` against `topk` (alone and in a compiled gate), and a training block compiled
+whole (no graph break)."""
 
 import torch
 from torch import nn
