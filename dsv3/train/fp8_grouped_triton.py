@@ -214,23 +214,28 @@ if triton is not None:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < row_end) & (offs_n[None, :] < N))
 
     @triton.jit
+    def _wgrad_program(offs_ptr, E, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
+                       E_PAD: tl.constexpr):
+        """A wgrad program's (expert, n-tile, k-tile) and its expert's first token tile and tile count."""
+        pid = tl.program_id(0)
+        grid_n = tl.cdiv(N, BLOCK_N)
+        grid_k = tl.cdiv(K, BLOCK_K)
+        expert = pid // (grid_n * grid_k)
+        rest = pid % (grid_n * grid_k)
+        e, starts, ends, tiles, first = _expert_table(offs_ptr, E, BLOCK_T, E_PAD)
+        sel = e == expert
+        t0 = tl.sum(tl.where(sel, first, 0), 0)
+        count = tl.sum(tl.where(sel, tiles, 0), 0)
+        return expert, rest // grid_k, rest % grid_k, t0, count
+
+    @triton.jit
     def _grouped_wgrad_kernel(
         a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, offs_ptr,
         E, N, K, M_BUCKET,
         stride_an, stride_ast, stride_bk, stride_bst, stride_ce, stride_cn,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        grid_n = tl.cdiv(N, BLOCK_N)
-        grid_k = tl.cdiv(K, BLOCK_K)
-        expert = pid // (grid_n * grid_k)
-        rest = pid % (grid_n * grid_k)
-        pid_n = rest // grid_k
-        pid_k = rest % grid_k
-        e, starts, ends, tiles, first = _expert_table(offs_ptr, E, BLOCK_T, E_PAD)
-        sel = e == expert
-        t0 = tl.sum(tl.where(sel, first, 0), 0)
-        count = tl.sum(tl.where(sel, tiles, 0), 0)
+        expert, pid_n, pid_k, t0, count = _wgrad_program(offs_ptr, E, N, K, BLOCK_N, BLOCK_K, BLOCK_T, E_PAD)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         rows_a = offs_n % N
@@ -305,17 +310,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr,
     ):
         # _grouped_wgrad_kernel with the dyᵀ and xᵀ tiles through TMA
-        pid = tl.program_id(0)
-        grid_n = tl.cdiv(N, BLOCK_N)
-        grid_k = tl.cdiv(K, BLOCK_K)
-        expert = pid // (grid_n * grid_k)
-        rest = pid % (grid_n * grid_k)
-        pid_n = rest // grid_k
-        pid_k = rest % grid_k
-        e, starts, ends, tiles, first = _expert_table(offs_ptr, E, BLOCK_T, E_PAD)
-        sel = e == expert
-        t0 = tl.sum(tl.where(sel, first, 0), 0)
-        count = tl.sum(tl.where(sel, tiles, 0), 0)
+        expert, pid_n, pid_k, t0, count = _wgrad_program(offs_ptr, E, N, K, BLOCK_N, BLOCK_K, BLOCK_T, E_PAD)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         as_ptrs = as_ptr + t0 * stride_ast + offs_n % N
