@@ -152,21 +152,6 @@ if triton is not None:
             tok = r
         return pair, tok, r_mask
 
-    @triton.jit
-    def _slot_expert(pid, n_tiles, N, counts_ptr, active_ptr, n_active_ptr, ROUTED: tl.constexpr):
-        """Program `pid` -> (expert, its row count, n-tile). Routed: slot `pid // n_tiles` of the active-expert
-        list; a slot past the active count gets 0 rows (its programs do nothing). Dense: expert 0, all N rows."""
-        slot = pid // n_tiles
-        nt = pid % n_tiles
-        if ROUTED:
-            live = slot < tl.load(n_active_ptr)
-            e = tl.load(active_ptr + slot, mask=live, other=0)
-            count = tl.where(live, tl.load(counts_ptr + e), 0)
-        else:
-            e = pid * 0
-            count = N
-        return e, count, nt
-
     @triton.jit(do_not_specialize=["N", "KS"])
     def _ffn1_kernel(
         x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, act_ptr, slots_ptr, counts_ptr, active_ptr, n_active_ptr,
@@ -175,8 +160,18 @@ if triton is not None:
         ROUTED: tl.constexpr, FP8: tl.constexpr, PREC: tl.constexpr, EVEN_K: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, M_SPLIT: tl.constexpr,
     ):
-        e, count, nt = _slot_expert(tl.program_id(0), tl.cdiv(I, BN), N, counts_ptr, active_ptr, n_active_ptr,
-                                    ROUTED)
+        pid = tl.program_id(0)
+        n_tiles = tl.cdiv(I, BN)
+        slot = pid // n_tiles
+        nt = pid % n_tiles
+        if ROUTED:
+            if slot >= tl.load(n_active_ptr):
+                return
+            e = tl.load(active_ptr + slot)
+            count = tl.load(counts_ptr + e)
+        else:
+            e = pid * 0
+            count = N
         offs_n = nt * BN + tl.arange(0, BN)
         n_mask = offs_n < I
         wg_base = wg_ptr + e.to(tl.int64) * stride_we
@@ -214,8 +209,18 @@ if triton is not None:
         ROUTED: tl.constexpr, FP8: tl.constexpr, PREC: tl.constexpr, EVEN_K: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, M_SPLIT: tl.constexpr,
     ):
-        e, count, nt = _slot_expert(tl.program_id(0), tl.cdiv(NOUT, BN), N, counts_ptr, active_ptr, n_active_ptr,
-                                    ROUTED)
+        pid = tl.program_id(0)
+        n_tiles = tl.cdiv(NOUT, BN)
+        slot = pid // n_tiles
+        nt = pid % n_tiles
+        if ROUTED:
+            if slot >= tl.load(n_active_ptr):
+                return
+            e = tl.load(active_ptr + slot)
+            count = tl.load(counts_ptr + e)
+        else:
+            e = pid * 0
+            count = N
         offs_n = nt * BN + tl.arange(0, BN)
         n_mask = offs_n < NOUT
         w_base = w_ptr + e.to(tl.int64) * stride_we
