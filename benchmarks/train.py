@@ -9,7 +9,7 @@ gap <= 0.25% after 1,000 steps). `--profile N` adds, after the timed steps, a to
 steps and prints the GPU time split by kernel family. A mode that fails prints its error and the others run.
 
     python benchmarks/train.py --data data/shards --device cuda --compile       # ~1B-parameter MoE
-    python benchmarks/train.py --data data/shards --device cpu --model tiny --steps 4 --batch-size 2 --seq-len 64
+    python benchmarks/train.py --data data/shards --device cpu --model default --steps 4 --batch-size 2 --seq-len 64
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ MOE_1B = {
 # cuBLAS' FP8 kernels are `nvjet_sm90_qq...`)
 FAMILIES = (("fp8_scaled_mm", "fp8 quantize (fused)"),  # inductor kernels named after the op they feed
             ("sm90_qq", "fp8 gemm"), ("scaled_mm", "fp8 gemm"), ("sm90_xmma_gemm_e4m3", "fp8 gemm"), ("e4m3", "fp8 gemm"),
-            ("grouped", "grouped gemm"), ("flash", "attention"), ("fmha", "attention"), ("attention", "attention"),
+            ("grouped", "grouped gemm"), ("groupproblemshape", "grouped gemm"),  # CUTLASS's grouped GEMM
+            ("flash", "attention"), ("fmha", "attention"), ("attention", "attention"),
             ("gemm", "gemm"), ("nvjet", "gemm"), ("cutlass", "gemm"), ("act_quant", "fp8 quantize"),
             ("quant", "fp8 quantize"), ("triton", "fused (triton)"), ("elementwise", "elementwise"),
             ("reduce", "reduce"), ("index", "gather/scatter"), ("scatter", "gather/scatter"),
@@ -85,9 +86,13 @@ def profile_steps(trainer, steps: int) -> dict:
 def run_one(args: argparse.Namespace, fp8: bool, out: Path) -> dict:
     from dsv3.train.trainer import TrainConfig, Trainer
     model = MOE_1B if args.model == "moe_1b" else args.model
+    if args.model == "default":  # the shipped default model's architecture (27.6M parameters, vocab 8192)
+        import dsv3.train
+        recipe = Path(dsv3.train.__file__).parent / "recipes" / "default_model.json"
+        model = json.loads(recipe.read_text())["model"]
     cfg = TrainConfig(model=model, seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps,
                       warmup_steps=max(1, min(100, args.steps // 10)), lr=args.lr, final_lr=args.lr / 10,
-                      fp8=fp8, compile=args.compile, seed=0, eval_every=0, eval_batches=args.eval_batches,
+                      fp8=fp8, compile=args.compile, seed=args.seed, eval_every=0, eval_batches=args.eval_batches,
                       ckpt_every=0, log_every=max(1, args.steps // 10), device=args.device,
                       peak_tflops=args.peak_tflops)
     start = time.perf_counter()
@@ -104,7 +109,7 @@ def run_one(args: argparse.Namespace, fp8: bool, out: Path) -> dict:
             print(f"  {'fp8' if fp8 else 'bf16'} step {r['step']}: ce {r['ce']:.4f} mtp {r['mtp']:.4f} "
                   f"{r['tokens_per_s']:,.0f} tok/s", flush=True)
     tail = rows[len(rows) // 2:] or rows
-    result = {"mode": "fp8" if fp8 else "bf16", "compile": args.compile, "steps": cfg.steps,
+    result = {"mode": "fp8" if fp8 else "bf16", "compile": args.compile, "steps": cfg.steps, "seed": cfg.seed,
               "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "tokens_per_step": trainer.tokens_per_step,
               "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in tail)),
               "mfu": _median([r.get("mfu") for r in tail]), "final_ce": rows[-1]["ce"],
@@ -121,12 +126,15 @@ def run_one(args: argparse.Namespace, fp8: bool, out: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="token shard folder from `dsv3 data tokenize`")
-    p.add_argument("--model", default="moe_1b", help="moe_1b (built in), a preset name or a ModelArgs JSON path")
+    p.add_argument("--model", default="moe_1b", help="moe_1b (built in), default (the default model's architecture), a preset name or a "
+                   "ModelArgs JSON path (default moe_1b)")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps per run (default 1000)")
     p.add_argument("--batch-size", type=int, default=48,
                    help="sequences per step (default 48: 98k tokens, ~111 GiB peak for the preset with --compile)")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="initialisation and data-order seed, the same for every mode (default 0)")
     p.add_argument("--eval-batches", type=int, default=20, help="validation batches at the end (default 20)")
     p.add_argument("--device", default="cuda", help="cuda or cpu (default cuda)")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks (default off)")
