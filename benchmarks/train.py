@@ -92,7 +92,7 @@ def run_one(args: argparse.Namespace, fp8: bool, out: Path) -> dict:
         model = json.loads(recipe.read_text())["model"]
     cfg = TrainConfig(model=model, seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps,
                       warmup_steps=max(1, min(100, args.steps // 10)), lr=args.lr, final_lr=args.lr / 10,
-                      fp8=fp8, compile=args.compile, seed=args.seed, eval_every=0, eval_batches=args.eval_batches,
+                      fp8=fp8, fp8_experts=args.fp8_experts, compile=args.compile, seed=args.seed, eval_every=0, eval_batches=args.eval_batches,
                       ckpt_every=0, log_every=max(1, args.steps // 10), device=args.device,
                       peak_tflops=args.peak_tflops)
     start = time.perf_counter()
@@ -110,6 +110,7 @@ def run_one(args: argparse.Namespace, fp8: bool, out: Path) -> dict:
                   f"{r['tokens_per_s']:,.0f} tok/s", flush=True)
     tail = rows[len(rows) // 2:] or rows
     result = {"mode": "fp8" if fp8 else "bf16", "compile": args.compile, "steps": cfg.steps, "seed": cfg.seed,
+              "fp8_experts": cfg.fp8_experts if fp8 else None,
               "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "tokens_per_step": trainer.tokens_per_step,
               "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in tail)),
               "mfu": _median([r.get("mfu") for r in tail]), "final_ce": rows[-1]["ce"],
@@ -141,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-tflops", type=float, default=790.0,
                    help="dense bf16 peak for MFU (default 790, measured on the H200 here)")
     p.add_argument("--modes", default="bf16,fp8", help="comma-separated: bf16, fp8 (default both)")
+    p.add_argument("--fp8-experts", default="auto", choices=("auto", "loop", "grouped", "bf16"),
+                   help="routed experts in the fp8 mode (dsv3 train --fp8-experts; default auto: bf16 on a GPU)")
     p.add_argument("--profile", type=int, default=0, help="profile this many extra steps per mode (default 0)")
     p.add_argument("--log-every", type=int, default=0, help="print a progress line every N steps (default 0: off)")
     p.add_argument("--wait-for", nargs="*", default=[],

@@ -155,3 +155,65 @@ def _swiglu_exact(net, x):
         h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
         g, u = h @ net.gate.weight.T, h @ net.up.weight.T
         return (torch.nn.functional.silu(g) * u) @ net.down.weight.T + x
+
+
+def _step_with_experts(mode: str):
+    """One forward/backward of the tiny model in training mode with `apply_fp8(..., mode)`: the loss and the
+    gradients of the first MoE layer's routed experts (stacked)."""
+    import torch.nn.functional as F
+
+    from dsv3.model.moe import MoE
+    from dsv3.train.parallelize import apply_fp8
+    model = tiny_model(seed=1, moe_inter_dim=128).train()  # 128: the stacked w13's blocks hold gate or up rows
+    apply_fp8(model, torch.device("cpu"), mode)
+    moe = next(m for m in model.modules() if isinstance(m, MoE))
+    calls = []
+    if moe.grouped_mm is not None:  # count the grouped FP8 GEMMs really taken
+        fn = moe.grouped_mm
+        moe.grouped_mm = lambda a, w, offsets: calls.append(w.shape) or fn(a, w, offsets)
+    tokens = torch.randint(0, 64, (4, 40), generator=torch.Generator().manual_seed(2))
+    logits = model(tokens, absorb=False)
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for e in moe.experts for p in e.parameters()])
+    return float(loss.detach()), grads, len(calls)
+
+
+def test_fp8_expert_paths_agree():
+    """`--fp8-experts`: "grouped" (the grouped FP8 GEMM's PyTorch reference on a CPU) quantizes the routed
+    experts' three GEMMs with the same tiles as "loop" (an FP8Linear per expert), so both give the same loss
+    and expert gradients up to the two quantizers' rounding of x / scale; "bf16" (experts unquantized) is
+    measurably further away. "auto" is "loop" on a CPU and "bf16" on CUDA."""
+    from dsv3.model.moe import MoE
+    from dsv3.train.fp8_grouped import fp8_grouped_mm
+    from dsv3.train.parallelize import apply_fp8
+
+    model = tiny_model()
+    assert apply_fp8(model, torch.device("cpu"), "auto") == "loop"
+    moe = next(m for m in model.modules() if isinstance(m, MoE))
+    assert isinstance(moe.experts[0].up_proj, FP8Linear) and not moe.grouped_ok()
+    model = tiny_model()
+    assert apply_fp8(model, torch.device("cuda"), "auto") == "bf16"  # only the device type is read
+    moe = next(m for m in model.modules() if isinstance(m, MoE))
+    assert type(moe.experts[0].up_proj) is torch.nn.Linear and moe.grouped_mm is None
+    assert isinstance(moe.shared_experts.up_proj, FP8Linear)
+    model = tiny_model()
+    assert apply_fp8(model, torch.device("cpu"), "grouped") == "grouped"
+    moe = next(m for m in model.modules() if isinstance(m, MoE))
+    assert moe.grouped_ok() and moe.grouped_mm is fp8_grouped_mm
+
+    loss_loop, g_loop, _ = _step_with_experts("loop")
+    loss_grouped, g_grouped, calls = _step_with_experts("grouped")
+    _, g_bf16, _ = _step_with_experts("bf16")
+    near, far = _rel(g_grouped, g_loop), _rel(g_bf16, g_loop)
+    print(f"expert-gradient distance to loop: grouped {near:.2e}, unquantized experts {far:.2e}")
+    assert calls == 2  # w13 and w2 of the one MoE layer went through the grouped FP8 GEMM
+    assert abs(loss_grouped - loss_loop) / loss_loop < 1e-4
+    assert near < 1e-3 and far > 1e-2
+
+
+def test_fp8_experts_config_is_checked():
+    with pytest.raises(ValueError, match="fp8_experts"):
+        tiny_config(fp8=True, fp8_experts="fast")
+    with pytest.raises(ValueError, match="grouped"):
+        tiny_config(fp8=True, fp8_experts="grouped", expert_parallel=True)

@@ -4,6 +4,7 @@ FP8 linears → fused (SDPA) attention → activation checkpointing → `torch.c
 
 - `init_distributed(device)`: under `torchrun` (WORLD_SIZE > 1) joins the process group (NCCL on CUDA,
   gloo on CPU) and returns a `DistInfo`; a single process gets rank 0 of 1 and no group.
+- `apply_fp8(model, device, experts)`: the FP8 linears, and which path the routed experts take under FP8.
 - `parallelize(model, ...)` returns the module to call for training: the model itself (one process, or
   sharded in place by FSDP2, `dsv3.train.fsdp`), or a `DistributedDataParallel` around it.
   `data_parallel="auto"` takes FSDP2 when the MoE runs the grouped path (every expert then gets a gradient
@@ -105,16 +106,31 @@ def compile_model(model: nn.Module) -> str:
     return "blocks" if grouped else "parts"
 
 
+def apply_fp8(model: nn.Module, device: torch.device, experts: str = "auto") -> str:
+    """Swap the model's linears to FP8 (`swap_to_fp8`) and choose the routed experts' path (`experts`, see
+    `dsv3.train.trainer.FP8_EXPERTS`): "loop" makes each expert's projections FP8 linears (the MoE then runs
+    its reference loop), "grouped" keeps them plain and sends the grouped path's two GEMMs through
+    `fp8_grouped_mm`, "bf16" keeps them on bf16's grouped GEMM; "auto" is "loop" on a CPU (every linear FP8,
+    emulated) and "bf16" on a GPU, where the grouped FP8 GEMM is slower than bf16's. Returns the path taken."""
+    if experts == "auto":
+        experts = "bf16" if device.type == "cuda" else "loop"
+    swap_to_fp8(model, routed_experts=experts == "loop")
+    if experts == "grouped":
+        from dsv3.train.fp8_grouped import enable_fp8_experts
+        enable_fp8_experts(model)
+    return experts
+
+
 def parallelize(model: nn.Module, info: DistInfo, device: torch.device, *, fp8: bool = False,
-                activation_checkpointing: bool = False, compile: bool = False, sdpa: bool = True,
-                data_parallel: str = "auto", ddp_ignore: list[str] | tuple[str, ...] = ()) -> nn.Module:
+                fp8_experts: str = "auto", activation_checkpointing: bool = False, compile: bool = False,
+                sdpa: bool = True, data_parallel: str = "auto",
+                ddp_ignore: list[str] | tuple[str, ...] = ()) -> nn.Module:
     """Apply the training transforms in place and return the module to call (DDP wrapper when distributed).
+    `fp8_experts`: the routed experts' path under `fp8` (`apply_fp8`).
     `ddp_ignore`: parameter names DDP leaves alone (the owned experts under expert parallel).
     `sdpa`: causal attention through `F.scaled_dot_product_attention` (`dsv3.train.attention`)."""
     if fp8:
-        # on CUDA the routed experts stay bf16 on the grouped path (no grouped FP8 GEMM yet); on CPU they are
-        # emulated FP8 linears on the reference loop, as every other linear
-        swap_to_fp8(model, routed_experts=device.type != "cuda")
+        apply_fp8(model, device, fp8_experts)
     if sdpa:
         use_sdpa(model)
     if activation_checkpointing:

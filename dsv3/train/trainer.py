@@ -48,6 +48,13 @@ from dsv3.train.parallelize import all_reduce_mean, init_distributed, paralleliz
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 PRECISIONS = ("bf16", "fp32")
+FP8_EXPERTS = {  # how `fp8` treats the routed experts
+    "auto": "loop on a CPU, bf16 on a GPU",
+    "loop": "an FP8 linear per expert on the reference loop (one host sync per MoE layer)",
+    "grouped": "the grouped FP8 GEMM (Triton on CUDA, its PyTorch reference elsewhere): the report's numerics "
+               "for every linear; on an H200 slower than bf16's grouped GEMM",
+    "bf16": "the routed experts in the autocast precision on the grouped GEMM (the other linears FP8)",
+}
 
 
 @dataclass
@@ -77,6 +84,7 @@ class TrainConfig:
     bias_freeze_tokens: int | None = None  # ... or after this many training tokens
     precision: str = "bf16"  # autocast dtype over float32 masters: bf16 or fp32 (no autocast)
     fp8: bool = False  # FP8 GEMMs in the linear layers
+    fp8_experts: str = "auto"  # with fp8, the routed experts: auto, loop, grouped or bf16 (see FP8_EXPERTS)
     compile: bool = False  # torch.compile the blocks (whole blocks on the grouped MoE path)
     activation_checkpointing: bool = False
     data_parallel: str = "auto"  # under torchrun: fsdp (FSDP2 shards), ddp, or auto (fsdp where it applies)
@@ -109,6 +117,11 @@ class TrainConfig:
         if self.expert_parallel and (self.data_parallel == "fsdp" or self.compile):
             raise ValueError("expert_parallel runs with DDP for the replicated weights and without compile; "
                              "drop --data-parallel fsdp / --compile")
+        if self.fp8_experts not in FP8_EXPERTS:
+            raise ValueError(f"fp8_experts must be one of {tuple(FP8_EXPERTS)}, got {self.fp8_experts!r}")
+        if self.expert_parallel and self.fp8 and self.fp8_experts == "grouped":
+            raise ValueError("fp8_experts grouped does not apply under expert_parallel (its experts run one by "
+                             "one); use loop or bf16")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.export_dtype not in ("bfloat16", "float32", "float16"):
@@ -245,7 +258,7 @@ class Trainer:
         self.ep = cfg.expert_parallel and self.info.distributed
         if self.ep:
             shard_experts(self.model, self.info.rank, self.info.world_size)
-        self.module = parallelize(self.model, self.info, self.device, fp8=cfg.fp8,
+        self.module = parallelize(self.model, self.info, self.device, fp8=cfg.fp8, fp8_experts=cfg.fp8_experts,
                                   activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
                                   data_parallel="ddp" if self.ep else cfg.data_parallel,
                                   ddp_ignore=expert_parameter_names(self.model) if self.ep else ())
