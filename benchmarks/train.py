@@ -92,9 +92,9 @@ def run_one(args: argparse.Namespace, fp8: bool, out: Path) -> dict:
         model = json.loads(recipe.read_text())["model"]
     cfg = TrainConfig(model=model, seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps,
                       warmup_steps=max(1, min(100, args.steps // 10)), lr=args.lr, final_lr=args.lr / 10,
-                      fp8=fp8, fp8_experts=args.fp8_experts, compile=args.compile, seed=args.seed, eval_every=0, eval_batches=args.eval_batches,
-                      ckpt_every=0, log_every=max(1, args.steps // 10), device=args.device,
-                      peak_tflops=args.peak_tflops)
+                      fp8=fp8, fp8_experts=args.fp8_experts, compile=args.compile, seed=args.seed, eval_every=0,
+                      eval_batches=args.eval_batches, ckpt_every=0, log_every=max(1, args.steps // 10),
+                      device=args.device, peak_tflops=args.peak_tflops)
     start = time.perf_counter()
     trainer = Trainer(cfg, args.data, out)
     rows = []
@@ -127,8 +127,8 @@ def run_one(args: argparse.Namespace, fp8: bool, out: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="token shard folder from `dsv3 data tokenize`")
-    p.add_argument("--model", default="moe_1b", help="moe_1b (built in), default (the default model's architecture), a preset name or a "
-                   "ModelArgs JSON path (default moe_1b)")
+    p.add_argument("--model", default="moe_1b", help="moe_1b (built in), default (the default model's "
+                   "architecture), a preset name or a ModelArgs JSON path (default moe_1b)")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps per run (default 1000)")
     p.add_argument("--batch-size", type=int, default=48,
                    help="sequences per step (default 48: 98k tokens, ~111 GiB peak for the preset with --compile)")

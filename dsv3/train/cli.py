@@ -18,16 +18,14 @@ import typing
 
 import torch
 
-from dsv3.train.trainer import TrainConfig, train
+from dsv3.train.trainer import FP8_EXPERTS, TrainConfig, train
 
 _HELP = {
     "model": "model preset name, ModelArgs JSON path (recipe value by default)",
     "device": "auto, cpu, cuda or cuda:N",
     "data_parallel": "under torchrun: fsdp (FSDP2, parameters and optimizer state sharded over ranks), ddp, or "
                      "auto = fsdp when the MoE runs its grouped path, else ddp",
-    "fp8_experts": "with --fp8, the routed experts: loop (an FP8 linear per expert, host syncs), grouped (the "
-                   "grouped FP8 GEMM: the report's numerics everywhere, slower than bf16 on an H200), bf16 (bf16 "
-                   "grouped GEMM), or auto = loop on a CPU, bf16 on a GPU",
+    "fp8_experts": "with --fp8, the routed experts' path: " + "; ".join(f"{k} = {v}" for k, v in FP8_EXPERTS.items()),
     "expert_parallel": "under torchrun: each rank keeps E/world routed experts per MoE layer and tokens reach "
                        "them by all-to-all; the other weights are replicated with DDP",
 }
