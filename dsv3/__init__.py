@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["ModelArgs", "Transformer", "load_model", "save_model", "LLM", "SamplingParams", "default_model_path"]
+__all__ = ["ModelArgs", "Transformer", "load_model", "save_model", "LLM", "EngineConfig", "SamplingParams",
+           "default_model_path"]
 
 _WHERE = {
     "ModelArgs": "dsv3.config",
@@ -16,6 +17,7 @@ _WHERE = {
     "load_model": "dsv3.checkpoint",
     "save_model": "dsv3.checkpoint",
     "LLM": "dsv3.engine",
+    "EngineConfig": "dsv3.engine",
     "SamplingParams": "dsv3.engine",
 }
 

@@ -1,7 +1,7 @@
 """The inference engine: continuous batching over a paged MLA latent cache, behind the `LLM` class.
 
-`sequence`, `block_manager` and `scheduler` are plain Python; `sampling`, `model_runner` and `llm`
-hold the tensors. Names are loaded on first use so that importing the plain parts pulls in no torch.
+`config` (`EngineConfig`), `sequence`, `block_manager` and `scheduler` are plain Python; `sampling`,
+`model_runner` and `llm` hold the tensors. Names are loaded on first use so that importing the plain parts pulls in no torch.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any
 
 _EXPORTS = {
     "LLM": "dsv3.engine.llm",
+    "EngineConfig": "dsv3.engine.config",
     "RequestOutput": "dsv3.engine.llm",
     "SamplingParams": "dsv3.engine.sampling",
     "Sampler": "dsv3.engine.sampling",

@@ -1,6 +1,6 @@
 """`LLM`: the public engine. Batch `generate`, or the incremental interface a server drives.
 
-    llm = LLM("path/to/checkpoint", device="cuda", dtype=torch.bfloat16)
+    llm = LLM("path/to/checkpoint", device="cuda", dtype="bfloat16")  # or LLM(path, config=EngineConfig(...))
     outs = llm.generate(["Hello", [0, 5, 9]], SamplingParams(temperature=0, max_tokens=32))
     outs[0].text, outs[0].token_ids, outs[0].finish_reason  # "stop" | "length"
 
@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dsv3.engine.block_manager import BlockManager
+from dsv3.engine.config import EngineConfig, with_overrides
 from dsv3.engine.model_runner import ModelRunner
 from dsv3.engine.sampling import SamplingParams
 from dsv3.engine.scheduler import Scheduler
@@ -77,26 +78,27 @@ def _fast_applies(model: Transformer) -> bool:
 class LLM:
     """DeepSeek-V3 inference with continuous batching over a paged MLA latent cache."""
 
-    def __init__(self, model: str | Path | Transformer, tokenizer: Any = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | str = torch.bfloat16, num_blocks: int | None = None,
-                 cache_memory: int | None = None, block_size: int = 16, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, fast: bool | None = None) -> None:
+    def __init__(self, model: str | Path | Transformer, tokenizer: Any = None, config: EngineConfig | None = None,
+                 **overrides: Any) -> None:
         """`model`: a checkpoint folder or a loaded `Transformer` (used as is: its device and dtype).
         `tokenizer`: a `dsv3.tokenizer.Tokenizer`, a folder holding tokenizer.json, or None to use the
         model folder's (if any; without one only token-id prompts work and `.text` stays empty).
+        `config`: an `EngineConfig` (device, dtype, cache size, batch limits, prefix caching, fast path);
+        keyword `overrides` replace its fields (`LLM(path, device="cuda", num_blocks=64)`), and without
+        a config they build one from the defaults.
         Cache size: `num_blocks` blocks of `block_size` tokens, else `cache_memory` bytes, else a
         default (80% of free GPU memory, 512 MiB on CPU).
         `fast`: fused MoE/MLA kernels and CUDA graphs for decode steps (`dsv3.engine.fast_runner`; graphs
-        captured here for decode batches up to `max_num_seqs`; 17x the PyTorch path's decode tokens/s on an
-        H200, benchmarks/engine_gpu.py). It rewrites the model's modules in place
+        captured here for decode batches up to `max_num_seqs`). It rewrites the model's modules in place
         (`dsv3.model.fast.prepare_fast`), so a `Transformer` passed in is changed; it needs BF16/FP16/FP32
         weights. Prefill and mixed steps keep the PyTorch path. None (default): on when the model is on CUDA
         with non-FP8 weights, else off. True off CUDA raises ValueError."""
-        if isinstance(dtype, str):
-            if dtype not in ("bfloat16", "float16", "float32"):
-                raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}")
-            dtype = getattr(torch, dtype)
+        config = with_overrides(config, overrides)
+        self.config = config
+        device, dtype = config.device, config.torch_dtype
+        num_blocks, cache_memory, block_size = config.num_blocks, config.cache_memory, config.block_size
+        max_num_seqs, max_num_batched_tokens = config.max_num_seqs, config.max_num_batched_tokens
+        max_model_len, fast = config.max_model_len, config.fast
         if fast:  # before loading anything
             where = model.embed_tokens.weight.device if isinstance(model, Transformer) else torch.device(device)
             if where.type != "cuda":
@@ -115,7 +117,7 @@ class LLM:
         self.tokenizer = self._load_tokenizer(tokenizer, folder)
         self.runner = ModelRunner(self.model, block_size=block_size, num_blocks=num_blocks, cache_memory=cache_memory,
                                   fast=fast, max_num_seqs=max_num_seqs)
-        self.block_manager = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching)
+        self.block_manager = BlockManager(self.runner.num_blocks, block_size, config.enable_prefix_caching)
         limit = min(self.model.args.max_seq_len, self.block_manager.capacity_tokens)
         if max_model_len is None:
             max_model_len = limit
