@@ -21,16 +21,16 @@ PROMPTS = ["The Linux kernel documentation", "It is a truth universally acknowle
 
 @torch.no_grad()
 def plain_greedy(model, prompt: list[int], n: int) -> tuple[list[int], float]:
+    from dsv3.engine.speculative import SequenceCache
     start = time.perf_counter()
-    model.setup_cache(1, len(prompt) + n + 2)
-    logits = model(torch.tensor([prompt], device=model.embed_tokens.weight.device))
+    seq = SequenceCache(model, len(prompt) + n + 2)  # the same cache and forward as the speculative loop
+    h = seq.hidden(prompt, 0)
     out, pos = [], len(prompt)
     for _ in range(n):
-        tok = int(logits[0, -1].argmax())
+        tok = int(model.lm_head(h[-1]).argmax())
         out.append(tok)
-        logits = model(torch.tensor([[tok]], device=logits.device), start_pos=pos)
+        h = seq.hidden([tok], pos)
         pos += 1
-    model.clear_cache()
     return out, time.perf_counter() - start
 
 

@@ -3,6 +3,7 @@
 import torch
 
 from dsv3.config import ModelArgs
+from dsv3.engine.speculative import SequenceCache
 from dsv3.eval.mtp import evaluate_mtp
 from dsv3.model import Transformer
 
@@ -22,16 +23,15 @@ def test_mtp_accuracy_equals_incremental_count():
     with torch.no_grad():
         for doc in docs:
             ids = torch.tensor([_IdsTokenizer().encode(doc)])
-            h = model.hidden(ids)
-            main = model.lm_head(h)[0].argmax(-1)
-            model.setup_cache(1, 64)
+            seq = SequenceCache(model, 64)  # the drafting path: MTP over a paged cache, one token at a time
+            h = seq.hidden(ids[0].tolist(), 0)  # [T, D]
+            main = model.lm_head(h).argmax(-1)
             for t in range(ids.shape[1] - 2):
-                draft = model.mtp_step(0, ids[:, t + 1:t + 2], h[:, t:t + 1], start_pos=t)[0][0, 0].argmax()
+                draft = seq.draft([int(ids[0, t + 1])], h[t:t + 1], t)
                 hits["next"] += int(main[t] == ids[0, t + 1])
                 hits["mtp"] += int(draft == ids[0, t + 2])
                 hits["agree"] += int(draft == main[t + 1])
                 n_total += 1
-            model.clear_cache()
     assert got["positions"] == n_total
     assert got["next_token_acc"] == hits["next"] / n_total
     assert got["mtp_next_next_acc"] == hits["mtp"] / n_total

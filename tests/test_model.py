@@ -76,36 +76,83 @@ def test_absorbed_equals_expanded(changes):
         assert (model(tokens, absorb=True) - model(tokens, absorb=False)).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("absorb", [True, False])
-def test_cached_decode_equals_full_forward(absorb):
+def _paged(model, kernels: bool, layers: int | None = None, slots: int = 256, block_size: int = 8):
+    """A paged backend over a fresh cache of `layers` layers (default: the main ones)."""
+    from dsv3.engine.attention import PagedAttention, TritonPagedAttention
+
+    args = model.args
+    cache = torch.zeros(layers or args.n_layers, slots, args.kv_lora_rank + args.qk_rope_head_dim)
+    if kernels:
+        return TritonPagedAttention(cache, block_size, args.max_seq_len, [b.self_attn for b in model.blocks()])
+    return PagedAttention(cache, block_size, args.max_seq_len)
+
+
+def _step(model, backend, tables, chunks, tokens):
+    """One flat forward over `chunks` [(row, start, n)] of `tokens [B, T]` -> hidden `[N, D]`."""
+    from dsv3.engine.attention import Chunk
+    from dsv3.model.attention import AttentionMeta
+
+    ids = torch.cat([tokens[r, s:s + n] for r, s, n in chunks])
+    pos = torch.cat([torch.arange(s, s + n) for _, s, n in chunks])
+    step = backend.prepare([Chunk(tables[r], s, n) for r, s, n in chunks])
+    return model.hidden(ids, pos, AttentionMeta(backend, step=step))
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+def test_paged_prefill_decode_and_mixed_steps_equal_the_full_forward(kernels):
+    """The one forward over the paged cache (PyTorch reference backend, and the kernel backend with the
+    kernels' references on CPU): a batched prefill, mixed steps (one sequence decodes while the other
+    prefills a chunk) and decode steps give the logits of `model(tokens)` at every position."""
     model = _tiny()
     tokens = torch.randint(0, 512, (2, 40))
+    backend = _paged(model, kernels)
+    tables = [[3, 0, 7, 1, 9], [2, 5, 4, 8, 6]]  # scattered blocks of 8 slots
+    got = {0: [], 1: []}
     with torch.no_grad():
         full = model(tokens)
-        model.setup_cache(max_batch=2, max_seq=64)
-        pieces = [model(tokens[:, :17], absorb=absorb)]
-        for pos in range(17, 40):
-            pieces.append(model(tokens[:, pos:pos + 1], start_pos=pos, absorb=absorb))
-    assert (torch.cat(pieces, dim=1) - full).abs().max() <= 1e-5
+        h = _step(model, backend, tables, [(0, 0, 17), (1, 0, 17)], tokens)  # one prefill group of two
+        got[0].append(h[:17])
+        got[1].append(h[17:])
+        h = _step(model, backend, tables, [(0, 17, 1), (1, 17, 5)], tokens)  # mixed: a decode and a chunk
+        got[0].append(h[:1])
+        got[1].append(h[1:])
+        h = _step(model, backend, tables, [(1, 22, 3), (0, 18, 1)], tokens)
+        got[1].append(h[:3])
+        got[0].append(h[3:])
+        for pos in range(19, 40):  # decodes, one of them padded (the sequences are at different positions)
+            chunks = [(0, pos, 1)] + ([(1, pos + 6, 1)] if pos + 6 < 40 else [])
+            h = _step(model, backend, tables, chunks, tokens)
+            got[0].append(h[:1])
+            if len(chunks) > 1:
+                got[1].append(h[1:])
+        for row in (0, 1):
+            logits = model.lm_head(torch.cat(got[row]))
+            assert logits.shape == (40, 512)
+            assert (logits - full[row]).abs().max() <= 1e-5
 
 
 def test_mtp_training_logits_equal_incremental_drafting():
-    """Depth-1 MTP logits from the training path equal the drafting path run token by token with a cache."""
+    """Depth-1 MTP logits from the training path equal the drafting path run token by token over a paged cache
+    that holds the MTP module's latents after the main layers'."""
+    from dsv3.engine.attention import Chunk
+    from dsv3.model.attention import AttentionMeta
+
     model = _tiny()
     tokens = torch.randint(0, 512, (1, 24))
+    backend = _paged(model, False, layers=model.args.n_layers + 1)
+    table = [0, 1, 2, 3]
     with torch.no_grad():
         logits, (mtp,) = model(tokens, return_mtp=True)
-        h = model.hidden(tokens)
+        h = _step(model, backend, [table], [(0, 0, 24)], tokens)  # [24, D]
         assert mtp.shape == (1, 23, 512)
-        model.setup_cache(1, 32)
-        steps = [model.mtp_step(0, tokens[:, t + 1:t + 2], h[:, t:t + 1], start_pos=t)[0] for t in range(23)]
-    assert (torch.cat(steps, dim=1) - mtp).abs().max() <= 1e-5
+        steps = []
+        for t in range(23):
+            meta = AttentionMeta(backend, step=backend.prepare([Chunk(table, t, 1)]))
+            steps.append(model.lm_head(model.mtp_hidden(0, tokens[0, t + 1:t + 2], h[t:t + 1], torch.tensor([t]), meta)))
+    assert (torch.cat(steps) - mtp[0]).abs().max() <= 1e-5
 
 
-def test_cache_overflow_is_a_clear_error():
-    model = _tiny()
-    model.setup_cache(1, 8)
-    with pytest.raises(ValueError, match="cache holds 1 x 8 tokens"):
-        model(torch.zeros(1, 9, dtype=torch.long))
+def test_positions_beyond_max_seq_len_are_a_clear_error():
+    model = _tiny(max_seq_len=8)
     with pytest.raises(ValueError, match="max_seq_len"):
-        model.setup_cache(1, 10_000)
+        model(torch.zeros(1, 9, dtype=torch.long))

@@ -94,7 +94,7 @@ def score_spans(model: Any, spans: Sequence[Span], batch_size: int = 8, desc: st
             row = torch.cat(rows).to(device)
             col = torch.cat(cols).to(device)
             target = torch.cat(targets).to(device)  # [N]
-            h = model.hidden(inputs.to(device))  # [B, T, D]
+            h = model.row_hidden(inputs.to(device))  # [B, T, D]
             logprob = torch.empty(len(target), device=device)  # [N]
             hit = torch.empty(len(target), dtype=torch.bool, device=device)
             for c0 in range(0, len(target), LOGIT_CHUNK):

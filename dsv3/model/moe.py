@@ -103,11 +103,15 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(args.dim, args.n_shared_experts * args.moe_inter_dim, dtype)
                                if args.n_shared_experts else None)
         self.grouped_mm = None  # fn(a [M, K], w [E, N, K], offsets [E]) replacing the bf16 grouped GEMMs (FP8 experts)
+        self.stacked: nn.Module | None = None  # `dsv3.model.fused.StackedExperts` once fused for inference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x `[..., D]` -> `[..., D]`. Reference path: loop over the experts that received tokens."""
+        """x `[..., D]` -> `[..., D]`. Reference path: loop over the experts that received tokens; fused for
+        inference (`self.stacked`): routing and every expert in the Triton kernels, no host sync."""
         shape = x.shape
         x = x.reshape(-1, self.dim)  # [N, D]
+        if self.stacked is not None and x.is_cuda and not torch.is_grad_enabled():
+            return self.stacked(x, self.gate).view(shape)
         weights, indices = self.gate(x)
         routed = self.routed(x, weights, indices)
         if self.shared_experts is not None:

@@ -5,27 +5,28 @@ Names equal the HF names without the `model.` prefix (`embed_tokens`, `layers.{i
 MTP module k is `mtp.{k}` here and `model.layers.{n_layers + k}` in checkpoints (see
 `dsv3.checkpoint.names`).
 
-`forward(tokens, start_pos)` runs without a cache (causal attention over `tokens`) unless `setup_cache`
-was called; with a cache it appends `tokens` at `start_pos` for every row and attends over the cache,
-which gives incremental decoding. The engine instead passes `attention=` to run MLA over its own paged
-cache.
+One forward, over flattened tokens: `hidden(tokens [N], positions [N], meta) -> [N, D]`, the final-normed
+hidden states. `meta` (`dsv3.model.attention.AttentionMeta`) carries the attention backend: the engine's
+paged cache (prefill, decode and mixed steps alike, captured in CUDA graphs on GPUs), or no cache at all.
+`mtp_hidden` is the same for one MTP module. `forward(tokens [B, T])` is the thin wrapper for whole
+sequences (training, scoring, tests): causal attention within each row, logits `[B, T, vocab]`, and with
+`return_mtp=True` the MTP modules' logits.
+
+Blocks pass the residual stream beside the block output (`x, residual`), so each RMSNorm adds and
+normalises in one call (one kernel when fused).
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 from torch import nn
 
 from dsv3.config import ModelArgs
+from dsv3.model.attention import AttentionMeta, causal_meta
 from dsv3.model.layers import MLP, RMSNorm, linear
-from dsv3.model.mla import MLA, LatentCache
+from dsv3.model.mla import MLA
 from dsv3.model.moe import Gate, MoE
 from dsv3.model.rope import Rotary
-
-# attention(layer_id, mla, x [B, T, D], cos, sin) -> [B, T, D]; layer_id >= n_layers for MTP blocks
-AttentionFn = Callable[[int, MLA, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Block(nn.Module):
@@ -35,20 +36,21 @@ class Block(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.input_layernorm = RMSNorm(args.dim, args.rms_norm_eps, dtype)
-        self.self_attn = MLA(args, dtype)
+        self.self_attn = MLA(args, dtype, layer_id)
         self.post_attention_layernorm = RMSNorm(args.dim, args.rms_norm_eps, dtype)
         self.mlp: nn.Module = MoE(args, dtype) if args.is_moe_layer(layer_id) else MLP(args.dim, args.inter_dim, dtype)
-        self.cache: LatentCache | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                start_pos: int = 0, absorb: bool = True, attention: AttentionFn | None = None) -> torch.Tensor:
-        h = self.input_layernorm(x)
-        if attention is not None:
-            h = attention(self.layer_id, self.self_attn, h, cos, sin)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                meta: AttentionMeta) -> tuple[torch.Tensor, torch.Tensor]:
+        """`x + residual` is the block's input stream (`residual` None: x alone); returns the FFN output and the
+        stream before it, whose sum is the block's output. x `[N, D]`."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
         else:
-            h = self.self_attn(h, cos, sin, mask, self.cache, start_pos, absorb)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, cos, sin, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class SharedHead(nn.Module):
@@ -71,12 +73,11 @@ class MTPBlock(Block):
         self.shared_head = SharedHead(args, dtype)
 
     def forward(self, emb: torch.Tensor, h_prev: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, start_pos: int = 0, absorb: bool = True,
-                attention: AttentionFn | None = None) -> torch.Tensor:
-        """emb `[B, T, D]` of the tokens k ahead, h_prev `[B, T, D]` -> normed hidden state `[B, T, D]`."""
+                meta: AttentionMeta) -> torch.Tensor:
+        """emb `[N, D]` of the tokens k ahead, h_prev `[N, D]` -> normed hidden state `[N, D]`."""
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        x = super().forward(x, cos, sin, mask, start_pos, absorb, attention)
-        return self.shared_head.norm(x)
+        x, residual = super().forward(x, None, cos, sin, meta)
+        return self.shared_head.norm(x, residual)[0]
 
 
 class Transformer(nn.Module):
@@ -95,7 +96,6 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.reset_parameters()
 
-    # ---- initialisation and caches -----------------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Normal(0, init_std) for projections, embeddings and routers, ones for norms, zero correction
@@ -116,86 +116,59 @@ class Transformer(nn.Module):
     def blocks(self) -> list[Block]:
         return [*self.layers, *self.mtp]
 
-    def setup_cache(self, max_batch: int, max_seq: int) -> None:
-        """Give every block (MTP included) a contiguous latent cache; `forward` then appends at `start_pos`."""
-        if max_seq > self.args.max_seq_len:
-            raise ValueError(f"max_seq ({max_seq}) exceeds the model's max_seq_len ({self.args.max_seq_len})")
-        weight = self.embed_tokens.weight
-        for block in self.blocks():
-            block.cache = LatentCache(self.args, max_batch, max_seq, weight.device, weight.dtype)
-
-    def clear_cache(self) -> None:
-        for block in self.blocks():
-            block.cache = None
-
-    @property
-    def has_cache(self) -> bool:
-        return self.layers[0].cache is not None
-
-    # ---- forward ------------------------------------------------------------------------------
-    def _positions(self, tokens: torch.Tensor, start_pos: int, positions: torch.Tensor | None) -> torch.Tensor:
-        if positions is None:
-            positions = torch.arange(start_pos, start_pos + tokens.shape[1], device=tokens.device)
-            positions = positions.expand(tokens.shape[0], -1)
-        if not positions.is_cuda and positions.numel() and int(positions.max()) >= self.args.max_seq_len:
-            raise ValueError(f"position {int(positions.max())} is beyond max_seq_len ({self.args.max_seq_len})")
-        return positions
-
-    def _mask(self, seqlen: int, start_pos: int, device: torch.device, use_cache: bool) -> torch.Tensor | None:
-        total = start_pos + seqlen if use_cache else seqlen
-        if seqlen == 1:
-            return None
-        offset = total - seqlen
-        q = torch.arange(seqlen, device=device)[:, None] + offset
-        k = torch.arange(total, device=device)[None, :]
-        return torch.zeros(seqlen, total, device=device).masked_fill(k > q, float("-inf"))  # [T, S]
-
-    def hidden(self, tokens: torch.Tensor, start_pos: int = 0, *, positions: torch.Tensor | None = None,
-               absorb: bool = True, attention: AttentionFn | None = None) -> torch.Tensor:
-        """tokens `[B, T]` -> final-normed hidden states `[B, T, D]`."""
-        positions = self._positions(tokens, start_pos, positions)
-        cos, sin = self.rotary(positions)  # [B, T, rope/2]
-        mask = None if attention is not None else self._mask(tokens.shape[1], start_pos, tokens.device, self.has_cache)
-        h = self.embed_tokens(tokens)
+    # ---- the forward over flat tokens ---------------------------------------------------------
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+        """tokens `[N]`, positions `[N]` -> final-normed hidden states `[N, D]`."""
+        cos, sin = self.rotary(positions)  # [N, R/2]
+        x, residual = self.embed_tokens(tokens), None
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, start_pos, absorb, attention)
-        return self.norm(h)
+            x, residual = layer(x, residual, cos, sin, meta)
+        return self.norm(x, residual)[0]
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, *, positions: torch.Tensor | None = None,
-                absorb: bool = True, attention: AttentionFn | None = None,
-                return_mtp: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        """tokens `[B, T]` -> logits `[B, T, vocab]` (float32 for float32 models, else the model dtype).
+    def mtp_hidden(self, k: int, tokens: torch.Tensor, h_prev: torch.Tensor, positions: torch.Tensor,
+                   meta: AttentionMeta) -> torch.Tensor:
+        """MTP module k (0-based): tokens `[N]` (each one ahead of the position whose hidden state `h_prev
+        [N, D]` is), positions `[N]` -> its normed hidden states `[N, D]`; logits are `lm_head` of them."""
+        cos, sin = self.rotary(positions)
+        return self.mtp[k](self.embed_tokens(tokens), h_prev, cos, sin, meta)
+
+    # ---- whole sequences ---------------------------------------------------------------------
+    def _rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Positions `[B * T]` of `B` rows of `T` tokens that each start at 0."""
+        bsz, seqlen = tokens.shape
+        if seqlen > self.args.max_seq_len:
+            raise ValueError(f"position {seqlen - 1} is beyond max_seq_len ({self.args.max_seq_len})")
+        return torch.arange(seqlen, device=tokens.device).repeat(bsz)
+
+    def forward(self, tokens: torch.Tensor, *, return_mtp: bool = False,
+                absorb: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """tokens `[B, T]` -> logits `[B, T, vocab]` (float32 for float32 models, else the model dtype), each
+        row attending causally to itself. `absorb`: attention in the latent space (the form decoding uses)
+        instead of expanded keys and values through SDPA; equal up to rounding.
 
         `return_mtp=True` also returns, for each MTP depth k = 1..D, logits `[B, T - k, vocab]` where position
-        t predicts token t + k + 1 (training only: no cache)."""
-        h = self.hidden(tokens, start_pos, positions=positions, absorb=absorb, attention=attention)
+        t predicts token t + k + 1."""
+        h = self.row_hidden(tokens, absorb)  # [B, T, D]
         logits = self.lm_head(h)
         if not return_mtp:
             return logits
         return logits, self.mtp_logits(tokens, h, absorb=absorb)
 
-    def mtp_logits(self, tokens: torch.Tensor, h: torch.Tensor, absorb: bool = True) -> list[torch.Tensor]:
-        """Training-time MTP: depth k sees `h_{k-1}(t)` and the embedding of token t + k, t < T - k."""
+    def row_hidden(self, tokens: torch.Tensor, absorb: bool = False) -> torch.Tensor:
+        """tokens `[B, T]` -> final-normed hidden states `[B, T, D]`, each row attending causally to itself."""
+        bsz, seqlen = tokens.shape
+        h = self.hidden(tokens.reshape(-1), self._rows(tokens), causal_meta(bsz, seqlen, absorb))  # [B * T, D]
+        return h.view(bsz, seqlen, -1)
+
+    def mtp_logits(self, tokens: torch.Tensor, h: torch.Tensor, absorb: bool = False) -> list[torch.Tensor]:
+        """Training-time MTP: depth k sees `h_{k-1}(t)` `[B, T, D]` and the embedding of token t + k, t < T - k."""
         out = []
-        seqlen = tokens.shape[1]
-        for k, block in enumerate(self.mtp, start=1):
-            if seqlen - k <= 0:
-                break
+        bsz, seqlen = tokens.shape
+        for k in range(1, len(self.mtp) + 1):
             n = seqlen - k
-            positions = torch.arange(n, device=tokens.device).expand(tokens.shape[0], -1)
-            cos, sin = self.rotary(positions)
-            mask = self._mask(n, 0, tokens.device, use_cache=False)
-            h = block(self.embed_tokens(tokens[:, k:]), h[:, :n], cos, sin, mask, 0, absorb)
+            if n <= 0:
+                break
+            h = self.mtp_hidden(k - 1, tokens[:, k:].reshape(-1), h[:, :n].reshape(bsz * n, -1),
+                                self._rows(tokens[:, :n]), causal_meta(bsz, n, absorb)).view(bsz, n, -1)
             out.append(self.lm_head(h))
         return out
-
-    def mtp_step(self, k: int, next_tokens: torch.Tensor, h_prev: torch.Tensor, start_pos: int = 0, *,
-                 positions: torch.Tensor | None = None, absorb: bool = True,
-                 attention: AttentionFn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One MTP depth (0-based `k`) for drafting: -> (logits `[B, T, vocab]`, hidden `[B, T, D]`)."""
-        positions = self._positions(next_tokens, start_pos, positions)
-        cos, sin = self.rotary(positions)
-        mask = None if attention is not None else self._mask(next_tokens.shape[1], start_pos, next_tokens.device,
-                                                             self.mtp[k].cache is not None)
-        h = self.mtp[k](self.embed_tokens(next_tokens), h_prev, cos, sin, mask, start_pos, absorb, attention)
-        return self.lm_head(h), h

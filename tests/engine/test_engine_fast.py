@@ -1,11 +1,12 @@
-"""`LLM(fast=True)`: the GPU decode path (fused kernels + CUDA graphs over the engine's paged cache).
+"""`LLM(fast=True)`: the GPU path (fused kernels for every step, CUDA graphs for decode steps, over the
+engine's paged cache), all through the model's one forward.
 
-CPU: `fast=True` is refused off CUDA before anything is loaded or changed, `fast=False` leaves the model and
-the runner as they were, the CLI flags, and the step packing of `FastRunner` (run eagerly with the kernels'
-PyTorch references) against `transformers`' greedy generate. GPU (`gpu` marker): greedy tokens of
-`LLM(fast=True)` equal `LLM(fast=False)` (and `transformers`) token for token, on a tiny float32 checkpoint,
-with prompts of different lengths, requests finishing at different steps, chunked prefill, preemption and
-prefix-cache hits."""
+CPU: `fast=True` is refused off CUDA by `LLM` before anything is loaded or changed, `fast=False` leaves the
+model as it was, the CLI flags, and the kernel backend run eagerly (`ModelRunner(fast=True, cuda_graphs=False)`:
+the kernels' PyTorch references, SDPA prefill) against `transformers`' greedy generate. GPU (`gpu` marker):
+greedy tokens of `LLM(fast=True)` equal `LLM(fast=False)` (and `transformers`) token for token, on a tiny
+float32 checkpoint, with prompts of different lengths, requests finishing at different steps, chunked
+prefill and mixed steps, preemption and prefix-cache hits."""
 
 import argparse
 
@@ -14,9 +15,8 @@ import torch
 
 import dsv3
 from dsv3.engine import LLM, SamplingParams
-from dsv3.engine.fast_runner import FastRunner, capture_sizes
+from dsv3.engine.cuda_graphs import capture_sizes
 from dsv3.engine.model_runner import ModelRunner
-from dsv3.model.fast import FusedMoE, FusedRMSNorm
 from engine_fixtures import Oracle, random_prompts
 
 MAX_NEW = 10
@@ -33,7 +33,15 @@ def greedy(n=MAX_NEW, logprobs=None):
 
 
 def is_prepared(model) -> bool:
-    return any(isinstance(m, (FusedMoE, FusedRMSNorm)) for m in model.modules())
+    return any(getattr(m, "stacked", None) is not None or getattr(m, "fused", False) for m in model.modules())
+
+
+def eager_kernels(llm):
+    """Swap in a runner on the kernel backend without graphs (the same cache size, a fresh cache)."""
+    runner = llm.runner
+    llm.runner = ModelRunner(llm.model, block_size=runner.block_size, num_blocks=runner.num_blocks, fast=True,
+                             max_num_seqs=4, cuda_graphs=False)
+    return llm
 
 
 # ---- CPU -------------------------------------------------------------------------------------------
@@ -44,8 +52,8 @@ def test_fast_needs_cuda_and_changes_nothing_before_refusing(ckpt):
     model = dsv3.load_model(folder, dtype=torch.float32, progress=False)
     with pytest.raises(ValueError, match="fast=True needs a CUDA device"):
         LLM(model, num_blocks=8, fast=True)
-    with pytest.raises(ValueError, match="fast=True needs a CUDA device"):
-        ModelRunner(model, num_blocks=8, fast=True)
+    with pytest.raises(ValueError, match="CUDA graphs need fast=True and a CUDA device"):
+        ModelRunner(model, num_blocks=8, fast=True, cuda_graphs=True)
     assert not is_prepared(model)
 
 
@@ -53,7 +61,7 @@ def test_fast_off_is_the_default_on_cpu(ckpt):
     folder, oracle = ckpt
     model = dsv3.load_model(folder, dtype=torch.float32, progress=False)
     llm = LLM(model, num_blocks=32, block_size=4, max_num_seqs=3, max_num_batched_tokens=8)
-    assert llm.runner.fast_runner is None and not is_prepared(model)
+    assert llm.runner.graphs is None and not llm.runner.backend.kernels and not is_prepared(model)
     prompts = random_prompts([5, 11, 2], seed=7)
     for prompt, out in zip(prompts, llm.generate(prompts, greedy(), use_tqdm=False)):
         assert out.token_ids == oracle.greedy(prompt, MAX_NEW)
@@ -67,47 +75,43 @@ def test_capture_sizes():
         capture_sizes(0)
 
 
-def test_eager_fast_runner_on_cpu_equals_transformers(ckpt):
-    """The packing of decode steps (tokens, slots, block tables, sampling rows) and the cache shared with the
-    PyTorch path, through `FastDecoder` eagerly (no graphs): what the GPU path runs, minus the kernels."""
+def test_eager_kernel_backend_on_cpu_equals_transformers(ckpt):
+    """The kernel backend's step tensors (slots, block tables, sequence lengths, prefill groups) with chunked
+    prefill, mixed steps and preemption, eagerly on CPU: what the GPU path runs, minus the kernels."""
     folder, oracle = ckpt
     model = dsv3.load_model(folder, dtype=torch.float32, progress=False)
-    llm = LLM(model, num_blocks=14, block_size=4, max_num_seqs=4, max_num_batched_tokens=9)
-    llm.runner.fast_runner = FastRunner(llm.runner, max_num_seqs=4, graphs=False)
-    assert is_prepared(model)
+    llm = eager_kernels(LLM(model, num_blocks=14, block_size=4, max_num_seqs=4, max_num_batched_tokens=9))
+    assert is_prepared(model) and llm.runner.backend.kernels
     prompts = random_prompts([6, 1, 12, 4, 9], seed=8)
     lengths = [10, 3, 7, 12, 5]
     outputs = llm.generate(prompts, [greedy(n) for n in lengths], use_tqdm=False)
     for prompt, n, out in zip(prompts, lengths, outputs):
         assert out.token_ids == oracle.greedy(prompt, n), f"prompt of {len(prompt)} tokens"
-    assert llm.runner.fast_runner.num_steps > 0
     assert llm.num_preemptions > 0
     assert llm.block_manager.num_free_blocks == 14
 
 
 def _record_steps(runner):
-    """Spy on `FastRunner.decode`: (batch, sampling rows) of each step it ran."""
-    fast = runner.fast_runner
-    real = fast.decode
+    """Spy on the runner's steps: (batch, sampling rows) of each decode-shaped step (one token per sequence)."""
+    real = runner.execute
     steps = []
 
-    def decode(out):
-        logits = real(out)
-        if logits is not None:
-            steps.append((len(out.scheduled), logits.shape[0]))
-        return logits
+    def execute(out):
+        result = real(out)
+        if out.scheduled and all(item.num_tokens == 1 for item in out.scheduled):
+            steps.append((len(out.scheduled), len(result)))
+        return result
 
-    fast.decode = decode
+    runner.execute = execute
     return steps
 
 
-def test_eager_fast_runner_with_one_token_prefill_chunks(ckpt):
+def test_eager_kernel_backend_with_one_token_prefill_chunks(ckpt):
     """A budget of 4 tokens with 3 sequences decoding leaves 1 token per step for the 4th prompt: decode-shaped
     steps where one row writes its latent but does not sample."""
     folder, oracle = ckpt
     model = dsv3.load_model(folder, dtype=torch.float32, progress=False)
-    llm = LLM(model, num_blocks=32, block_size=4, max_num_seqs=4, max_num_batched_tokens=4)
-    llm.runner.fast_runner = FastRunner(llm.runner, max_num_seqs=4, graphs=False)
+    llm = eager_kernels(LLM(model, num_blocks=32, block_size=4, max_num_seqs=4, max_num_batched_tokens=4))
     steps = _record_steps(llm.runner)
     prompts = random_prompts([1, 2, 1, 11], seed=9)
     outputs = llm.generate(prompts, greedy(), use_tqdm=False)
@@ -160,8 +164,8 @@ def _pair(folder, **kwargs):
     """The same checkpoint in two engines on the GPU, float32: the PyTorch path and the fast path."""
     slow = LLM(folder, device="cuda", dtype=torch.float32, fast=False, **kwargs)
     fast = LLM(folder, device="cuda", dtype=torch.float32, **kwargs)  # the default on CUDA: fast
-    assert slow.runner.fast_runner is None and not is_prepared(slow.model)
-    assert fast.runner.fast_runner is not None and is_prepared(fast.model)
+    assert slow.runner.graphs is None and not is_prepared(slow.model)
+    assert fast.runner.graphs is not None and is_prepared(fast.model)
     return slow, fast
 
 
@@ -175,7 +179,7 @@ def _same(slow_outputs, fast_outputs):
 def test_fast_equals_default_path_for_a_batch_finishing_at_different_steps(ckpt):
     folder, oracle = ckpt
     slow, fast = _pair(folder, num_blocks=64, block_size=4, max_num_seqs=6, max_num_batched_tokens=8)
-    assert sorted(fast.runner.fast_runner.graphs.graphs) == [1, 2, 4, 6]
+    assert sorted(fast.runner.graphs.graphs) == [1, 2, 4, 6]
     prompts = random_prompts([3, 13, 7, 22, 1, 9], seed=11)
     lengths = [10, 4, 12, 7, 9, 2]  # the batch shrinks 6 -> 5 -> ... : replays padded to 6, 4, 2
     params = [greedy(n, logprobs=2 if i % 2 else None) for i, n in enumerate(lengths)]
@@ -189,7 +193,7 @@ def test_fast_equals_default_path_for_a_batch_finishing_at_different_steps(ckpt)
             assert [lp.token_id for lp in f.logprobs] == [lp.token_id for lp in s.logprobs]
             torch.testing.assert_close(torch.tensor([lp.logprob for lp in f.logprobs]),
                                        torch.tensor([lp.logprob for lp in s.logprobs]), atol=1e-4, rtol=1e-4)
-    assert fast.runner.fast_runner.num_steps > 0
+    assert fast.runner.graph_steps > 0
     assert fast.block_manager.num_free_blocks == 64
 
 
@@ -219,7 +223,7 @@ def test_fast_equals_default_path_with_preemption(ckpt):
     _same(expected, got)
     for prompt, out in zip(prompts, got):
         assert out.token_ids == oracle.greedy(prompt, MAX_NEW)
-    assert fast.runner.fast_runner.num_steps > 0
+    assert fast.runner.graph_steps > 0
     assert fast.block_manager.num_free_blocks == 12
 
 
@@ -239,7 +243,7 @@ def test_fast_with_prefix_hits_one_token_tails_and_batch_one(ckpt):
     for prompt, out in zip(tails, got):
         assert out.token_ids == oracle.greedy(prompt, MAX_NEW)
     one = LLM(folder, device="cuda", dtype=torch.float32, num_blocks=16, block_size=4, max_num_seqs=1, fast=True)
-    assert sorted(one.runner.fast_runner.graphs.graphs) == [1]
+    assert sorted(one.runner.graphs.graphs) == [1]
     out = one.generate(first, greedy(32), use_tqdm=False)[0]
     assert out.token_ids == oracle.greedy(first[0], 32)
-    assert one.runner.fast_runner.num_steps >= 31
+    assert one.runner.graph_steps >= 31

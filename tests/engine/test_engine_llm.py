@@ -101,9 +101,9 @@ def test_shared_prefix_hits_the_cache_and_changes_nothing(ckpt):
 
 
 def test_query_tiling_of_long_prefills_changes_nothing(ckpt, monkeypatch):
-    import dsv3.engine.model_runner as runner_module
+    import dsv3.engine.attention as attention_module
     _, oracle, model = ckpt
-    monkeypatch.setattr(runner_module, "MAX_SCORE_ELEMENTS", 4 * 30)  # a few queries per tile
+    monkeypatch.setattr(attention_module, "MAX_SCORE_ELEMENTS", 4 * 30)  # a few queries per tile
     llm = LLM(model, num_blocks=32, block_size=4, max_num_batched_tokens=64)
     prompts = random_prompts([22, 5], seed=6)
     check(llm.generate(prompts, greedy(), use_tqdm=False), prompts, oracle)

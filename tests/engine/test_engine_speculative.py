@@ -7,19 +7,12 @@ from dsv3.engine.speculative import speculative_greedy
 
 
 def _greedy(model, prompt, n):
-    model.setup_cache(1, len(prompt) + n + 2)
-    try:
-        logits = model(torch.tensor([prompt]))
-        out = []
-        pos = len(prompt)
+    """Plain greedy decoding by whole-sequence forwards (no cache): the oracle."""
+    out = []
+    with torch.no_grad():
         for _ in range(n):
-            tok = int(logits[0, -1].argmax())
-            out.append(tok)
-            logits = model(torch.tensor([[tok]]), start_pos=pos)
-            pos += 1
-        return out
-    finally:
-        model.clear_cache()
+            out.append(int(model(torch.tensor([prompt + out]))[0, -1].argmax()))
+    return out
 
 
 @pytest.fixture(scope="module")
