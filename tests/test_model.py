@@ -77,11 +77,12 @@ def test_absorbed_equals_expanded(changes):
 
 
 def _paged(model, kernels: bool, layers: int | None = None, slots: int = 256, block_size: int = 8):
-    """A paged backend over a fresh cache of `layers` layers (default: the main ones)."""
+    """A paged backend over a fresh cache of `layers` layers (default: the main ones), on the model's device."""
     from dsv3.engine.attention import PagedAttention, TritonPagedAttention
 
     args = model.args
-    cache = torch.zeros(layers or args.n_layers, slots, args.kv_lora_rank + args.qk_rope_head_dim)
+    cache = torch.zeros(layers or args.n_layers, slots, args.kv_lora_rank + args.qk_rope_head_dim,
+                        device=model.embed_tokens.weight.device)
     if kernels:
         return TritonPagedAttention(cache, block_size, args.max_seq_len, [b.self_attn for b in model.blocks()])
     return PagedAttention(cache, block_size, args.max_seq_len)
@@ -93,23 +94,31 @@ def _step(model, backend, tables, chunks, tokens):
     from dsv3.model.attention import AttentionMeta
 
     ids = torch.cat([tokens[r, s:s + n] for r, s, n in chunks])
-    pos = torch.cat([torch.arange(s, s + n) for _, s, n in chunks])
+    pos = torch.cat([torch.arange(s, s + n) for _, s, n in chunks]).to(tokens.device)
     step = backend.prepare([Chunk(tables[r], s, n) for r, s, n in chunks])
     return model.hidden(ids, pos, AttentionMeta(backend, step=step))
 
 
-@pytest.mark.parametrize("kernels", [False, True])
-def test_paged_prefill_decode_and_mixed_steps_equal_the_full_forward(kernels):
-    """The one forward over the paged cache (PyTorch reference backend, and the kernel backend with the
-    kernels' references on CPU): a batched prefill, mixed steps (one sequence decodes while the other
-    prefills a chunk) and decode steps give the logits of `model(tokens)` at every position."""
-    model = _tiny()
-    tokens = torch.randint(0, 512, (2, 40))
+@pytest.mark.parametrize("kernels,device", [(False, "cpu"), (True, "cpu"),
+                                            pytest.param(False, "cuda", marks=pytest.mark.gpu),
+                                            pytest.param(True, "cuda", marks=pytest.mark.gpu)])
+def test_paged_prefill_decode_and_mixed_steps_equal_the_full_forward(kernels, device):
+    """The one forward over the paged cache (PyTorch reference backend, and the kernel backend: its kernels'
+    references on CPU, Triton on CUDA with the model fused for inference), float32: a batched prefill, mixed
+    steps (one sequence decodes while the other prefills a chunk) and decode steps give the logits of
+    `model(tokens)` (the reference modules, SDPA attention) at every position."""
+    from dsv3.model.fused import fuse_for_inference
+
+    model = _tiny().to(device)
+    tokens = torch.randint(0, 512, (2, 40)).to(device)
+    with torch.no_grad():
+        full = model(tokens)
+    if kernels:
+        fuse_for_inference(model)
     backend = _paged(model, kernels)
     tables = [[3, 0, 7, 1, 9], [2, 5, 4, 8, 6]]  # scattered blocks of 8 slots
     got = {0: [], 1: []}
     with torch.no_grad():
-        full = model(tokens)
         h = _step(model, backend, tables, [(0, 0, 17), (1, 0, 17)], tokens)  # one prefill group of two
         got[0].append(h[:17])
         got[1].append(h[17:])

@@ -87,7 +87,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and x.is_cuda and not torch.is_grad_enabled():
             x2 = x.reshape(-1, x.shape[-1])
-            h = moe_ops.swiglu(x2, *weight_and_scale(self.gate_proj), *weight_and_scale(self.up_proj))
+            (wg, sg), (wu, su) = weight_and_scale(self.gate_proj), weight_and_scale(self.up_proj)
+            h = moe_ops.swiglu(x2, wg, wu, sg, su)
             wd, sd = weight_and_scale(self.down_proj)
             return moe_ops.linear(h, wd, sd).view(*x.shape[:-1], wd.shape[0])
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
