@@ -276,6 +276,9 @@ class TritonPagedAttention(PagedAttention):
         if group.start:
             q_pos = torch.arange(group.start, group.start + t, device=q.device)
             mask = torch.arange(s, device=q.device)[None, :] <= q_pos[:, None]  # [T, S] visible
+        pad = mla.qk_dim - mla.v_dim if mask is None and q.is_cuda else 0
+        if pad > 0:  # flash attention (causal, no mask) wants equal head dims: zero columns, dropped below
+            v = F.pad(v, (0, pad))
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=mask, is_causal=mask is None, scale=mla.softmax_scale)
-        return o.transpose(1, 2).reshape(b * t, -1)  # [b * T, H * v]
+        return o.transpose(1, 2)[..., : mla.v_dim].reshape(b * t, -1)  # [b * T, H * v]
