@@ -1,23 +1,23 @@
-"""The `dsv3` command line: verbs registered, counts printed, user errors as one line."""
+"""The `dsv3` command line as a whole: verbs registered, one flag vocabulary across verbs, one error policy,
+`dsv3 --help` without torch, and the entry points (`python -m dsv3.cli`, the `dsv3` console script)."""
+
+from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
+from importlib import metadata
+from pathlib import Path
 
-from dsv3.cli import build_parser, main
+import pytest
 
+from dsv3.cli import VERBS, build_parser, main
+from dsv3.cli import flags
 
-def test_info_prints_counts(capsys):
-    assert main(["info", "--preset", "671B"]) == 0
-    out = capsys.readouterr().out
-    assert "parameters (main model)        671.026B" in out
-    assert "36.7B activated" in out
-
-
-def test_bad_preset_is_one_line_error(capsys):
-    assert main(["info", "--preset", "huge"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["dsv3 info: error: unknown preset 'huge'; choose one of ['16B', '236B', '671B', 'tiny']"]
+ROOT = Path(__file__).resolve().parents[1]
+DTYPE_VERBS = ("generate", "chat", "serve", "eval")  # the verbs that load a model for inference
+REQUIRED = {"generate": ["--prompt", "x"], "chat": [], "serve": [], "eval": ["--tasks", "ppl", "--text", "t.txt"]}
 
 
 def _leaf_parsers(parser):
@@ -29,21 +29,180 @@ def _leaf_parsers(parser):
             yield from _leaf_parsers(child)
 
 
-def test_every_flag_has_help():
-    out = subprocess.run([sys.executable, "-m", "dsv3.cli", "--help"], capture_output=True, text=True, check=True)
-    assert "info" in out.stdout
+def _verb_parser(verb: str) -> argparse.ArgumentParser:
+    sub = next(a for a in build_parser([verb])._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[verb]
+
+
+def test_info_prints_counts(capsys):
+    assert main(["info", "--preset", "671B"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters (main model)        671.026B" in out
+    assert "36.7B activated" in out
+
+
+def test_info_reads_a_checkpoint_through_the_model_resolver(tmp_path, capsys):
+    from dsv3.config import ModelArgs
+
+    (tmp_path / "config.json").write_text(json.dumps(ModelArgs.from_preset("tiny").to_hf_config()))
+    assert main(["info", "--model", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith(f"{tmp_path}: 3 layers (1 dense), dim 64")
+    assert main(["info", "--model", str(tmp_path / "absent")]) == 2
+    assert capsys.readouterr().err == f"dsv3 info: error: --model: folder not found: {tmp_path / 'absent'}\n"
+
+
+def test_library_error_is_one_line_exit_1(capsys):
+    assert main(["info", "--preset", "huge"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["dsv3 info: error: unknown preset 'huge'; choose one of ['16B', '236B', '671B', 'tiny']"]
+
+
+def test_debug_shows_the_traceback(monkeypatch):
+    with pytest.raises(ValueError, match="unknown preset"):
+        main(["--debug", "info", "--preset", "huge"])
+    monkeypatch.setenv("DSV3_DEBUG", "1")
+    with pytest.raises(ValueError, match="unknown preset"):
+        main(["info", "--preset", "huge"])
+
+
+def test_bad_command_line_is_one_line_exit_2(capsys):
+    cases = [(["bogus"], "dsv3: error: argument VERB: invalid choice: 'bogus'"),
+             (["info", "--nope"], "dsv3 info: error: unrecognized arguments: --nope"),
+             (["generate", "--prompt", "x", "--top-p", "1.5"], "dsv3 generate: error: argument --top-p: must be in"),
+             (["serve", "--port", "70000"], "dsv3 serve: error: argument --port: must be a TCP port"),
+             (["chat", "--device", "tpu"], "dsv3 chat: error: argument --device: must be cpu, cuda or cuda:N"),
+             (["eval", "--cache-memory", "lots"], "dsv3 eval: error: argument --cache-memory: must be a size"),
+             (["data", "tokenize"], "dsv3 data tokenize: error: the following arguments are required"),
+             (["convert"], "dsv3 convert: error: the following arguments are required: DIRECTION")]
+    for argv, start in cases:
+        assert main(argv) == 2, argv
+        captured = capsys.readouterr()
+        assert captured.err.startswith(start) and captured.err.count("\n") == 1, captured.err
+        assert captured.out == ""
+    assert main([]) == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_help_exits_0_and_lists_every_verb(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(verb in out for verb in VERBS)
+
+
+def test_every_flag_has_help_that_names_its_default():
     for parser in _leaf_parsers(build_parser()):
         for action in parser._actions:
             if action.option_strings and action.dest != "help":
                 assert action.help, f"{parser.prog}: {action.option_strings} has no help"
+                text = parser.formatter_class(parser.prog)._get_help_string(action)
+                if not action.required:
+                    assert "default" in text, f"{parser.prog}: {action.option_strings}"
+
+
+def test_dtype_and_device_are_one_vocabulary_across_verbs():
+    """Each inference verb takes exactly auto|bfloat16|float16|float32 and the same --device default; the
+    flags become the same EngineConfig dtype, with auto = float32 on a CPU and bfloat16 on a GPU."""
+    want = {("auto", "cpu"): "float32", ("auto", "cuda"): "bfloat16"}
+    for verb in DTYPE_VERBS:
+        p = _verb_parser(verb)
+        dtype = next(a for a in p._actions if a.dest == "dtype")
+        device = next(a for a in p._actions if a.dest == "device")
+        assert tuple(dtype.choices) == ("auto", "bfloat16", "float16", "float32") and dtype.default == "auto", verb
+        assert device.default is None and "cuda if available, else cpu" in device.help, verb
+        for name in dtype.choices:
+            args = p.parse_args([*REQUIRED[verb], "--dtype", name])
+            for dev in ("cpu", "cuda"):
+                assert flags.engine_config(args, dev).resolved_dtype == want.get((name, dev), name), (verb, name)
+        for old in ("bf16", "fp32", "fp16"):
+            with pytest.raises(SystemExit):
+                p.parse_args([*REQUIRED[verb], "--dtype", old])
+
+
+def test_engine_flags_build_one_engine_config():
+    from dsv3.engine.config import EngineConfig
+
+    p = _verb_parser("serve")
+    assert flags.engine_config(p.parse_args([]), "cpu") == EngineConfig(device="cpu", dtype="auto")
+    args = p.parse_args(["--num-blocks", "40", "--block-size", "8", "--max-num-seqs", "3", "--max-num-batched-tokens",
+                         "24", "--max-model-len", "100", "--no-prefix-caching", "--no-fast", "--dtype", "float16"])
+    assert flags.engine_config(args, "cuda:1") == EngineConfig(
+        device="cuda:1", dtype="float16", num_blocks=40, block_size=8, max_num_seqs=3, max_num_batched_tokens=24,
+        max_model_len=100, enable_prefix_caching=False, fast=False)
+    assert flags.engine_config(p.parse_args(["--cache-memory", "3M"]), "cpu").cache_memory == 3 * 2**20
+    with pytest.raises(flags.UsageError, match="max_num_batched_tokens"):
+        flags.engine_config(p.parse_args(["--max-num-seqs", "100", "--max-num-batched-tokens", "50"]), "cpu")
+    with pytest.raises(flags.UsageError, match="--fast needs a CUDA device"):
+        flags.engine_config(p.parse_args(["--fast"]), "cpu")
+    with pytest.raises(flags.UsageError, match="num_blocks and cache_memory"):
+        flags.engine_config(p.parse_args(["--num-blocks", "4", "--cache-memory", "1G"]), "cpu")
+
+
+def test_fast_flag_defaults_to_the_engine_choice_and_needs_cuda(tmp_path, capsys):
+    from dsv3.config import ModelArgs
+
+    for verb in DTYPE_VERBS:
+        p = _verb_parser(verb)
+        assert p.parse_args(REQUIRED[verb]).fast is None  # the engine decides: on for BF16 on CUDA
+        assert p.parse_args([*REQUIRED[verb], "--fast"]).fast is True
+        assert p.parse_args([*REQUIRED[verb], "--no-fast"]).fast is False
+        help_text = " ".join(p.format_help().split())
+        assert "--fast, --no-fast" in help_text and "--no-fast forces the plain PyTorch path" in help_text
+    (tmp_path / "config.json").write_text(json.dumps(ModelArgs.from_preset("tiny").to_hf_config()))
+    for verb in ("generate", "serve", "chat"):  # refused before the model is loaded: one line, exit 2
+        assert main([verb, *REQUIRED[verb], "--model", str(tmp_path), "--fast", "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"dsv3 {verb}: error: --fast needs a CUDA device (--device cuda), got --device cpu\n"
+
+
+def test_one_model_resolver_for_every_verb(tmp_path, monkeypatch, capsys):
+    import dsv3
+
+    (tmp_path / "t.txt").write_text("some text")
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "no_such_model"
+    for verb in DTYPE_VERBS:
+        assert main([verb, *REQUIRED[verb], "--model", str(missing)]) == 2, verb
+        assert capsys.readouterr().err == f"dsv3 {verb}: error: --model: folder not found: {missing}\n"
+    assert main(["serve", "--model", str(tmp_path)]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+
+    def not_installed():
+        raise FileNotFoundError("the built-in default model is not installed at /x; pass --model DIR")
+
+    monkeypatch.setattr(dsv3, "default_model_path", not_installed)
+    for verb in DTYPE_VERBS:
+        assert main([verb, *REQUIRED[verb]]) == 2
+        assert capsys.readouterr().err == (f"dsv3 {verb}: error: no --model given and the built-in default model "
+                                           "is not installed at /x; pass --model DIR\n")
+    monkeypatch.setattr(dsv3, "default_model_path", lambda: tmp_path)
+    with pytest.raises(flags.UsageError, match="default model folder"):
+        flags.resolve_model(None)  # tmp_path holds no config.json
 
 
 def test_missing_optional_dependency_names_the_extra(monkeypatch, capsys):
-    import dsv3.cli_info
+    import dsv3.cli.info
 
     def needs_uvicorn(args):
         raise ModuleNotFoundError("No module named 'uvicorn'", name="uvicorn")
 
-    monkeypatch.setattr(dsv3.cli_info, "run", needs_uvicorn)
+    monkeypatch.setattr(dsv3.cli.info, "run", needs_uvicorn)
     assert main(["info"]) == 1
     assert capsys.readouterr().err.strip() == "dsv3 info: error: needs the Python package 'uvicorn': pip install 'dsv3[serve]'"
+
+
+def test_help_imports_no_torch_and_module_entry_point_runs():
+    code = ("import sys\nfrom dsv3.cli import main\nfor verb in ([], ['generate'], ['serve'], ['eval'], ['chat']):\n"
+            "    assert main([*verb, '--help']) == 0\nprint('torch' in sys.modules, file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0 and proc.stderr.strip() == "False", proc.stderr
+    out = subprocess.run([sys.executable, "-m", "dsv3.cli", "info", "--preset", "tiny"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("tiny: 3 layers")
+    bad = subprocess.run([sys.executable, "-m", "dsv3.cli", "info", "--preset", "huge"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_console_script_points_at_main():
+    scripts = [ep for ep in metadata.entry_points(group="console_scripts") if ep.name == "dsv3"]
+    assert scripts and scripts[0].value == "dsv3.cli:main"
+    assert scripts[0].load() is main

@@ -7,7 +7,6 @@ CPU), and dsv3's loader (an FP8 folder loaded as BF16 equals the folder converte
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import weakref
@@ -19,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dsv3.checkpoint import convert as cv
+from dsv3.cli import build_parser, main
 from dsv3.kernels import fp8
 
 E4M3 = torch.float8_e4m3fn
@@ -317,20 +317,18 @@ def test_conversion_holds_about_one_shard(bf16_dir, tmp_path, monkeypatch):
 
 
 def test_cli_round_trip(bf16_dir, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    cv.add_parser(parser.add_subparsers(dest="verb"))
-    args = parser.parse_args(["convert", "bf16-to-fp8", "--input", str(bf16_dir), "--output", str(tmp_path / "f"),
-                              "--scale-fmt", "ue8m0"])
-    assert args.func(args) == 0 and "wrote" in capsys.readouterr().out
-    args = parser.parse_args(["convert", "fp8-to-bf16", "--input", str(tmp_path / "f"), "--output", str(tmp_path / "b")])
-    assert args.func(args) == 0
+    assert main(["convert", "bf16-to-fp8", "--input", str(bf16_dir), "--output", str(tmp_path / "f"),
+                 "--scale-fmt", "ue8m0"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert main(["convert", "fp8-to-bf16", "--input", str(tmp_path / "f"), "--output", str(tmp_path / "b")]) == 0
     assert set(_read_all(tmp_path / "b")) == set(_read_all(bf16_dir))
-    args = parser.parse_args(["convert", "fp8-to-bf16", "--input", str(tmp_path / "f"), "--output", str(tmp_path / "b")])
+    args = build_parser(["convert"]).parse_args(["convert", "fp8-to-bf16", "--input", str(tmp_path / "f"),
+                                                 "--output", str(tmp_path / "b")])
     assert args.force is False
-    with pytest.raises(ValueError, match="--force"):
-        args.func(args)
-    args = parser.parse_args(["convert", "fp8-to-bf16", "--input", str(tmp_path / "f"), "--output",
-                              str(tmp_path / "b"), "--force"])
-    assert args.func(args) == 0
-    with pytest.raises(SystemExit):
-        parser.parse_args(["convert", "bf16-to-fp8", "--input", "x", "--output", "y", "--scale-fmt", "e5m2"])
+    capsys.readouterr()
+    assert main(["convert", "fp8-to-bf16", "--input", str(tmp_path / "f"), "--output", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dsv3 convert fp8-to-bf16: error:") and "--force" in err and err.count("\n") == 1
+    assert main(["convert", "fp8-to-bf16", "--input", str(tmp_path / "f"), "--output", str(tmp_path / "b"),
+                 "--force"]) == 0
+    assert main(["convert", "bf16-to-fp8", "--input", "x", "--output", "y", "--scale-fmt", "e5m2"]) == 2

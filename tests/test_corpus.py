@@ -2,7 +2,6 @@
 dedup (textclean), the split, the R serialization reader (rdata; on streams written here by hand
 from the format), and `data prepare` end to end on stand-in sources (no network)."""
 
-import argparse
 import gzip
 import json
 import random
@@ -13,6 +12,7 @@ import zlib
 import numpy as np
 import pytest
 
+from dsv3.cli import main
 from dsv3.train import corpus
 from dsv3.train.corpus import Source, SourceError, is_validation
 from dsv3.train.rdata import read_lazyload, read_r_serialized
@@ -309,11 +309,7 @@ def test_prepare_dedups_splits_and_writes_manifest(tmp_path, monkeypatch):
 
 
 def _cli(argv):
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers()
-    corpus.add_parser(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(["data", *argv])
 
 
 def test_cli_failed_source_is_one_line_and_skippable(tmp_path, monkeypatch, capsys):

@@ -1,21 +1,21 @@
-"""`dsv3 eval` end to end on a tiny checkpoint and synthetic package files; flag errors before loading."""
+"""`dsv3 eval` end to end on a tiny checkpoint and synthetic package files (through `dsv3.cli.main`); flag
+errors as one line before the model loads; the results table."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 
-from dsv3.eval.cli import add_parser, markdown_table, parse_tasks
+from dsv3.cli import main
+from dsv3.cli.eval import parse_tasks
+from dsv3.cli.flags import UsageError
+from dsv3.eval.generation import cut_at_stop
+from dsv3.eval.harness import markdown_table
 from dsv3.eval.perplexity import evaluate_perplexity
+from dsv3.eval.tasks import load_task
+from test_eval_generation import argmax_loop
 from test_eval_support import CORPUS, tiny_checkpoint, tiny_model, write_eval_packages
-
-
-def parse(argv):
-    parser = argparse.ArgumentParser(prog="dsv3")
-    add_parser(parser.add_subparsers(dest="verb"))
-    return parser.parse_args(["eval", *argv])
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +30,12 @@ def setup(tmp_path_factory):
 def test_eval_end_to_end(setup, tmp_path, capsys):
     model_dir, data_dir, text, docs = setup
     out = tmp_path / "out"
-    args = parse(["--model", str(model_dir), "--tasks", "ppl,hellaswag,winogrande,mmlu,lambada,gsm8k,humaneval,needle",
-                  "--limit", "2", "--output", str(out), "--dtype", "fp32", "--data-dir", str(data_dir),
-                  "--text", str(text), "--max-length", "256", "--stride", "100", "--max-new-tokens", "6",
-                  "--needle-lengths", "128,256", "--needle-depths", "0,1", "--needle-trials", "1", "--no-progress"])
-    assert args.func(args) == 0
+    argv = ["eval", "--model", str(model_dir), "--tasks", "ppl,hellaswag,winogrande,mmlu,lambada,gsm8k,humaneval,needle",
+            "--limit", "2", "--output", str(out), "--dtype", "float32", "--device", "cpu", "--data-dir", str(data_dir),
+            "--text", str(text), "--max-length", "256", "--stride", "100", "--max-new-tokens", "6",
+            "--needle-lengths", "128,256", "--needle-depths", "0,1", "--needle-trials", "1", "--no-progress",
+            "--num-blocks", "256"]
+    assert main(argv) == 0
     saved = json.loads((out / "results.json").read_text())
     results = saved["results"]
     assert list(results) == ["ppl", "hellaswag", "winogrande", "mmlu", "lambada", "gsm8k", "humaneval", "needle"]
@@ -49,6 +50,7 @@ def test_eval_end_to_end(setup, tmp_path, capsys):
     assert results["gsm8k"]["n"] == 2 and results["humaneval"]["n"] == 2
     assert results["needle"]["n"] == 2 * 2
     assert saved["config"]["window"] == 256 and saved["config"]["tasks"][0] == "ppl"
+    assert (saved["config"]["dtype"], saved["config"]["device"]) == ("float32", "cpu")
     for name in ("results.md", "needle.png", "needle.json", "hellaswag_samples.jsonl", "humaneval_samples.jsonl"):
         assert (out / name).is_file(), name
     table = (out / "results.md").read_text()
@@ -56,6 +58,12 @@ def test_eval_end_to_end(setup, tmp_path, capsys):
     assert table.split("\n\n", 1)[1] in capsys.readouterr().out  # the same table is printed
     samples = [json.loads(line) for line in (out / "humaneval_samples.jsonl").read_text().splitlines()]
     assert [s["status"] in ("passed", "failed", "timeout", "memory") for s in samples] == [True, True]
+    # GSM8K generations are the greedy completions of the prompts, cut at the first stop string
+    items = load_task("gsm8k", str(data_dir), 2)
+    assert all(len(tok.encode(it.prompt)) <= 256 - 6 for it in items)  # no prompt was shortened to fit
+    want = [cut_at_stop(argmax_loop(model, tok, it.prompt, 6), it.stop) for it in items]
+    gsm = [json.loads(line) for line in (out / "gsm8k_samples.jsonl").read_text().splitlines()]
+    assert [g["generation"] for g in gsm] == want
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -67,37 +75,31 @@ def test_eval_end_to_end(setup, tmp_path, capsys):
     (["--tasks", "piqa", "--max-length", "64", "--stride", "100"], "--stride"),
     (["--tasks", "piqa", "--exec-timeout", "0"], "--exec-timeout"),
     (["--tasks", "needle", "--needle-depths", "0,2"], "--needle"),
+    (["--tasks", "piqa", "--engine", "simple"], "unrecognized arguments: --engine"),  # generation is the engine's
 ])
-def test_bad_flags_fail_before_loading(setup, argv, message, tmp_path):
+def test_bad_flags_fail_before_loading(setup, argv, message, tmp_path, capsys):
     model_dir, data_dir, text, _ = setup
     extra = ["--text", str(text)] if "needle" in argv else []
-    args = parse(["--model", str(tmp_path / "not-a-model"), "--data-dir", str(data_dir), *extra, *argv])
-    with pytest.raises(ValueError, match=message.replace("-", r"\-")):
-        args.func(args)
+    capsys.readouterr()
+    # a model folder that does not exist: the flag error is reported first, so the checks come before loading
+    assert main(["eval", "--model", str(tmp_path / "not-a-model"), "--data-dir", str(data_dir), *extra, *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("dsv3 eval: error:") and message in err, err
 
 
-def test_missing_paths(setup, tmp_path):
+def test_missing_paths(setup, tmp_path, capsys):
     model_dir, data_dir, text, _ = setup
-    args = parse(["--model", str(model_dir), "--tasks", "piqa", "--data-dir", str(tmp_path / "none")])
-    with pytest.raises(FileNotFoundError, match="fetch_eval_data.sh"):
-        args.func(args)
-    args = parse(["--model", str(tmp_path), "--tasks", "piqa", "--data-dir", str(data_dir)])
-    with pytest.raises(FileNotFoundError, match="config.json"):
-        args.func(args)
+    assert main(["eval", "--model", str(model_dir), "--tasks", "piqa", "--data-dir", str(tmp_path / "none")]) == 2
+    assert "fetch_eval_data.sh" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path), "--tasks", "piqa", "--data-dir", str(data_dir)]) == 2
+    assert "config.json" in capsys.readouterr().err
 
 
 def test_parse_tasks_and_table():
     assert parse_tasks("all")[0] == "ppl" and "needle" in parse_tasks("all")
     assert parse_tasks("piqa, mmlu,piqa") == ["piqa", "mmlu"]
+    with pytest.raises(UsageError, match="unknown task"):
+        parse_tasks("piqa,nope")
     table = markdown_table({"piqa": {"acc": 0.5, "acc_stderr": 0.1, "acc_norm": 0.25, "acc_norm_stderr": 0.05,
                                      "n": 4, "seconds": 1.0}})
     assert table.splitlines()[2:] == ["| piqa | acc | 0.5000 | 0.1000 | 4 |", "| piqa | acc_norm | 0.2500 | 0.0500 | 4 |"]
-
-
-def test_every_flag_has_help_and_default():
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
-    sub = parser._subparsers._group_actions[0].choices["eval"]
-    for action in sub._actions:
-        if action.dest != "help":
-            assert action.help and "default" in action.help, action.dest

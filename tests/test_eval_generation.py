@@ -1,4 +1,5 @@
-"""GSM8K answer extraction, greedy generation against a no-cache argmax loop, and the HumanEval sandbox."""
+"""GSM8K answer extraction, greedy generation on the engine against a no-cache argmax loop, and the HumanEval
+sandbox."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from dsv3.eval.generation import (GreedyGenerator, cut_at_stop, evaluate_gsm8k, evaluate_humaneval,
                                   extract_gsm8k_answer, gsm8k_match, humaneval_program, normalize_number,
                                   pass_at_k, run_programs)
+from dsv3.engine.config import EngineConfig
 from dsv3.eval.tasks import Gsm8kItem, HumanEvalItem
 from test_eval_support import HUMANEVAL_PROBLEMS, tiny_model
 
@@ -68,12 +70,13 @@ def argmax_loop(model, tok, prompt: str, n: int) -> str:
     return tok.decode(out, skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("engine", ["simple", "auto"])
-def test_greedy_generation_matches_no_cache_argmax(engine):
+def test_greedy_generation_matches_no_cache_argmax():
+    from dsv3.engine import LLM
+
     model, tok = tiny_model()
     prompts = ["The quick brown fox", "Question: What is the capital of France?\nAnswer:"]
-    gen = GreedyGenerator(model, tok, engine=engine, progress=False)
-    assert gen.engine == ("simple" if engine == "simple" else "llm")  # auto picks the dsv3.LLM engine
+    gen = GreedyGenerator(model, tok, progress=False, config=EngineConfig(num_blocks=64, block_size=4))
+    assert isinstance(gen.llm, LLM) and gen.llm.runner.num_blocks == 64  # the engine, with the config given
     expected = [argmax_loop(model, tok, p, 12) for p in prompts]
     assert gen(prompts, 12) == expected
     # a stop string taken from the expected text cuts the output right before it
@@ -84,7 +87,7 @@ def test_greedy_generation_matches_no_cache_argmax(engine):
 
 def test_long_prompt_keeps_bos_and_tail():
     model, tok = tiny_model()
-    gen = GreedyGenerator(model, tok, max_len=32, engine="simple", progress=False)
+    gen = GreedyGenerator(model, tok, max_len=32, progress=False, config=EngineConfig(num_blocks=16))
     ids = gen._prompt_ids("The quick brown fox jumps over the lazy dog. " * 10, 24)
     full = tok.encode("The quick brown fox jumps over the lazy dog. " * 10)
     assert len(ids) == 24 and ids[0] == tok.bos_id and ids[1:] == full[-23:]

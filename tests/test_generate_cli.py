@@ -1,14 +1,15 @@
-"""End-to-end tests of `dsv3 generate` / `dsv3 chat` on a tiny random checkpoint.
+"""End-to-end tests of `dsv3 generate` / `dsv3 chat` on a tiny random checkpoint, and of `dsv3.chat.ChatSession`.
 
 The checkpoint is written by `transformers`' own DeepseekV3ForCausalLM (vocab 129280, tiny dims) with
 the real DeepSeek-V3 tokenizer files copied in; the same `transformers` model, greedy, is the oracle
 for every answer. The real entry point runs in a subprocess; the slower scenarios (batch files,
-Ctrl-C, /system, /reset) call the verb functions in-process.
+Ctrl-C, /system, /reset) call `dsv3.cli.main` in-process. Chat keeps the conversation as token ids:
+its second turn must be served partly from the engine's prefix cache and answer exactly what a fresh
+engine (no prefix cache) and `transformers` answer for the same rendered conversation.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -22,8 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsv3 import chat as chat_cli
-from dsv3 import generate as gen
+from dsv3.cli import main
 from dsv3.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,25 +81,12 @@ def hf_greedy(model, ids: list[int], n: int) -> tuple[list[int], bool]:
     return out, False
 
 
-def _entry() -> list[str]:
-    """The real `dsv3` entry point once dsv3/cli.py registers these verbs, else this module's main."""
-    from dsv3 import cli
-    if "dsv3.generate" in getattr(cli, "VERB_MODULES", ()):
-        return [sys.executable, "-m", "dsv3.cli"]
-    return [sys.executable, "-m", "dsv3.generate"]
-
-
 def _run(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(_entry() + args, input=stdin, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    return subprocess.run([sys.executable, "-m", "dsv3.cli", *args], input=stdin, capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
 
 
-def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="dsv3")
-    gen.add_parser(parser.add_subparsers(dest="verb", required=True))
-    return parser.parse_args(argv)
-
-
-GREEDY = ["--temperature", "0", "--dtype", "fp32"]
+GREEDY = ["--temperature", "0", "--dtype", "float32", "--device", "cpu"]
 
 
 def test_generate_subprocess_matches_transformers(ckpt, tmp_path: Path) -> None:
@@ -127,7 +114,7 @@ def test_generate_batch_file_and_chat_format(ckpt, tmp_path: Path, capsys) -> No
     for chat in (False, True):
         out = tmp_path / f"out{chat}.jsonl"
         flags = ["--chat", "--system", "Be brief."] if chat else []
-        rc = gen.main(["generate", "--model", str(path), "--input-file", str(src), "--max-new-tokens", "6",
+        rc = main(["generate", "--model", str(path), "--input-file", str(src), "--max-new-tokens", "6",
                        "--output", str(out), *flags, *GREEDY])
         assert rc == 0
         recs = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
@@ -143,7 +130,7 @@ def test_generate_batch_file_and_chat_format(ckpt, tmp_path: Path, capsys) -> No
             assert rec["finish_reason"] == ("stop" if stopped else "length")
     # without --output the records go to stdout as JSON lines
     capsys.readouterr()
-    assert gen.main(["generate", "--model", str(path), "--input-file", str(src), "--max-new-tokens", "3", *GREEDY]) == 0
+    assert main(["generate", "--model", str(path), "--input-file", str(src), "--max-new-tokens", "3", *GREEDY]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [json.loads(line)["prompt"] for line in lines] == prompts
 
@@ -161,7 +148,7 @@ def test_generate_stops_at_eos(ckpt, tmp_path: Path) -> None:
     assert stopped and len(want) < 8  # the oracle itself stops on EOS
     eos_path = _save(eos_model, tmp_path / "eos")
     out = tmp_path / "o.jsonl"
-    assert gen.main(["generate", "--model", str(eos_path), "--prompt", "stop early", "--max-new-tokens", "8",
+    assert main(["generate", "--model", str(eos_path), "--prompt", "stop early", "--max-new-tokens", "8",
                      "--output", str(out), *GREEDY]) == 0
     rec = json.loads(out.read_text(encoding="utf-8"))
     assert rec["finish_reason"] == "stop" and rec["text"] == tok.decode(want)
@@ -184,7 +171,7 @@ def test_generate_ctrl_c_keeps_partial_answer(ckpt, monkeypatch, tmp_path: Path)
 
     monkeypatch.setattr(LLM, "step", step_and_interrupt)
     out = tmp_path / "i.jsonl"
-    rc = gen.main(["generate", "--model", str(path), "--prompt", "interrupt me", "--max-new-tokens", "20",
+    rc = main(["generate", "--model", str(path), "--prompt", "interrupt me", "--max-new-tokens", "20",
                    "--output", str(out), *GREEDY])
     assert rc == 130
     rec = json.loads(out.read_text(encoding="utf-8"))
@@ -198,86 +185,147 @@ def test_generate_seed_reproducible(ckpt, tmp_path: Path) -> None:
     texts = []
     for i, seed in enumerate((5, 5, 6)):
         out = tmp_path / f"s{i}.jsonl"
-        assert gen.main(["generate", "--model", str(path), "--prompt", "sample me", "--max-new-tokens", "8",
-                         "--temperature", "1.0", "--top-k", "50", "--seed", str(seed), "--dtype", "fp32",
+        assert main(["generate", "--model", str(path), "--prompt", "sample me", "--max-new-tokens", "8",
+                         "--temperature", "1.0", "--top-k", "50", "--seed", str(seed), "--dtype", "float32",
                          "--output", str(out)]) == 0
         texts.append(json.loads(out.read_text(encoding="utf-8"))["text"])
     assert texts[0] == texts[1]
     assert texts[0] != texts[2]
 
 
-def _stats(stderr: str) -> list[tuple[int, int, str]]:
-    """(answer tokens, prefilled tokens, cache status) of each `--stats` line."""
-    return [(int(n), int(p), c) for n, p, c in
-            re.findall(r"\[(\d+) tokens, [\d.]+ tokens/s[^;]*; prefilled (\d+) tokens, cache (\w+)", stderr)]
+def _stats(stderr: str) -> list[tuple[int, int, int, str]]:
+    """(answer tokens, prompt tokens, prompt tokens from the prefix cache, conversation) of each `--stats` line."""
+    return [(int(n), int(p), int(c), s) for n, p, c, s in
+            re.findall(r"\[(\d+) tokens, [\d.]+ tokens/s[^;]*; prompt (\d+) tokens, (\d+) from the prefix cache, "
+                       r"conversation (\w+)\]", stderr)]
 
 
-def test_chat_subprocess_keeps_cache(ckpt) -> None:
+def _continued(tok, ids: list[int], messages: list[dict]) -> list[int]:
+    """The next prompt of a conversation kept as token ids: `ids` (the last prompt and its answer) plus the
+    encoding of the rest of the rendered conversation, which must start with their text."""
+    full = tok.apply_chat_template(messages)
+    seen = tok.decode(ids)
+    assert full.startswith(seen)
+    prompt = ids + tok.encode(full[len(seen):], add_special_tokens=False)
+    assert tok.decode(prompt) == full  # the same rendered conversation
+    return prompt
+
+
+BS = 4  # cache block size in the chat tests: the short turns fill whole blocks
+CHAT = ["--max-new-tokens", "6", "--stats", "--block-size", str(BS), *GREEDY]
+
+
+def test_chat_subprocess_reuses_the_prefix_cache(ckpt) -> None:
     path, model, tok = ckpt
     n = 7
-    proc = _run(["chat", "--model", str(path), "--max-new-tokens", str(n), "--stats", *GREEDY],
+    proc = _run(["chat", "--model", str(path), "--max-new-tokens", str(n), "--stats", "--block-size", str(BS), *GREEDY],
                 stdin="Hello there!\nAnd a second question?\n/exit\nnever read\n")
     assert proc.returncode == 0, proc.stderr
-    u1, u2 = "Hello there!", "And a second question?"
-    p1 = tok.encode_chat([{"role": "user", "content": u1}])
+    u1, u2 = {"role": "user", "content": "Hello there!"}, {"role": "user", "content": "And a second question?"}
+    p1 = tok.encode_chat([u1])
     a1, stop1 = hf_greedy(model, p1, n)
-    cached = p1 + (a1 if stop1 else a1[:-1])  # the last sampled token is fed only if something follows it
-    full2 = tok.apply_chat_template([{"role": "user", "content": u1}, {"role": "assistant", "content": tok.decode(a1)},
-                                     {"role": "user", "content": u2}])
-    prefix = tok.decode(cached)
-    assert full2.startswith(prefix)
-    new2 = tok.encode(full2[len(prefix):], add_special_tokens=False)
-    a2, _ = hf_greedy(model, cached + new2, n)  # full recompute over the same tokens
+    p2 = _continued(tok, p1 + a1, [u1, {"role": "assistant", "content": tok.decode(a1)}, u2])
+    a2, _ = hf_greedy(model, p2, n)
     assert proc.stdout == tok.decode(a1) + "\n" + tok.decode(a2) + "\n"
-    stats = _stats(proc.stderr)
-    assert stats == [(len(a1), len(p1), "new"), (len(a2), len(new2), "kept")]
-    # the second turn fed only its own tokens, far fewer than re-prefilling the whole history
-    assert len(new2) < len(tok.encode(full2, add_special_tokens=False)) - len(p1)
+    (n1, len1, hit1, conv1), (n2, len2, hit2, conv2) = _stats(proc.stderr)
+    assert (n1, len1, hit1, conv1) == (len(a1), len(p1), 0, "new")
+    assert (n2, len2, conv2) == (len(a2), len(p2), "kept")
+    computed = len(p1) + len(a1) - (0 if stop1 else 1)  # the last sampled token is fed only if EOS follows it
+    assert hit2 % BS == 0 and BS * (len(p1) // BS) <= hit2 <= computed  # at least the first prompt's full blocks
 
 
-def _chat_in_process(path: Path, lines: list[str], extra: list[str] = ()) -> tuple[int, str, str]:
-    args = _parse(["chat", "--model", str(path), "--max-new-tokens", "6", "--stats", *GREEDY, *extra])
-    stdin, stdout, stderr = io.StringIO("".join(line + "\n" for line in lines)), io.StringIO(), io.StringIO()
-    rc = chat_cli._chat(args, stdin, stdout, stderr)
-    return rc, stdout.getvalue(), stderr.getvalue()
+def test_chat_session_reuses_the_prefix_cache_and_answers_like_a_fresh_engine(ckpt) -> None:
+    from dsv3.chat import ChatSession
+    from dsv3.engine import LLM, SamplingParams
 
-
-def test_chat_ctrl_c_stops_answer_not_program(ckpt, monkeypatch) -> None:
     path, model, tok = ckpt
-    feed = chat_cli.Session.feed
-    decode_steps = []
+    greedy = SamplingParams(temperature=0, max_tokens=6)
+    llm = LLM(path, device="cpu", dtype="float32", block_size=BS, num_blocks=128)
+    session = ChatSession(llm, llm.tokenizer, system="Be brief.")
+    pieces: list[str] = []
+    first = session.turn("What is a latent cache?", greedy, pieces.append)
+    assert "".join(pieces) == first.answer.text and first.cache == "new"
+    for user in ("Why is it compressed?", "And the rope part?"):
+        before = llm.prefix_cache_hit_tokens
+        turn = session.turn(user, greedy, pieces.append)
+        assert turn.cache == "kept"
+        assert llm.prefix_cache_hit_tokens - before == turn.answer.num_cached_tokens >= BS * 2
+        # the rendered conversation, answered by an engine without a prefix cache and by transformers
+        system = {"role": "system", "content": "Be brief."}
+        assert tok.decode(turn.prompt_ids) == tok.apply_chat_template([system, *session.messages[:-1]])
+        fresh = LLM(path, device="cpu", dtype="float32", block_size=BS, num_blocks=128, enable_prefix_caching=False)
+        out = fresh.generate([turn.prompt_ids], greedy, use_tqdm=False)[0]
+        ids = out.token_ids[:-1] if out.finish_reason == "stop" else out.token_ids
+        assert turn.answer.token_ids == ids and fresh.prefix_cache_hit_tokens == 0
+        assert turn.answer.token_ids == hf_greedy(model, turn.prompt_ids, 6)[0]
 
-    def feed_and_interrupt(self, ids):
-        logits = feed(self, ids)
-        if len(ids) == 1:
-            decode_steps.append(1)
-            if len(decode_steps) == 3:
-                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during the first answer
-        return logits
 
-    monkeypatch.setattr(chat_cli.Session, "feed", feed_and_interrupt)
+def test_chat_prompt_continues_the_conversation_ids(ckpt) -> None:
+    """With an answer whose text encodes back to its ids, the kept conversation is exactly the template's
+    encoding; a changed beginning (system prompt) re-encodes it."""
+    from dsv3.chat import ChatSession
+
+    _, _, tok = ckpt
+    session = ChatSession(None, tok)
+    u1, u2 = {"role": "user", "content": "Capital of France?"}, {"role": "user", "content": "And of Spain?"}
+    assert session.prompt_for(u1["content"]) == (tok.encode_chat([u1]), "new")
+    answer = "Paris is the capital of France."
+    a_ids = tok.encode(answer, add_special_tokens=False)
+    assert tok.decode(a_ids) == answer
+    session.messages = [u1, {"role": "assistant", "content": answer}]
+    session.ids = tok.encode_chat([u1]) + a_ids
+    ids, cache = session.prompt_for(u2["content"])
+    assert cache == "kept" and ids[:len(session.ids)] == session.ids
+    assert ids == tok.encode_chat([*session.messages, u2])
+    session.system = "Answer in one word."
+    ids, cache = session.prompt_for(u2["content"])
+    assert cache == "rebuilt" and ids == tok.encode_chat([{"role": "system", "content": "Answer in one word."},
+                                                          *session.messages, u2])
+
+
+def _chat_in_process(monkeypatch, capsys, path: Path, lines: list[str]) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in lines)))
+    capsys.readouterr()
+    rc = main(["chat", "--model", str(path), *CHAT])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_chat_ctrl_c_stops_answer_not_program(ckpt, monkeypatch, capsys) -> None:
+    from dsv3.engine import LLM
+
+    path, model, tok = ckpt
+    step = LLM.step
+    calls = []
+
+    def step_and_interrupt(self):
+        outs = step(self)
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during the first answer, after its 3rd token
+        return outs
+
+    monkeypatch.setattr(LLM, "step", step_and_interrupt)
     previous = signal.getsignal(signal.SIGINT)
-    rc, out, err = _chat_in_process(path, ["first question", "second question"])
+    rc, out, err = _chat_in_process(monkeypatch, capsys, path, ["first question", "second question"])
     assert signal.getsignal(signal.SIGINT) is previous  # the handler is restored after each answer
-    assert rc == 0
-    assert "(interrupted)" in err
+    assert rc == 0 and "(interrupted)" in err
     stats = _stats(err)
-    assert len(stats) == 2 and stats[0][0] == 3 and stats[1][2] == "kept"
-    p1 = tok.encode_chat([{"role": "user", "content": "first question"}])
+    assert len(stats) == 2 and stats[0][0] == 3 and stats[1][3] == "kept"
+    u1, u2 = {"role": "user", "content": "first question"}, {"role": "user", "content": "second question"}
+    p1 = tok.encode_chat([u1])
     a1, _ = hf_greedy(model, p1, 3)
-    full2 = tok.apply_chat_template([{"role": "user", "content": "first question"},
-                                     {"role": "assistant", "content": tok.decode(a1)},
-                                     {"role": "user", "content": "second question"}])
-    cached = p1 + a1  # all three tokens were fed before the stop was seen
-    new2 = tok.encode(full2[len(tok.decode(cached)):], add_special_tokens=False)
-    a2, _ = hf_greedy(model, cached + new2, 6)
+    p2 = _continued(tok, p1 + a1, [u1, {"role": "assistant", "content": tok.decode(a1)}, u2])
+    a2, _ = hf_greedy(model, p2, 6)
     assert out == tok.decode(a1) + "\n" + tok.decode(a2) + "\n"
+    assert stats[1][1] == len(p2) and stats[1][2] > 0
 
 
-def test_chat_system_and_reset(ckpt) -> None:
+def test_chat_system_and_reset(ckpt, monkeypatch, capsys) -> None:
     path, model, tok = ckpt
-    rc, out, err = _chat_in_process(path, ["/system Answer in French.", "Bonjour", "/reset", "Bonjour", "/bogus",
-                                           "/system", "Bonjour", "/exit", "never"])
+    rc, out, err = _chat_in_process(monkeypatch, capsys, path, ["/system Answer in French.", "Bonjour", "/reset",
+                                                                "Bonjour", "/bogus", "/system", "Bonjour", "/exit",
+                                                                "never"])
     assert rc == 0
     conv = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Bonjour"}]
     p = tok.encode_chat(conv)
@@ -285,12 +333,26 @@ def test_chat_system_and_reset(ckpt) -> None:
     answers = out.splitlines()
     assert answers[0] == answers[1] == tok.decode(a)  # /reset: the same first turn again, same answer
     stats = _stats(err)
-    assert [s[1:] for s in stats[:2]] == [(len(p), "new"), (len(p), "new")]
+    assert [s[1:] for s in stats[:2]] == [(len(p), 0, "new"), (len(p), BS * ((len(p) - 1) // BS), "new")]
     assert "unknown command /bogus" in err and "system prompt cleared" in err
-    # clearing the system prompt changes the conversation's start: the cache is rebuilt
-    assert stats[2][2] == "rebuilt"
+    # clearing the system prompt changes the conversation's start: it is encoded afresh
+    assert stats[2][3] == "rebuilt"
     full3 = tok.encode_chat([conv[1], {"role": "assistant", "content": tok.decode(a)}, conv[1]])
     assert stats[2][1] == len(full3)
+    assert answers[2] == tok.decode(hf_greedy(model, full3, 6)[0])
+
+
+def test_chat_turn_beyond_the_context_is_refused(ckpt, monkeypatch, capsys) -> None:
+    path, _, tok = ckpt
+    long = "word " * 40
+    n = len(tok.encode_chat([{"role": "user", "content": long}]))
+    assert n > 32
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{long}\nshort\n"))
+    capsys.readouterr()
+    assert main(["chat", "--model", str(path), *CHAT, "--max-model-len", "32"]) == 0
+    captured = capsys.readouterr()
+    assert f"[the conversation needs {n} tokens but the context holds 32; /reset to start over]" in captured.err
+    assert len(captured.out.splitlines()) == 1 and len(_stats(captured.err)) == 1  # only "short" was answered
 
 
 def test_default_model_path(ckpt, monkeypatch, tmp_path: Path, capsys) -> None:
@@ -299,19 +361,19 @@ def test_default_model_path(ckpt, monkeypatch, tmp_path: Path, capsys) -> None:
     path, model, tok = ckpt
     monkeypatch.setattr(dsv3, "default_model_path", lambda: path, raising=False)
     out = tmp_path / "d.jsonl"
-    assert gen.main(["generate", "--prompt", "hi", "--max-new-tokens", "2", "--output", str(out), *GREEDY]) == 0
+    assert main(["generate", "--prompt", "hi", "--max-new-tokens", "2", "--output", str(out), *GREEDY]) == 0
     assert json.loads(out.read_text(encoding="utf-8"))["prompt_tokens"] == len(tok.encode("hi"))
     monkeypatch.setattr(dsv3, "default_model_path", lambda: tmp_path / "absent", raising=False)
     capsys.readouterr()
-    assert gen.main(["generate", "--prompt", "hi"]) == 2
+    assert main(["generate", "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
-    assert "absent" in err and "--model" in err
+    assert "absent" in err and "--model" in err and err.count("\n") == 1
 
     def not_installed():
         raise FileNotFoundError("the built-in default model is not installed at /x")
 
     monkeypatch.setattr(dsv3, "default_model_path", not_installed, raising=False)
-    assert gen.main(["chat"]) == 2
+    assert main(["chat"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not installed at /x" in err[0]
 
@@ -319,58 +381,30 @@ def test_default_model_path(ckpt, monkeypatch, tmp_path: Path, capsys) -> None:
 def test_bad_inputs_one_line_errors(ckpt, tmp_path: Path) -> None:
     path = str(ckpt[0])
     missing = str(tmp_path / "no_such_model")
-    cases = {
-        "missing folder": (["generate", "--model", missing, "--prompt", "x"], "no_such_model"),
-        "chat missing folder": (["chat", "--model", missing], "no_such_model"),
-        "prompt too long": (["generate", "--model", path, "--prompt", "word " * 300], f"context is {CONTEXT}"),
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"prompt": 3}\n', encoding="utf-8")
+    cases = {  # name: (argv, text in the error line, exit code)
+        "missing folder": (["generate", "--model", missing, "--prompt", "x"], "no_such_model", 2),
+        "chat missing folder": (["chat", "--model", missing], "no_such_model", 2),
+        "prompt too long": (["generate", "--model", path, "--prompt", "word " * 300], f"context is {CONTEXT}", 2),
         "negative temperature": (["generate", "--model", path, "--prompt", "x", "--temperature", "-0.5"],
-                                 "--temperature"),
-        "unknown device": (["generate", "--model", path, "--prompt", "x", "--device", "tpu"], "--device"),
-        "bad dtype": (["chat", "--model", path, "--dtype", "fp16"], "--dtype"),
-        "no prompt": (["generate", "--model", path], "--prompt"),
+                                 "--temperature", 2),
+        "unknown device": (["generate", "--model", path, "--prompt", "x", "--device", "tpu"], "--device", 2),
+        "bad dtype": (["chat", "--model", path, "--dtype", "fp16"], "--dtype", 2),
+        "no prompt": (["generate", "--model", path], "--prompt", 2),
         "not a number": (["generate", "--model", path, "--prompt", "x", "--max-new-tokens", "many"],
-                         "--max-new-tokens"),
-        "missing input file": (["generate", "--model", path, "--input-file", str(tmp_path / "nope.txt")], "nope.txt"),
+                         "--max-new-tokens", 2),
+        "missing input file": (["generate", "--model", path, "--input-file", str(tmp_path / "nope.txt")], "nope.txt", 2),
+        "bad prompt file": (["generate", "--model", path, "--input-file", str(bad_json)], "\"prompt\" field", 1),
+        "fast on cpu": (["generate", "--model", path, "--prompt", "x", "--device", "cpu", "--fast"],
+                        "--fast needs a CUDA device", 2),
     }
-    procs = {name: subprocess.Popen(_entry() + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    cwd=ROOT) for name, (argv, _) in cases.items()}
+    procs = {name: subprocess.Popen([sys.executable, "-m", "dsv3.cli", *argv], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, cwd=ROOT) for name, (argv, _, _) in cases.items()}
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=120)
         lines = [line for line in err.splitlines() if line.strip()]
-        assert proc.returncode != 0, name
+        assert proc.returncode == cases[name][2], f"{name}: {proc.returncode} {err}"
         assert len(lines) == 1 and "Traceback" not in err, f"{name}: {err}"
-        assert cases[name][1] in lines[0], f"{name}: {lines[0]}"
+        assert lines[0].startswith("dsv3 ") and cases[name][1] in lines[0], f"{name}: {lines[0]}"
         assert out == "", name
-
-
-def test_help_documents_every_flag() -> None:
-    parser = argparse.ArgumentParser(prog="dsv3")
-    sub = parser.add_subparsers(dest="verb")
-    gen.add_parser(sub)
-    for verb in ("generate", "chat"):
-        p = sub.choices[verb]
-        assert p.get_default("func") is (gen.generate_main if verb == "generate" else chat_cli.chat_main)
-        for action in p._actions:
-            if action.option_strings and action.dest != "help":
-                assert action.help and "default" in action.help, f"{verb} {action.option_strings}"
-    flags = {a for action in sub.choices["generate"]._actions for a in action.option_strings}
-    assert {"--model", "--prompt", "--input-file", "--chat", "--max-new-tokens", "--temperature", "--top-p",
-            "--top-k", "--seed", "--device", "--dtype", "--output"} <= flags
-
-
-def test_session_cache_equals_full_forward(ckpt) -> None:
-    """Feeding a sequence in pieces through the cache gives the same next-token logits as one pass."""
-    import dsv3
-
-    path, model, tok = ckpt
-    ours = dsv3.load_model(path, device="cpu", dtype=torch.float32)
-    session = chat_cli.Session(ours, 64)
-    ids = tok.encode("one two three four five six")
-    session.feed(ids[:3])
-    session.feed(ids[3:5])
-    step = session.feed(ids[5:])
-    with torch.no_grad():
-        ref = model(torch.tensor([ids])).logits[0, -1]
-    torch.testing.assert_close(step, ref, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="cache holds 64"):
-        session.feed([5] * 64)

@@ -82,13 +82,13 @@ def wait_healthy(url: str, timeout: float = 120.0, proc: subprocess.Popen | None
 
 
 class ServerProcess:
-    """`python -m dsv3.serve.cli --model CKPT --port P ...` in a subprocess, output in a log file."""
+    """`python -m dsv3.cli serve --model CKPT --port P ...` in a subprocess, output in a log file."""
 
     def __init__(self, model: Path, *flags: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="dsv3-serve-", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "dsv3.serve.cli", "--model", str(model), "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "dsv3.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
                "--port", str(self.port), "--dtype", "float32", "--device", "cpu", "--log-level", "warning", *flags]
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                "OMP_NUM_THREADS": "1"}  # two servers and the test process share a small machine

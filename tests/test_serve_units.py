@@ -4,7 +4,6 @@ the Prometheus text format, request validation, token bytes for log-probabilitie
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -12,7 +11,8 @@ from pydantic import ValidationError
 
 from dsv3.serve import protocol as P
 from dsv3.serve import tool_calls as T
-from dsv3.serve.cli import _check, add_parser, main, resolve_model
+from dsv3.cli import build_parser, main
+from dsv3.cli.flags import UsageError, resolve_model
 from dsv3.serve.metrics import Counter, Gauge, Histogram, ServerMetrics, parse_text
 from dsv3.tokenizer import load_tokenizer
 from test_serve_support import ensure_tokenizer_dir
@@ -182,26 +182,25 @@ def test_token_text_bytes_join_to_the_utf8_text(tok):
 
 # ---- CLI ------------------------------------------------------------------------------------
 def test_cli_parser_defaults_and_errors(tmp_path, capsys):
-    sub = argparse.ArgumentParser().add_subparsers(dest="verb")
-    add_parser(sub)
+    sub = next(a for a in build_parser(["serve"])._actions if a.dest == "verb")
     args = sub.choices["serve"].parse_args([])
     assert (args.host, args.port, args.model, args.max_num_seqs, args.max_model_len) == ("127.0.0.1", 8000, None, 64, None)
-    assert callable(args.func)
-    args = sub.choices["serve"].parse_args(["--port", "70000"])
-    with pytest.raises(ValueError, match="--port"):
-        _check(args)
-    with pytest.raises(FileNotFoundError, match="not found"):
+    assert callable(args.run)
+    assert main(["serve", "--port", "70000"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--port" in err
+    with pytest.raises(UsageError, match="not found"):
         resolve_model(str(tmp_path / "missing"))
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(UsageError, match="config.json"):
         resolve_model(str(tmp_path))
     import dsv3
     try:
         default = dsv3.default_model_path()
     except FileNotFoundError:
-        with pytest.raises(FileNotFoundError, match="--model"):
+        with pytest.raises(UsageError, match="--model"):
             resolve_model(None)
     else:
         assert resolve_model(None) == default
-    assert main(["--model", str(tmp_path / "missing")]) == 1
+    assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dsv3 serve: error:") and "missing" in err[0]

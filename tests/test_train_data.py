@@ -1,7 +1,6 @@
 """Tests of dsv3.train.bpe (tokenizer training, transformers loading, chat template source) and
 dsv3.train.data (token shards, the packed resumable loader, the `dsv3 data` CLI)."""
 
-import argparse
 import json
 import random
 import zipfile
@@ -11,6 +10,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+from dsv3.cli import build_parser, main
 from dsv3.train import bpe, data
 from dsv3.train.corpus import is_validation
 
@@ -216,31 +216,22 @@ def test_val_loader_sequential_and_finite(built):
 # ----------------------------------------------------------------------------- CLI
 
 
-def _cli(module, argv):
-    parser = argparse.ArgumentParser()
-    module.add_parser(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
 def test_cli_train_and_tokenize(built, tmp_path, capsys):
     root = built["root"]
-    rc = _cli(bpe, ["tokenizer", "train", "--input", str(root / "docs.jsonl"), "--vocab-size", "400",
+    rc = main(["tokenizer", "train", "--input", str(root / "docs.jsonl"), "--vocab-size", "400",
                     "--output", str(tmp_path / "tok"), "--reference-config",
                     str(root / "tokenizer_config.json")])
     assert rc == 0 and Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json")).get_vocab_size() == 400
-    rc = _cli(data, ["data", "tokenize", "--tokenizer", str(tmp_path / "tok"), "--input",
+    rc = main(["data", "tokenize", "--tokenizer", str(tmp_path / "tok"), "--input",
                      str(root / "rest.jsonl"), "--output", str(tmp_path / "sh"), "--val-fraction", "0"])
     meta = json.loads((tmp_path / "sh" / "meta.json").read_text())
     assert rc == 0 and meta["splits"]["val"]["tokens"] == 0 and meta["splits"]["train"]["documents"] == 99
     capsys.readouterr()
-    rc = _cli(data, ["data", "tokenize", "--tokenizer", str(tmp_path / "nope"), "--input",
+    rc = main(["data", "tokenize", "--tokenizer", str(tmp_path / "nope"), "--input",
                      str(root / "rest.jsonl"), "--output", str(tmp_path / "sh")])
     err = capsys.readouterr().err
     assert rc == 1 and err.strip() == f"dsv3 data tokenize: error: no tokenizer.json in {tmp_path / 'nope'}"
-    args = argparse.ArgumentParser()
-    data.add_parser(args.add_subparsers())
-    parsed = args.parse_args(["data", "prepare", "--output", "x", "--sources", "brown", "austen"])
+    parsed = build_parser(["data"]).parse_args(["data", "prepare", "--output", "x", "--sources", "brown", "austen"])
     assert parsed.sources == ["brown", "austen"] and parsed.val_fraction == 0.02
 
 

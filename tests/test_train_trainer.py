@@ -1,7 +1,6 @@
 """The trainer end to end on a tiny model and real text: loss falls, the export loads, TensorBoard gets the
 scalars, a killed run resumes bit for bit, NaN stops the run, and the `dsv3 train` CLI."""
 
-import argparse
 import json
 
 import pytest
@@ -9,7 +8,7 @@ import torch
 
 import dsv3
 from dsv3.train import trainer as trainer_mod
-from dsv3.train.cli import add_parser
+from dsv3.cli import main
 from dsv3.train.losses import next_token_loss
 from dsv3.train.trainer import Trainer, TrainConfig, train
 from test_train_shared import make_shards, tiny_config
@@ -98,17 +97,14 @@ def test_nan_loss_stops_with_a_clear_message(data, tmp_path, monkeypatch):
 def test_cli_trains_and_reports_errors(data, tmp_path, capsys):
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps({k: v for k, v in tiny_config().to_json().items()}))
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
-    args = parser.parse_args(["train", "--config", str(recipe), "--data", str(data), "--out", str(tmp_path / "run"),
-                              "--steps", "3", "--lr", "1e-3", "--no-fp8"])
-    assert args.func(args) == 0
+    assert main(["train", "--config", str(recipe), "--data", str(data), "--out", str(tmp_path / "run"),
+                 "--steps", "3", "--lr", "1e-3", "--no-fp8"]) == 0
     saved = json.loads((tmp_path / "run" / "recipe.json").read_text())
     assert saved["steps"] == 3 and saved["lr"] == 1e-3 and saved["seq_len"] == 32
     assert (tmp_path / "run" / "model" / "config.json").is_file()
-    bad = parser.parse_args(["train", "--config", str(recipe), "--data", str(data), "--out", str(tmp_path / "x"),
-                             "--warmup-steps", "0"])
-    assert bad.func(bad) == 1
+    capsys.readouterr()
+    assert main(["train", "--config", str(recipe), "--data", str(data), "--out", str(tmp_path / "x"),
+                 "--warmup-steps", "0"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "dsv3 train: error: warmup_steps must be >= 1, got 0"
 

@@ -19,7 +19,6 @@ temporary files are removed when the error is a Python exception.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -299,38 +298,3 @@ def bf16_to_fp8(
 
     return _convert_folder(src, Path(output_dir), force, convert, update_config, max_shard_bytes, progress,
                            "bf16-to-fp8")
-
-
-# ---- CLI ----
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register `dsv3 convert fp8-to-bf16 | bf16-to-fp8`."""
-    p = subparsers.add_parser(
-        "convert", help="convert a checkpoint between FP8 and BF16",
-        description="Convert an HF-format DeepSeek-V3 checkpoint folder between the official FP8 layout "
-                    "(128x128-block e4m3 + weight_scale_inv) and BF16, one shard at a time.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    verbs = p.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
-    for verb, help_text in (("fp8-to-bf16", "dequantize an FP8 checkpoint to BF16"),
-                            ("bf16-to-fp8", "quantize a BF16 checkpoint to block-wise FP8")):
-        v = verbs.add_parser(verb, help=help_text, description=help_text,
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        v.add_argument("--input", required=True, metavar="DIR", help="input checkpoint folder")
-        v.add_argument("--output", required=True, metavar="DIR", help="output folder (created)")
-        if verb == "bf16-to-fp8":
-            v.add_argument("--scale-fmt", choices=["ue8m0"], default=None,
-                           help="round block scales up to powers of two (DeepSeek-V3.1 style); default: exact")
-        v.add_argument("--force", action="store_true", default=False,
-                       help="overwrite a non-empty output folder")
-        v.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.direction == "fp8-to-bf16":
-        out = fp8_to_bf16(args.input, args.output, force=args.force)
-    else:
-        out = bf16_to_fp8(args.input, args.output, scale_fmt=args.scale_fmt, force=args.force)
-    print(f"wrote {out}")
-    return 0

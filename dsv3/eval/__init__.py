@@ -2,8 +2,8 @@
 
 Modules: `perplexity` (span scoring, sliding-window bits-per-byte), `tasks` (registry and loaders from
 local package files), `multiple_choice` (acc / acc_norm, LAMBADA), `generation` (GSM8K, HumanEval and
-its sandbox), `needle` (retrieval heat map), `cli` (`dsv3 eval`). Names load on first use, so
-`import dsv3.eval` pulls in no torch.
+its sandbox), `needle` (retrieval heat map), `harness` (a run of several tasks and its results files, what
+`dsv3 eval` drives). Names load on first use, so `import dsv3.eval` pulls in no torch.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ _EXPORTS = {
     "run_programs": "dsv3.eval.generation",
     "GreedyGenerator": "dsv3.eval.generation",
     "run_needle": "dsv3.eval.needle",
-    "add_parser": "dsv3.eval.cli",
+    "EvalPlan": "dsv3.eval.harness",
+    "evaluate": "dsv3.eval.harness",
 }
 
 __all__ = list(_EXPORTS)

@@ -1,10 +1,9 @@
 """Generation tasks: GSM8K exact match and HumanEval pass@1, with the sandbox that runs the programs.
 
-Decoding is greedy. `GreedyGenerator` uses the engine (`dsv3.LLM`, continuous batching over the paged
-latent cache) when it is importable, else a plain loop over the model's own contiguous cache
-(`setup_cache`, then `forward(tokens, start_pos)`), one prompt at a time. Prompts are encoded with the
-tokenizer's special tokens (BOS); a prompt too long for the window keeps its first token and its tail.
-Text is cut before the first stop string.
+Decoding is greedy, through the engine only: `GreedyGenerator` hands every prompt to one `dsv3.LLM`
+(continuous batching over the paged latent cache). Prompts are encoded with the tokenizer's special
+tokens (BOS); a prompt too long for the window keeps its first token and its tail. Text is cut before
+the first stop string.
 
 GSM8K: the answer is the number after the last "answer is" (the few-shot format: "So the answer is
 18."), else after "####", else the last number in the text; commas, "$" and a trailing "." are dropped
@@ -35,12 +34,14 @@ import time
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import torch
 from tqdm.auto import tqdm
 
 from dsv3.eval.tasks import Gsm8kItem, HumanEvalItem
+
+if TYPE_CHECKING:
+    from dsv3.engine.config import EngineConfig
 
 __all__ = ["extract_gsm8k_answer", "normalize_number", "gsm8k_match", "GreedyGenerator", "cut_at_stop",
            "evaluate_gsm8k", "ExecResult", "run_programs", "humaneval_program", "evaluate_humaneval",
@@ -91,25 +92,17 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 class GreedyGenerator:
-    """Greedy completion of text prompts: `gen(prompts, max_new_tokens, stop) -> texts`.
+    """Greedy completion of text prompts through the engine: `gen(prompts, max_new_tokens, stop) -> texts`.
 
-    `engine`: "llm" (the `dsv3.LLM` engine), "simple" (a loop over the model's contiguous cache) or
-    "auto" (the engine when importable)."""
+    The `LLM` is built on first use around `model` (as is: its device and dtype), with `config` for the
+    cache and batch settings (default: `EngineConfig()`); prompts too long for the window keep their
+    first token and their tail."""
 
-    def __init__(self, model: Any, tokenizer: Any, max_len: int | None = None, engine: str = "auto",
-                 progress: bool = True) -> None:
-        if engine not in ("auto", "llm", "simple"):
-            raise ValueError(f"engine must be auto, llm or simple, got {engine!r}")
-        self.model, self.tokenizer, self.progress = model, tokenizer, progress
+    def __init__(self, model: Any, tokenizer: Any, max_len: int | None = None, progress: bool = True,
+                 config: EngineConfig | None = None) -> None:
+        self.model, self.tokenizer, self.progress, self.config = model, tokenizer, progress, config
         self.max_len = min(max_len or model.args.max_seq_len, model.args.max_seq_len)
         self._llm: Any = None
-        if engine == "auto":
-            try:
-                import dsv3.engine.llm  # noqa: F401
-                engine = "llm"
-            except ImportError:
-                engine = "simple"
-        self.engine = engine
 
     def _prompt_ids(self, prompt: str, room: int) -> list[int]:
         ids = self.tokenizer.encode(prompt)
@@ -117,61 +110,26 @@ class GreedyGenerator:
             ids = ids[:1] + ids[len(ids) - room + 1:]
         return ids
 
-    def __call__(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = (),
-                 desc: str = "generating") -> list[str]:
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if self.engine == "llm":
-            return self._generate_llm(prompts, max_new_tokens, stop)
-        limit = self.max_len
-        if max_new_tokens >= limit:
-            raise ValueError(f"max_new_tokens ({max_new_tokens}) must be below the window ({limit})")
-        out = []
-        for prompt in tqdm(prompts, desc=desc, unit="prompt", disable=not self.progress, leave=False):
-            ids = self._prompt_ids(prompt, limit - max_new_tokens)
-            out.append(cut_at_stop(self._greedy_one(ids, max_new_tokens, stop), stop))
-        return out
+    @property
+    def llm(self) -> Any:
+        """The engine, built on first use."""
+        if self._llm is None:
+            from dsv3.engine.llm import LLM
+            self._llm = LLM(self.model, tokenizer=self.tokenizer, config=self.config)
+        return self._llm
 
-    def _generate_llm(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str]) -> list[str]:
-        from dsv3.engine.llm import LLM
+    def __call__(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = ()) -> list[str]:
         from dsv3.engine.sampling import SamplingParams
 
-        if self._llm is None:
-            self._llm = LLM(self.model, tokenizer=self.tokenizer)
-        limit = min(self.max_len, self._llm.max_model_len)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        limit = min(self.max_len, self.llm.max_model_len)
         if max_new_tokens >= limit:
             raise ValueError(f"max_new_tokens ({max_new_tokens}) must be below the window ({limit})")
         ids = [self._prompt_ids(p, limit - max_new_tokens) for p in prompts]
         params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop=list(stop) or None)
-        outs = self._llm.generate(ids, params, use_tqdm=self.progress)
+        outs = self.llm.generate(ids, params, use_tqdm=self.progress)
         return [cut_at_stop(o.text, stop) for o in outs]
-
-    @torch.no_grad()
-    def _greedy_one(self, ids: list[int], max_new_tokens: int, stop: Sequence[str]) -> str:
-        model, tok = self.model, self.tokenizer
-        device = next(model.parameters()).device
-        eos = {int(tok.eos_id)} if getattr(tok, "eos_id", None) is not None else set()
-        model_eos = model.args.eos_token_id if hasattr(model.args, "eos_token_id") else None
-        if isinstance(model_eos, int):
-            eos.add(model_eos)
-        elif model_eos:
-            eos.update(int(e) for e in model_eos)
-        model.setup_cache(1, len(ids) + max_new_tokens)
-        try:
-            logits = model(torch.tensor([ids], device=device), start_pos=0)[0, -1]  # [V]
-            pos, out = len(ids), []
-            for _ in range(max_new_tokens):
-                nxt = int(logits.argmax())
-                if nxt in eos:
-                    break
-                out.append(nxt)
-                if stop and any(s in tok.decode(out[-64:], skip_special_tokens=True) for s in stop):
-                    break
-                logits = model(torch.tensor([[nxt]], device=device), start_pos=pos)[0, -1]
-                pos += 1
-        finally:
-            model.clear_cache()
-        return tok.decode(out, skip_special_tokens=True)
 
 
 def evaluate_gsm8k(generate: GenerateFn, items: Sequence[Gsm8kItem],

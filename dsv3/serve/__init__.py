@@ -1,7 +1,8 @@
 """`dsv3.serve`: an OpenAI-compatible HTTP server and chat page over the `dsv3` engine.
 
-`create_app(engine)` (in `app.py`) builds the FastAPI app; `cli.py` is `dsv3 serve`. Importing this
-package loads neither FastAPI nor torch.
+`create_app(engine)` (in `app.py`) builds the FastAPI app and `server.run_server` runs it under uvicorn;
+`dsv3 serve` (dsv3/cli/serve.py) wires them to the flags. Importing this package loads neither FastAPI
+nor torch.
 """
 
 from __future__ import annotations

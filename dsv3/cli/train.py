@@ -5,27 +5,24 @@
 
 `--config` takes a path or the name of a built-in recipe (`dsv3/train/recipes/*.json`). Every field of
 `TrainConfig` is also a flag (`--lr 1e-3`, `--batch-size 16`, `--compile`, ...); a flag given on the command
-line overrides the recipe, one left out keeps the recipe's value (shown as the default).
+line overrides the recipe, one left out keeps the recipe's value. The flags are made from the dataclass, so
+this verb imports the trainer (and torch) while its parser is built; other verbs do not.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import types
 import typing
 
-import torch
-
-from dsv3.train.trainer import FP8_EXPERTS, TrainConfig, train
+from dsv3.cli.flags import RawDescriptionFormatter
 
 _HELP = {
-    "model": "model preset name, ModelArgs JSON path (recipe value by default)",
-    "device": "auto, cpu, cuda or cuda:N",
+    "model": "model preset name, ModelArgs JSON path",
+    "device": "auto (cuda if available, else cpu), cpu, cuda or cuda:N",
     "data_parallel": "under torchrun: fsdp (FSDP2, parameters and optimizer state sharded over ranks), ddp, or "
                      "auto = fsdp when the MoE runs its grouped path, else ddp",
-    "fp8_experts": "with --fp8, the routed experts' path: " + "; ".join(f"{k} = {v}" for k, v in FP8_EXPERTS.items()),
     "expert_parallel": "under torchrun: each rank keeps E/world routed experts per MoE layer and tokens reach "
                        "them by all-to-all; the other weights are replicated with DDP",
 }
@@ -40,39 +37,40 @@ def _flag_type(tp: typing.Any) -> type | None:
     return tp if tp in (int, float, str) else str
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from dsv3.train.trainer import FP8_EXPERTS, TrainConfig
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register `dsv3 train`."""
-    p = subparsers.add_parser("train", help="pre-train a DeepSeek-V3 model on token shards",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.description = __doc__
+    p.formatter_class = RawDescriptionFormatter
     p.add_argument("--config", required=True, help="recipe JSON file or built-in recipe name (e.g. small, tiny)")
-    p.add_argument("--data", required=True, help="token shard folder written by `dsv3 data tokenize`")
-    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics, TensorBoard, final model/")
+    p.add_argument("--data", required=True, metavar="DIR", help="token shard folder written by `dsv3 data tokenize`")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="run folder: checkpoints, metrics, TensorBoard, final model/")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out (default: off)")
+    helps = {**_HELP, "fp8_experts": "with --fp8, the routed experts' path: "
+                                     + "; ".join(f"{k} = {v}" for k, v in FP8_EXPERTS.items())}
     defaults = TrainConfig()
     hints = typing.get_type_hints(TrainConfig)
-    fields = p.add_argument_group("recipe fields (override the recipe; default = recipe value)")
+    fields = p.add_argument_group("recipe fields (override the recipe; default = the recipe's value)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         tp = _flag_type(hints[f.name])
-        help_text = _HELP.get(f.name, f.name.replace("_", " "))
-        help_text += f" (built-in default {getattr(defaults, f.name)!r})"
+        help_text = helps.get(f.name, f.name.replace("_", " ")) + f" (built-in default {getattr(defaults, f.name)!r})"
         if tp is None:
-            fields.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=help_text)
+            fields.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             fields.add_argument(flag, dest=f.name, type=tp, default=None, help=help_text)
-    p.set_defaults(func=run)
+    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from dsv3.train.trainer import TrainConfig, train
+
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    try:
-        cfg = TrainConfig.from_json(args.config, **overrides)
-        train(cfg, args.data, args.out, resume=args.resume)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
-        print(f"dsv3 train: error: {err}", file=sys.stderr)
-        return 1
+    cfg = TrainConfig.from_json(args.config, **overrides)
+    train(cfg, args.data, args.out, resume=args.resume)
     if torch.distributed.is_initialized():  # every rank got here: leave the group together (PyTorch's advice)
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

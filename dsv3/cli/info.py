@@ -1,33 +1,40 @@
-"""`dsv3 info`: a model's shape and parameter counts (counted from module shapes, not hard-coded)."""
+"""`dsv3 info`: a preset's or checkpoint's shape and parameter counts (counted from module shapes, not
+hard-coded), compared with the published activated count for the 671B preset."""
 
 from __future__ import annotations
 
 import argparse
 
+from dsv3.cli.flags import resolve_model
+
 PUBLISHED_ACTIVATED_671B = 36.7e9
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("info", help="print a model's shape and parameter counts",
-                              description="Print a preset's or checkpoint's hyper-parameters and its parameter "
-                                          "counts: main model, MTP modules, and activated per token.",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Print a preset's or checkpoint's hyper-parameters and its parameter counts: main model, "
+                     "MTP modules, and activated per token.")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", default="671B", help="named preset in dsv3/configs (tiny, 16B, 236B, 671B)")
-    src.add_argument("--model", help="HF-format checkpoint folder (reads its config.json)")
-    p.set_defaults(func=run)
+    src.add_argument("--model", metavar="DIR", default=None,
+                     help="HF-format checkpoint folder, read from its config.json (default: none, --preset is used)")
+    p.set_defaults(run=run)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:,.3f}B" if n >= 1e8 else f"{n / 1e6:,.3f}M"
 
 
 def run(args: argparse.Namespace) -> int:
     from dsv3.config import ModelArgs
     from dsv3.model.counts import count_parameters
-    cfg = ModelArgs.from_hf_config(args.model) if args.model else ModelArgs.from_preset(args.preset)
+
+    if args.model is not None:
+        name = args.model
+        cfg = ModelArgs.from_hf_config(resolve_model(args.model))
+    else:
+        name = args.preset
+        cfg = ModelArgs.from_preset(args.preset)
     c = count_parameters(cfg)
-    name = args.model or args.preset
-
-    def b(n: int) -> str:
-        return f"{n / 1e9:,.3f}B" if n >= 1e8 else f"{n / 1e6:,.3f}M"
-
     print(f"{name}: {cfg.n_layers} layers ({cfg.n_dense_layers} dense), dim {cfg.dim}, {cfg.n_heads} heads, "
           f"vocab {cfg.vocab_size}")
     print(f"  MLA: q_lora_rank {cfg.q_lora_rank or 'none'}, kv_lora_rank {cfg.kv_lora_rank}, "
@@ -39,12 +46,12 @@ def run(args: argparse.Namespace) -> int:
               f"{cfg.score_func} scores, route scale {cfg.route_scale}")
     print(f"  rope: theta {cfg.rope_theta:g}" + (f", YaRN factor {cfg.rope_factor:g} from {cfg.original_seq_len}"
                                                  if cfg.yarn else "") + f"; max context {cfg.max_seq_len}")
-    print(f"parameters (main model)        {b(c.main)}")
-    print(f"parameters (MTP, unique)       {b(c.mtp)}  ({cfg.num_nextn_predict_layers} module(s); "
-          f"{b(c.mtp_with_copies)} with the embedding/head copies stored in the files)")
-    print(f"activated per token            {b(c.activated)} with the embedding, "
-          f"{b(c.activated_no_embedding)} without")
-    if args.preset == "671B" and not args.model:
+    print(f"parameters (main model)        {_size(c.main)}")
+    print(f"parameters (MTP, unique)       {_size(c.mtp)}  ({cfg.num_nextn_predict_layers} module(s); "
+          f"{_size(c.mtp_with_copies)} with the embedding/head copies stored in the files)")
+    print(f"activated per token            {_size(c.activated)} with the embedding, "
+          f"{_size(c.activated_no_embedding)} without")
+    if args.preset == "671B" and args.model is None:
         print(f"  published: {PUBLISHED_ACTIVATED_671B / 1e9:.1f}B activated; ours without the input embedding "
               f"is {c.activated_no_embedding / PUBLISHED_ACTIVATED_671B * 100 - 100:+.2f}% from it")
     return 0

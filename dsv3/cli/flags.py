@@ -1,0 +1,226 @@
+"""Flags the verbs share, their checks, and the one place that turns them into library objects.
+
+Groups: model (`--model`), device (`--device`), dtype (`--dtype`), sampling (`--max-new-tokens`,
+`--temperature`, `--top-p`, `--top-k`, `--seed`) and engine (cache size, batch limits, prefix caching,
+`--fast`). Every verb that takes one of them takes it with the same name, values and default:
+`--dtype` is `auto|bfloat16|float16|float32` (`auto`: float32 on a CPU, bfloat16 on a GPU) and
+`--device` defaults to cuda when available, else cpu.
+
+Values are checked while parsing (argparse `type=` functions), so a bad one is reported before
+anything loads. Whatever needs torch (`resolve_device`, `engine_config`, `sampling_params`) imports it
+when called, never while the parser is built, so `dsv3 --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dsv3.engine.config import DTYPES, EngineConfig
+
+if TYPE_CHECKING:
+    from dsv3.engine.sampling import SamplingParams
+
+DEFAULT_MAX_NEW_TOKENS = 512
+DEFAULT_TEMPERATURE = 0.3  # DeepSeek-V3's recommended model temperature
+_ENGINE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+
+
+class UsageError(Exception):
+    """The command line asks for something impossible: reported as one line, exit code 2."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to a flag's help unless the help already says what the default is (or the flag
+    is required, or its default is None: those helps say in words what happens without the flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or action.default in (None, argparse.SUPPRESS) or action.required
+                or not action.option_strings):
+            return text
+        return super()._get_help_string(action)
+
+
+class RawDescriptionFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """`HelpFormatter` that keeps the description's line breaks (for a description holding examples)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser that reports a bad command line as one line (no usage block), exit code 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# ---- value types (argparse `type=`): an ArgumentTypeError becomes "argument --x: <message>" ----------
+def _number(text: str, cast: type, kind: str) -> Any:
+    try:
+        return cast(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {kind}, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int, "an integer >= 1")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = _number(text, int, "an integer >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    value = _number(text, float, "a number >= 0")
+    if not value >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    """A number in (0, 1]."""
+    value = _number(text, float, "a number in (0, 1]")
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """cpu, cuda or cuda:N (whether it exists here is checked by `resolve_device`)."""
+    kind, colon, index = text.partition(":")
+    if text in ("cpu", "cuda") or (kind == "cuda" and colon and index.isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+
+
+def byte_size(text: str) -> int:
+    """Bytes, optionally with a K, M or G suffix (powers of 1024): 536870912, 512M, 2G."""
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:].upper(), 1)
+    value = _number(text[:-1] if scale > 1 else text, float, "a size in bytes such as 536870912, 512M or 2G") * scale
+    if not 1 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte and finite, got {text!r}")
+    return int(value)
+
+
+# ---- flag groups ---------------------------------------------------------------------------------
+def add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="DIR", default=None,
+                   help="HF-format DeepSeek-V3 checkpoint folder (config.json, *.safetensors, tokenizer.json) "
+                        "(default: the built-in model, dsv3.default_model_path())")
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", metavar="DEV", type=device_name, default=None,
+                   help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+
+
+def add_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="weights and activations; auto = float32 on a CPU (faster there), bfloat16 on a GPU "
+                        "(default: %(default)s)")
+
+
+def add_sampling(p: argparse.ArgumentParser, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, metavar="N",
+                   help="most tokens to generate per answer (default: %(default)s)")
+    g.add_argument("--temperature", type=nonnegative_float, default=DEFAULT_TEMPERATURE, metavar="T",
+                   help="sampling temperature, >= 0; 0 is greedy (default: %(default)s)")
+    g.add_argument("--top-p", type=probability, default=1.0, metavar="P",
+                   help="nucleus sampling: keep the most likely tokens up to mass P, in (0, 1] (default: %(default)s)")
+    g.add_argument("--top-k", type=nonnegative_int, default=0, metavar="K",
+                   help="keep only the K most likely tokens; 0 keeps all (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=None, metavar="S",
+                   help="random seed for sampling (default: none, a fresh draw each run)")
+
+
+def add_engine(p: argparse.ArgumentParser, max_model_len: bool = True) -> None:
+    """The `EngineConfig` fields as flags, defaults taken from the dataclass."""
+    g = p.add_argument_group("engine")
+    g.add_argument("--num-blocks", type=positive_int, default=None, metavar="N",
+                   help="paged latent-cache blocks (default: sized from --cache-memory)")
+    g.add_argument("--cache-memory", type=byte_size, default=None, metavar="BYTES",
+                   help="cache size in bytes, e.g. 512M or 2G, when --num-blocks is not given (default: 80%% of the "
+                        "free GPU memory, 512M on a CPU)")
+    g.add_argument("--block-size", type=positive_int, default=_ENGINE_DEFAULTS["block_size"], metavar="N",
+                   help="tokens per cache block (default: %(default)s)")
+    g.add_argument("--max-num-seqs", type=positive_int, default=_ENGINE_DEFAULTS["max_num_seqs"], metavar="N",
+                   help="most sequences in one engine step (default: %(default)s)")
+    g.add_argument("--max-num-batched-tokens", type=positive_int,
+                   default=_ENGINE_DEFAULTS["max_num_batched_tokens"], metavar="N",
+                   help="token budget of one engine step, >= --max-num-seqs (default: %(default)s)")
+    if max_model_len:
+        g.add_argument("--max-model-len", type=positive_int, default=None, metavar="N",
+                       help="context (prompt + output) per sequence (default: the model's and the cache's limit)")
+    g.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=_ENGINE_DEFAULTS["enable_prefix_caching"],
+                   help="reuse the cached blocks of equal prompt prefixes (default: on)")
+    g.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                   help="fused MoE/MLA kernels and CUDA graphs for decode steps, GPU only (default: on with a "
+                        "CUDA device and BF16 weights, off otherwise; --no-fast forces the plain PyTorch path)")
+
+
+# ---- from flags to library objects ----------------------------------------------------------------
+def resolve_model(model: str | None) -> Path:
+    """The checkpoint folder `--model` names, or the built-in model when it is not given."""
+    if model is None:
+        import dsv3
+        try:
+            path = Path(dsv3.default_model_path())
+        except FileNotFoundError as e:
+            raise UsageError(f"no --model given and {e}") from None
+        if not (path / "config.json").is_file():
+            raise UsageError(f"no --model given and the default model folder {path} does not exist; pass --model DIR")
+        return path
+    path = Path(model)
+    if not path.is_dir():
+        raise UsageError(f"--model: folder not found: {path}")
+    if not (path / "config.json").is_file():
+        raise UsageError(f"--model: {path} has no config.json (expected an HF-format DeepSeek-V3 folder)")
+    return path
+
+
+def resolve_device(device: str | None) -> str:
+    """`--device`, or cuda when available else cpu; a CUDA device that is not here is a UsageError."""
+    import torch
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: CUDA is not available on this machine")
+        index = int(device[5:]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def engine_config(args: argparse.Namespace, device: str) -> EngineConfig:
+    """The `EngineConfig` of the parsed flags (device already resolved): the one place flags meet the engine."""
+    if args.fast and not device.startswith("cuda"):
+        raise UsageError(f"--fast needs a CUDA device (--device cuda), got --device {device}")
+    try:
+        return EngineConfig(device=device, dtype=args.dtype, num_blocks=args.num_blocks, cache_memory=args.cache_memory,
+                            block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                            max_num_batched_tokens=args.max_num_batched_tokens,
+                            max_model_len=getattr(args, "max_model_len", None),
+                            enable_prefix_caching=args.prefix_caching, fast=args.fast)
+    except ValueError as e:  # settings that conflict with each other
+        raise UsageError(str(e)) from None
+
+
+def sampling_params(args: argparse.Namespace) -> "SamplingParams":
+    """The engine's `SamplingParams` of the sampling flags."""
+    from dsv3.engine.sampling import SamplingParams
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          max_tokens=args.max_new_tokens, seed=args.seed)
