@@ -108,10 +108,12 @@ class PagedAttention:
                 step.decode_rows = torch.tensor([r for r, _ in decodes], dtype=torch.long, device=dev)
             self._prepare_decodes(step, [c for _, c in decodes])
         for (t, start), members in groups.items():
-            rows = torch.tensor([[r + i for i in range(t)] for r, _ in members], dtype=torch.long)  # [b, T]
-            context = [slots_of(c.block_table, 0, start + t, bs) for _, c in members]
-            step.prefills.append(PrefillGroup(rows.to(dev), torch.tensor(context, dtype=torch.long, device=dev),
-                                              start))
+            s = start + t
+            n_blocks = -(-s // bs)
+            rows = torch.tensor([r for r, _ in members], device=dev)[:, None] + torch.arange(t, device=dev)  # [b, T]
+            table = torch.tensor([c.block_table[:n_blocks] for _, c in members], device=dev)  # [b, n_blocks]
+            context = (table[:, :, None] * bs + self._block_offsets).flatten(1)[:, :s]  # [b, S]
+            step.prefills.append(PrefillGroup(rows, context, start))
         return step
 
     def _prepare_decodes(self, step: PagedStep, chunks: list[Chunk]) -> None:
@@ -148,8 +150,7 @@ class PagedAttention:
             q = q.to(cache.dtype)
         c = mla.kv_lora_rank
         if step.num_decodes == q.shape[0]:  # decode only: one group in flat order
-            o_lat = self._attend_decode(mla, q, cache, step.context_slots, step.mask)  # [N, H, C]
-            return mla.value_heads(o_lat.to(dtype)).flatten(1)
+            return mla.value_heads(self.attend_latents(mla, q, meta).to(dtype)).flatten(1)
         o_lat = torch.empty(q.shape[0], q.shape[1], c, dtype=cache.dtype, device=q.device)
         if step.num_decodes:
             o_lat[step.decode_rows] = self._attend_decode(mla, q[step.decode_rows], cache, step.context_slots,
@@ -166,6 +167,13 @@ class PagedAttention:
                 o = self._attend(mla, q[rows], cache, group.context_slots, hidden)  # [b, t', H, C]
                 o_lat[rows.flatten()] = o.flatten(0, 1)
         return mla.value_heads(o_lat.to(dtype)).flatten(1)  # [N, H * v]
+
+    def attend_latents(self, mla: MLA, q: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+        """A decode-only step's absorbed queries `[q_nope W_uk ; q_pe]` `[N, H, C + R]` (the cache dtype) ->
+        latent outputs `[N, H, C]`, one product with the cached `[c_kv ; k_pe]` rows (also the CPU decode
+        plan's attention, `dsv3.engine.cpu_decode`)."""
+        step: PagedStep = meta.step
+        return self._attend_decode(mla, q, self.cache[mla.layer_id], step.context_slots, step.mask)
 
     @staticmethod
     def _attend_decode(mla: MLA, q: torch.Tensor, cache: torch.Tensor, context_slots: torch.Tensor,
