@@ -1,15 +1,17 @@
-"""The training fast paths against the model's own reference code, on CPU: SDPA attention vs `MLA.forward`
-with the causal mask (outputs and gradients), `use_sdpa` on a whole model (same logits; cached decoding
-untouched), what `compile_model` compiles, FP8 swapping that keeps routed experts on the grouped path, the
+"""The training fast paths against the model's own reference code, on CPU: the causal attention backend's
+SDPA form (`CausalAttention`, what `model(tokens [B, T])` runs in training) against the absorbed latent form and
+against an explicit-mask reference backend written here (outputs and gradients), the model forward taking SDPA
+once per layer, what `compile_model` compiles, FP8 swapping that keeps routed experts on the grouped path, the
 router's fusable `small_topk` against `topk` (alone and in a compiled gate), and a training block compiled
 whole (no graph break)."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelArgs
+from dsv3.model.attention import AttentionMeta, causal_meta
 from dsv3.model.mla import MLA
-from dsv3.train.attention import sdpa_forward, use_sdpa
 from dsv3.train.fp8_linear import FP8Linear, swap_to_fp8
 from dsv3.train.parallelize import compile_model
 from test_train_shared import TINY_MODEL, tiny_model
@@ -19,8 +21,29 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def _attention_pair(device="cpu", dtype=torch.float32, seq=24, grad=False):
-    """(sdpa output, reference output[, their input/parameter gradients]) of one MLA on random input."""
+class MaskedReference:
+    """An attention backend written out plainly: expanded keys and values, float32 scores, an explicit
+    `[T, T]` causal mask of -inf, softmax, weighted sum. The oracle of the causal backend's two forms."""
+
+    def write_latents(self, mla, kv_a, cos, sin, meta):
+        return mla.latents(kv_a, cos, sin)
+
+    def attend(self, mla, q_nope, q_pe, kv, k_pe, meta):
+        b, t, h = meta.batch, meta.seqlen, mla.n_heads
+        kv_full = mla.kv_b_proj(kv).view(b, t, h, mla.nope_dim + mla.v_dim)  # [B, T, H, nope + v]
+        k_nope, v = kv_full.split([mla.nope_dim, mla.v_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1).view(b, t, h, -1).float()  # [B, T, H, qk]
+        k = torch.cat([k_nope, k_pe.view(b, t, 1, -1).expand(-1, -1, h, -1)], dim=-1).float()  # [B, T, H, qk]
+        mask = torch.full((t, t), float("-inf"), device=q.device).triu(1)  # [T, S]
+        scores = torch.einsum("bthd,bshd->bhts", q, k) * mla.softmax_scale + mask
+        o = torch.einsum("bhts,bshd->bthd", scores.softmax(dim=-1), v.float())  # [B, T, H, v]
+        return o.to(v.dtype).reshape(b * t, -1)
+
+
+def _attention_pair(device="cpu", dtype=torch.float32, seq=24, grad=False, form="sdpa"):
+    """(causal backend output, explicit-mask reference output), each with its input and parameter gradients
+    when `grad`, of one MLA on random input `[3 * seq, D]` (3 rows). `form`: "sdpa" (expanded keys/values
+    through `F.scaled_dot_product_attention`, the training form) or "absorbed" (attention in the latent space)."""
     from dsv3.model.rope import Rotary
     torch.manual_seed(0)
     args = ModelArgs(**{**TINY_MODEL, "vocab_size": 64, "dtype": "float32"})
@@ -29,54 +52,56 @@ def _attention_pair(device="cpu", dtype=torch.float32, seq=24, grad=False):
         for p in mla.parameters():
             if p.dim() > 1:
                 p.normal_(0.0, 0.3)
-    rot = Rotary(args).to(device)
-    cos, sin = rot(torch.arange(seq, device=device).expand(3, -1))
-    mask = torch.full((seq, seq), float("-inf"), device=device).triu(1)
-    x = torch.randn(3, seq, args.dim, device=device)
+    batch = 3
+    cos, sin = Rotary(args).to(device)(torch.arange(seq, device=device).repeat(batch))  # [N, R/2]
+    x = torch.randn(batch * seq, args.dim, device=device)
+    metas = (causal_meta(batch, seq, absorb=form == "absorbed"),
+             AttentionMeta(MaskedReference(), batch=batch, seqlen=seq))
     outs = []
-    for fn in (lambda h: sdpa_forward(mla, h, cos, sin), lambda h: mla(h, cos, sin, mask, absorb=False)):
+    for meta in metas:
         mla.zero_grad(set_to_none=True)
         h = x.clone().requires_grad_()
         with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-            out = fn(h)
+            out = mla(h, cos, sin, meta)
         if grad:
             out.float().pow(2).sum().backward()
-            outs.append((out.detach(), h.grad, mla.kv_b_proj.weight.grad.clone(), mla.q_b_proj.weight.grad.clone()))
+            outs.append((out.detach(), h.grad, mla.kv_b_proj.weight.grad.clone(), mla.q_b_proj.weight.grad.clone(),
+                         mla.kv_a_proj_with_mqa.weight.grad.clone()))
         else:
             outs.append(out.detach())
     return outs
 
 
-def test_sdpa_attention_equals_reference_forward_and_backward():
+def test_causal_sdpa_equals_masked_reference_forward_and_backward():
     got, want = _attention_pair(grad=True)
-    for a, b, name in zip(got, want, ("output", "dx", "kv_b_proj grad", "q_b_proj grad")):
+    for a, b, name in zip(got, want, ("output", "dx", "kv_b_proj grad", "q_b_proj grad", "kv_a grad")):
         assert _rel(a, b) < 1e-5, name
 
 
-def test_use_sdpa_model_logits_and_cache_untouched():
-    model = tiny_model()
+def test_causal_absorbed_equals_masked_reference_forward_and_backward():
+    got, want = _attention_pair(grad=True, form="absorbed")
+    for a, b, name in zip(got, want, ("output", "dx", "kv_b_proj grad", "q_b_proj grad", "kv_a grad")):
+        assert _rel(a, b) < 1e-5, name
+
+
+def test_causal_sdpa_under_bf16_autocast_tracks_the_reference():
+    got, want = _attention_pair(dtype=torch.bfloat16, seq=40)
+    assert _rel(got, want) < 2e-2
+
+
+def test_training_forward_runs_sdpa_once_per_attention(monkeypatch):
+    """`model(tokens, return_mtp=True)` (what the trainer calls) attends through SDPA in every layer and MTP
+    module, with logits equal to the absorbed form's."""
+    model = tiny_model().train()
     tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = model(tokens, absorb=False)
-        model.setup_cache(2, 32)
-        ref_dec = model(tokens[:, :5])
-        model.clear_cache()
-    assert use_sdpa(model) == len(model.blocks())
-    assert use_sdpa(model) == 0  # applied once
     calls = []
-    import dsv3.train.attention as att
-    orig = att.sdpa_forward
-    att.sdpa_forward = lambda *a: calls.append(1) or orig(*a)
-    try:
-        with torch.no_grad():
-            got = model(tokens, absorb=False)
-            model.setup_cache(2, 32)
-            got_dec = model(tokens[:, :5])  # cached path: the reference MLA.forward
-    finally:
-        att.sdpa_forward = orig
-    assert len(calls) == len(model.layers)  # the uncached forward went through SDPA, the cached one did not
-    assert _rel(got, ref) < 1e-5
-    assert torch.equal(got_dec, ref_dec)
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(k) or sdpa(*a, **k))
+    logits, mtp = model(tokens, return_mtp=True)
+    assert len(calls) == len(model.blocks()) and all(k["is_causal"] for k in calls)
+    monkeypatch.undo()
+    ref, ref_mtp = model(tokens, return_mtp=True, absorb=True)
+    assert _rel(logits, ref) < 1e-5 and _rel(mtp[0], ref_mtp[0]) < 1e-5
 
 
 def test_compile_model_takes_whole_blocks_only_on_the_grouped_path(monkeypatch):
@@ -132,19 +157,21 @@ def test_compiled_gate_routes_like_the_eager_gate():
 
 
 def test_a_training_block_compiles_without_graph_breaks():
-    """`compile_model` compiles whole blocks: on the training path (SDPA, grouped MoE, bf16 autocast) a MoE
+    """`compile_model` compiles whole blocks: on the training path (causal SDPA, grouped MoE, bf16 autocast) a MoE
     block must trace as one graph (fullgraph raises on any break, e.g. the complex rope's storage check)."""
     model = tiny_model()
     model.train()
-    use_sdpa(model)
     block = model.layers[-1]
     assert hasattr(block.mlp, "experts")
-    x = torch.randn(2, 16, model.args.dim, requires_grad=True)
-    cos, sin = model.rotary(torch.arange(16).expand(2, -1))
+    x = torch.randn(2 * 16, model.args.dim, requires_grad=True)  # [N, D]: 2 rows of 16 tokens
+    residual = torch.randn(2 * 16, model.args.dim)
+    cos, sin = model.rotary(torch.arange(16).repeat(2))
+    meta = causal_meta(2, 16)
     compiled = torch.compile(block, fullgraph=True, backend="eager")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = compiled(x, cos, sin, None, 0, False, None)
-        ref = block(x, cos, sin, None, 0, False, None)
+        out, res = compiled(x, residual, cos, sin, meta)
+        ref, ref_res = block(x, residual, cos, sin, meta)
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=1e-3)  # bf16; the rope's real form rounds apart
+    torch.testing.assert_close(res, ref_res)
     out.float().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -1,6 +1,7 @@
 """Distributed setup and everything applied to the model from outside it, in torchtitan's order:
-FP8 linears → fused (SDPA) attention → activation checkpointing → `torch.compile` → data parallel
-(FSDP2 or DDP).
+FP8 linears → activation checkpointing → `torch.compile` → data parallel (FSDP2 or DDP). Attention needs
+nothing here: `model(tokens [B, T])` already runs the causal backend's fused SDPA
+(`dsv3.model.attention.CausalAttention`).
 
 - `init_distributed(device)`: under `torchrun` (WORLD_SIZE > 1) joins the process group (NCCL on CUDA,
   gloo on CPU) and returns a `DistInfo`; a single process gets rank 0 of 1 and no group.
@@ -27,7 +28,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dsv3.train.attention import use_sdpa
 from dsv3.train.fp8_linear import swap_to_fp8
 from dsv3.train.fsdp import fsdp_applies, shard_model
 
@@ -123,16 +123,13 @@ def apply_fp8(model: nn.Module, device: torch.device, experts: str = "auto") -> 
 
 def parallelize(model: nn.Module, info: DistInfo, device: torch.device, *, fp8: bool = False,
                 fp8_experts: str = "auto", activation_checkpointing: bool = False, compile: bool = False,
-                sdpa: bool = True, data_parallel: str = "auto",
+                data_parallel: str = "auto",
                 ddp_ignore: list[str] | tuple[str, ...] = ()) -> nn.Module:
     """Apply the training transforms in place and return the module to call (DDP wrapper when distributed).
     `fp8_experts`: the routed experts' path under `fp8` (`apply_fp8`).
-    `ddp_ignore`: parameter names DDP leaves alone (the owned experts under expert parallel).
-    `sdpa`: causal attention through `F.scaled_dot_product_attention` (`dsv3.train.attention`)."""
+    `ddp_ignore`: parameter names DDP leaves alone (the owned experts under expert parallel)."""
     if fp8:
         apply_fp8(model, device, fp8_experts)
-    if sdpa:
-        use_sdpa(model)
     if activation_checkpointing:
         for block in model.blocks():
             _checkpointed(block)
