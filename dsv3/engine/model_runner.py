@@ -17,6 +17,10 @@ The backend is chosen once, here:
   `TritonPagedAttention` runs every step: prefill, decode and mixed. Steps where every sequence brings one
   token replay a CUDA graph of that same forward (`dsv3.engine.cuda_graphs`), captured for the decode batch
   sizes up to `max_num_seqs`.
+
+A float32 model on the CPU (`fast=False`) also gets a `CPUDecodePlan` (`dsv3.engine.cpu_decode`), built once
+here: its weights are re-stored for single-token products (same Parameters, same values) and decode-only steps
+pass the plan in their `AttentionMeta`, so the forward's attention and FFN run from its packed weights.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import itertools
 import torch
 
 from dsv3.engine.attention import Chunk, PagedAttention, TritonPagedAttention
+from dsv3.engine.cpu_decode import CPUDecodePlan
 from dsv3.engine.cuda_graphs import DecodeGraphs, capture_sizes
 from dsv3.engine.sampling import Sampler, SamplerOutput
 from dsv3.engine.scheduler import SchedulerOutput
@@ -82,6 +87,9 @@ class ModelRunner:
             fuse_for_inference(model)  # stacking the experts needs memory the cache would otherwise take
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+        self.plan = None  # the CPU decode plan, for float32 CPU models
+        if not fast and self.device.type == "cpu" and CPUDecodePlan.supports(model):
+            self.plan = CPUDecodePlan(model)
         per_block = cache_bytes_per_block(model, block_size, self.dtype)
         if num_blocks is None:
             if cache_memory is None:
@@ -144,8 +152,9 @@ class ModelRunner:
                 raise ValueError(f"position {max(positions)} is beyond max_seq_len ({self.args.max_seq_len})")
             step = self.backend.prepare([Chunk(item.seq.block_table, item.start, item.num_tokens) for item in items])
             dev = self.device
+            plan = self.plan if step.num_decodes == len(tokens) else None  # decode-only steps
             h = self.model.hidden(torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev),
-                                  AttentionMeta(self.backend, step=step))  # [N, D]
+                                  AttentionMeta(self.backend, step=step, plan=plan))  # [N, D]
             if not sampling:
                 return []
             rows = torch.tensor(sample_rows, device=dev) if len(sample_rows) < len(tokens) else None

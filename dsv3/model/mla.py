@@ -13,7 +13,9 @@ sub-steps here:
   are never materialised (decoding over a cache).
 
 `fused=True` (set by `dsv3.model.fused.fuse_for_inference`, inference only): the query rope runs as the
-in-place Triton kernel on CUDA tensors.
+in-place Triton kernel on CUDA tensors. `meta.plan` set (the engine's CPU decode steps,
+`dsv3.engine.cpu_decode`): the plan runs the whole sub-layer from its packed weights, through the same
+backend.
 """
 
 from __future__ import annotations
@@ -111,7 +113,10 @@ class MLA(nn.Module):
 
     # ---- the forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
-        """x `[N, D]` (flat tokens), cos/sin `[N, R/2]` -> `[N, D]`."""
+        """x `[N, D]` (flat tokens), cos/sin `[N, R/2]` -> `[N, D]`. A decode plan in `meta` (CPU decode steps)
+        computes the same from its packed weights."""
+        if meta.plan is not None:
+            return meta.plan.attention(self, x, cos, sin, meta)
         backend = meta.backend
         q_nope, q_pe = self.queries(x, cos, sin)
         kv, k_pe = backend.write_latents(self, self.kv_a_proj_with_mqa(x), cos, sin, meta)

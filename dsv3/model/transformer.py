@@ -13,7 +13,9 @@ sequences (training, scoring, tests): causal attention within each row, logits `
 `return_mtp=True` the MTP modules' logits.
 
 Blocks pass the residual stream beside the block output (`x, residual`), so each RMSNorm adds and
-normalises in one call (one kernel when fused).
+normalises in one call (one kernel when fused). A decode plan in `meta` (`meta.plan`, set by the engine for CPU
+decode steps) takes two sub-steps of every block, the attention (`MLA.forward`) and the FFN, and computes them
+from its packed weights (`dsv3.engine.cpu_decode`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class Block(nn.Module):
             h, residual = self.input_layernorm(x, residual)
         h = self.self_attn(h, cos, sin, meta)
         h, residual = self.post_attention_layernorm(h, residual)
+        if meta.plan is not None:  # CPU decode steps: the plan's packed experts (dsv3.engine.cpu_decode)
+            return meta.plan.ffn(self, h), residual
         return self.mlp(h), residual
 
 
