@@ -47,10 +47,22 @@ if triton is not None:
     _E4M3_MAX = tl.constexpr(FP8_MAX)  # jitted code may only read constexpr globals
 
     @triton.jit
+    def _round_e4m3(y, EXACT: tl.constexpr):
+        """y (float32, already within ±448) -> e4m3, nearest even. Under the interpreter (EXACT) y is first
+        rounded onto the e4m3 grid with integer ops: the interpreter's float32 -> e4m3 cast rounds ties away
+        and drops the carry across a power of two (124.15 -> 64), while the GPU's cast is exact."""
+        if EXACT:
+            bits = y.to(tl.int32, bitcast=True)  # normal range: 3 mantissa bits, half to even, carry into exponent
+            normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
+            sub = ((tl.abs(y) * 512.0 + 12582912.0) - 12582912.0) / 512.0  # |y| < 2**-6: multiples of 2**-9
+            y = tl.where(tl.abs(y) < 0.015625, tl.where(bits < 0, -sub, sub), normal)  # keeps the sign of -0
+        return y.to(tl.float8e4nv)
+
+    @triton.jit
     def _act_quant_kernel(
         x_ptr, q_ptr, s_ptr, K, N_TILES,
         stride_xm, stride_qm, stride_sm, stride_sk,
-        BLOCK: tl.constexpr, TILES: tl.constexpr, UE8M0: tl.constexpr,
+        BLOCK: tl.constexpr, TILES: tl.constexpr, UE8M0: tl.constexpr, EXACT: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)  # rows * K may pass 2**31 for long prefills
         tile0 = tl.program_id(1) * TILES
@@ -66,7 +78,7 @@ if triton is not None:
             scale = ((((bits >> 23) & 0xFF) + bump) << 23).to(tl.float32, bitcast=True)
         y = tl.math.div_rn(x, tl.broadcast_to(scale[:, None], (TILES, BLOCK)))
         y = tl.minimum(tl.maximum(y, -_E4M3_MAX), _E4M3_MAX)
-        tl.store(q_ptr + row * stride_qm + cols, y.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(q_ptr + row * stride_qm + cols, _round_e4m3(y, EXACT), mask=mask)
         tl.store(s_ptr + row * stride_sm + tiles * stride_sk, scale, mask=tiles < N_TILES)
 
     @triton.jit
@@ -237,7 +249,7 @@ def act_quant(x: torch.Tensor, block: int = 128, scale_fmt: str | None = None) -
         grid = (m, triton.cdiv(n_tiles, tiles))
         _act_quant_kernel[grid](
             x2, q, s, k, n_tiles, x2.stride(0), q.stride(0), s.stride(0), s.stride(1),
-            BLOCK=block, TILES=tiles, UE8M0=scale_fmt == "ue8m0", num_warps=4,
+            BLOCK=block, TILES=tiles, UE8M0=scale_fmt == "ue8m0", EXACT=_INTERPRET, num_warps=4,
         )
     return q.view(*x.shape), s.view(*x.shape[:-1], n_tiles)
 
