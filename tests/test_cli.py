@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -134,6 +135,29 @@ def test_engine_flags_build_one_engine_config():
         flags.engine_config(p.parse_args(["--fast"]), "cpu")
     with pytest.raises(flags.UsageError, match="num_blocks and cache_memory"):
         flags.engine_config(p.parse_args(["--num-blocks", "4", "--cache-memory", "1G"]), "cpu")
+
+
+def test_cpu_cache_fits_the_sequences_that_run_at_once():
+    import torch
+
+    from dsv3.config import ModelArgs
+    from dsv3.engine import LLM, SamplingParams
+    from dsv3.engine.config import EngineConfig
+    from dsv3.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.from_preset("tiny").replace(dtype="float32"))
+    base = EngineConfig(device="cpu", dtype="float32", block_size=4)
+    cfg = flags.fit_cpu_cache(base, model, [10 + 6, 7 + 6])
+    assert cfg.num_blocks * cfg.block_size >= 10 + 6 + 7 + 6 and cfg.num_blocks < 64
+    llm = LLM(model, config=cfg)
+    outs = llm.generate([list(range(2, 12)), list(range(3, 10))], SamplingParams(temperature=0, max_tokens=6,
+                                                                                 ignore_eos=True), use_tqdm=False)
+    assert [len(o.token_ids) for o in outs] == [6, 6] and llm.num_preemptions == 0  # both ran at once
+    for given in (dict(num_blocks=3), dict(cache_memory=2**20), dict(device="cuda")):  # sizes given, or a GPU
+        other = EngineConfig(**{**dataclasses.asdict(base), **given})
+        assert flags.fit_cpu_cache(other, model, [16, 13]) is other
+    assert flags.fit_cpu_cache(base, model, [10**9]) is base  # above the default: the default stays
 
 
 def test_fast_flag_defaults_to_the_engine_choice_and_needs_cuda(tmp_path, capsys):

@@ -39,14 +39,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import dsv3
     from dsv3.chat import ChatSession
     from dsv3.engine import LLM
+    from dsv3.tokenizer import load_tokenizer
 
     path = flags.resolve_model(args.model)
     params = flags.sampling_params(args)
     config = flags.engine_config(args, flags.resolve_device(args.device))
-    llm = LLM(path, config=config)
-    session = ChatSession(llm, llm.tokenizer, args.system)
+    tok = load_tokenizer(path)
+    model = dsv3.load_model(path, device=config.device, dtype=config.torch_dtype)
+    context = min(model.args.max_seq_len, args.max_model_len or model.args.max_seq_len)
+    llm = LLM(model, tokenizer=tok, config=flags.fit_cpu_cache(config, model, [context]))  # one conversation
+    session = ChatSession(llm, tok, args.system)
     print(f"dsv3 chat: {path.name} ({llm.max_model_len} tokens of context). {COMMANDS}", file=sys.stderr)
     return repl(session, params, sys.stdin, sys.stdout, sys.stderr, args.stats)
 

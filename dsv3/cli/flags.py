@@ -7,8 +7,9 @@ Groups: model (`--model`), device (`--device`), dtype (`--dtype`), sampling (`--
 `--device` defaults to cuda when available, else cpu.
 
 Values are checked while parsing (argparse `type=` functions), so a bad one is reported before
-anything loads. Whatever needs torch (`resolve_device`, `engine_config`, `sampling_params`) imports it
-when called, never while the parser is built, so `dsv3 --help` stays fast.
+anything loads. What needs torch (`resolve_device`, `sampling_params`) imports it when called, never
+while the parser is built, so `dsv3 --help` stays fast. `engine_config` is the one place where the
+flags become the engine's `EngineConfig`.
 """
 
 from __future__ import annotations
@@ -217,6 +218,21 @@ def engine_config(args: argparse.Namespace, device: str) -> EngineConfig:
                             enable_prefix_caching=args.prefix_caching, fast=args.fast)
     except ValueError as e:  # settings that conflict with each other
         raise UsageError(str(e)) from None
+
+
+def fit_cpu_cache(config: EngineConfig, model: Any, lengths: list[int]) -> EngineConfig:
+    """`config` with a CPU cache just big enough for sequences of `lengths` tokens running at once (at most
+    `max_num_seqs` of them), when no size was given and that is below the engine's default CPU cache, which
+    would otherwise be allocated whatever the model."""
+    from dsv3.engine.model_runner import DEFAULT_CPU_CACHE_BYTES, cache_bytes_per_block
+
+    if config.device != "cpu" or config.num_blocks is not None or config.cache_memory is not None:
+        return config
+    longest = -(-max(lengths) // config.block_size) + 1  # blocks of the longest sequence, plus one spare
+    need = longest * min(len(lengths), config.max_num_seqs)
+    if need * cache_bytes_per_block(model, config.block_size) >= DEFAULT_CPU_CACHE_BYTES:
+        return config
+    return dataclasses.replace(config, num_blocks=need)
 
 
 def sampling_params(args: argparse.Namespace) -> "SamplingParams":

@@ -8,14 +8,11 @@ writes the JSON lines to a file instead. The helpers it drives live in `dsv3/gen
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
-
 from dsv3.cli import flags
 from dsv3.cli.flags import UsageError
 
@@ -53,16 +50,6 @@ def model_context(path: Path) -> int:
     return ctx
 
 
-def _cpu_cache_blocks(model: Any, config: Any, lengths: list[int]) -> int | None:
-    """On CPU, the blocks that let every prompt run at once, when that is below the engine's default
-    cache (which would otherwise be allocated whatever the model); None keeps the default."""
-    from dsv3.engine.model_runner import DEFAULT_CPU_CACHE_BYTES, cache_bytes_per_block
-
-    longest = -(-max(lengths) // config.block_size) + 1  # blocks of the longest sequence, plus one spare
-    need = longest * min(len(lengths), config.max_num_seqs)
-    return need if need * cache_bytes_per_block(model, config.block_size) < DEFAULT_CPU_CACHE_BYTES else None
-
-
 def _write(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -88,10 +75,8 @@ def run(args: argparse.Namespace) -> int:
             which = "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
             raise UsageError(f"{which} has {len(ids)} tokens but the model's context is {context} tokens")
     model = dsv3.load_model(path, device=config.device, dtype=config.torch_dtype)
-    if config.device == "cpu" and config.num_blocks is None and config.cache_memory is None:
-        lengths = [min(len(ids) + args.max_new_tokens, context) for ids in encoded]
-        config = dataclasses.replace(config, num_blocks=_cpu_cache_blocks(model, config, lengths))
-    llm = LLM(model, tokenizer=tok, config=config)
+    lengths = [min(len(ids) + args.max_new_tokens, context) for ids in encoded]
+    llm = LLM(model, tokenizer=tok, config=flags.fit_cpu_cache(config, model, lengths))
     out_file = open(args.output, "w", encoding="utf-8") if args.output else None  # fails before generating
     try:
         if len(prompts) == 1:
