@@ -1,18 +1,20 @@
-"""Benchmark: prefill and decode tokens/s of the dsv3 GPU fast path vs `transformers`, one run, one GPU.
+"""Benchmark: prefill and decode tokens/s of the dsv3 GPU kernels on the model's one forward vs `transformers`,
+one run, one GPU.
 
 Models (random weights): the `16B` preset in BF16 and the `671B` preset cut to 6 layers (3 dense + 3
-MoE, full width) with FP8 weights (128x128 block scales, weight-only). The peer is `transformers`'
+MoE, full width) with FP8 weights (128x128 block scales, weight-only). dsv3: `fuse_for_inference` (stacked
+experts in the fused MoE, fused norms and SwiGLU) and `Transformer.hidden` over the paged latent cache
+(`TritonPagedAttention`, block 16), the engine's own step without its scheduler. The peer is `transformers`'
 `DeepseekV3ForCausalLM` with the same shapes in BF16 (its FP8 path needs a quantized checkpoint), SDPA
-attention and its default experts implementation, measured in the same process.
+attention and its default experts implementation, measured in the same process (`hf_peer.py`).
 
-Cases: prefill `1x512` and `32x512` (last-token logits, latents written to the cache; `1x512` also
-replayed from a CUDA graph, `PrefillGraphs`), decode at batch
-1, 32, 128 with a 512-token context (dsv3: one CUDA graph per batch size over the paged cache, greedy
-tokens fed back on the device; transformers: its cache filled by a 512-token prefill of one sequence,
-repeated over the batch). One JSON line per measurement, then one per (model, case) with the ratio.
-`hbm_frac` = bytes a step must read (weights: dense part + each expert that got tokens, counted on
-the device; plus the latent cache) / 4.3 TB/s / step time; `mfu` = 2 x active params x tokens /
-790 TFLOP/s / time for prefill.
+Cases: prefill `1x512` and `32x512` (one step: `backend.prepare` of the chunks, the forward, logits of the
+last tokens; latents written to the cache), decode at batch 1, 32, 128 with a 512-token context (dsv3: one
+CUDA graph per batch size, `DecodeGraphs`, greedy tokens fed back on the device; one eager step for
+comparison; transformers: its cache filled by a 512-token prefill of one sequence, repeated over the batch).
+One JSON line per measurement, then one per (model, case) with the ratio. `hbm_frac` = bytes a step must read
+(weights: dense part + each expert that got tokens, counted on the device; plus the latent cache) / 4.3 TB/s /
+step time; `mfu` = 2 x active params x tokens / 790 TFLOP/s / time for prefill.
 
     python benchmarks/decode.py                       # both models, with the peer
     python benchmarks/decode.py --models 16B --no-peer --profile prof.txt
@@ -30,8 +32,11 @@ import time
 import torch
 
 from dsv3.config import ModelArgs
+from dsv3.engine.attention import Chunk, PagedStep, TritonPagedAttention
+from dsv3.engine.cuda_graphs import DecodeGraphs
 from dsv3.model import Transformer
-from dsv3.model.fast import FastDecoder, FusedMoE, decode_weight_bytes, prepare_fast, slots_for
+from dsv3.model.attention import AttentionMeta
+from dsv3.model.fused import StackedExperts, fuse_for_inference
 
 HBM_BPS = 4.3e12
 BF16_FLOPS = 790e12
@@ -90,6 +95,66 @@ def cleanup() -> None:
         torch.cuda.empty_cache()
 
 
+# ---- benchmark-only helpers ------------------------------------------------------------------------
+def slots_for(block_tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Cache slot of each (sequence, position), on the device: block_tables `[B, max_blocks]`, positions `[B]`
+    -> `[B]` int64 (the engine computes these on the host from its block tables)."""
+    rows = torch.arange(block_tables.shape[0], device=block_tables.device)
+    return block_tables[rows, positions // block_size].long() * block_size + positions % block_size
+
+
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _module_bytes(module: torch.nn.Module | None) -> int:
+    return 0 if module is None else _nbytes(*module.parameters(), *module.buffers())
+
+
+def decode_weight_bytes(model: Transformer, backend: TritonPagedAttention) -> dict[str, int]:
+    """Weight bytes one decode step of a fused model reads: `dense` (all but the experts' stacks: attention with
+    the backend's absorbed `kv_b_proj` halves, norms, routers, dense MLPs, final norm, output head) and
+    `per_expert` (one stacked expert slice of one MoE layer; a step reads it once per expert that got tokens,
+    shared slices included). Embedding rows are not counted (one row per token)."""
+    dense = _module_bytes(model.norm) + _module_bytes(model.lm_head)
+    per_expert = 0
+    for layer in model.layers:
+        mla = layer.self_attn
+        for name in ("q_a_proj", "q_a_layernorm", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_a_layernorm",
+                     "o_proj"):
+            dense += _module_bytes(getattr(mla, name, None))
+        dense += _nbytes(backend.w_uk[mla.layer_id], backend.w_uv_t[mla.layer_id])
+        dense += _module_bytes(layer.input_layernorm) + _module_bytes(layer.post_attention_layernorm)
+        stacked = getattr(layer.mlp, "stacked", None)
+        if isinstance(stacked, StackedExperts):
+            dense += _nbytes(stacked.router_weight, layer.mlp.gate.e_score_correction_bias)
+            per_expert = _nbytes(stacked.w_gate[0], stacked.w_up[0], stacked.w_down[0], *(
+                None if s is None else s[0] for s in (stacked.s_gate, stacked.s_up, stacked.s_down)))
+        else:
+            dense += _module_bytes(layer.mlp)
+    return {"dense": dense, "per_expert": per_expert}
+
+
+@torch.inference_mode()
+def prefill_step(model: Transformer, backend: TritonPagedAttention, tokens: torch.Tensor,
+                 tables: list[list[int]]) -> torch.Tensor:
+    """One engine prefill step of `b` fresh prompts tokens `[b, T]` (sequence i in blocks `tables[i]`): the
+    step's tensors, the forward, the logits `[b, vocab]` of each prompt's last token."""
+    b, t = tokens.shape
+    step = backend.prepare([Chunk(tables[i], 0, t) for i in range(b)])
+    positions = torch.arange(t, device=tokens.device).repeat(b)
+    h = model.hidden(tokens.flatten(), positions, AttentionMeta(backend, step=step))  # [b * T, D]
+    return model.lm_head(h.view(b, t, -1)[:, -1])
+
+
+@torch.inference_mode()
+def eager_decode(model: Transformer, backend: TritonPagedAttention, tokens: torch.Tensor, positions: torch.Tensor,
+                 slots: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+    """The decode step `DecodeGraphs` captures, run eagerly (same inputs, kernel launches from Python)."""
+    step = PagedStep(slots=slots, block_tables=block_tables, seq_lens=seq_lens, num_decodes=tokens.shape[0])
+    return model.lm_head(model.hidden(tokens, positions, AttentionMeta(backend, step=step))).argmax(-1)
+
+
 # ---- dsv3 ------------------------------------------------------------------------------------------
 def bench_dsv3(name: str, device: torch.device, batches: list[int], steps: int, prefill_batches: list[int],
                profile: str | None, log) -> dict:
@@ -98,10 +163,9 @@ def bench_dsv3(name: str, device: torch.device, batches: list[int], steps: int, 
     torch.manual_seed(0)
     with torch.device(device):
         model = Transformer(args).eval()
-    prepare_fast(model, fp8=fp8)
+    fuse_for_inference(model, fp8=fp8)
     cleanup()
     build_s = time.perf_counter() - t0
-    wb = decode_weight_bytes(model)
     elem = model.embed_tokens.weight.element_size()
     latent = args.kv_lora_rank + args.qk_rope_head_dim
     block = 16
@@ -110,21 +174,25 @@ def bench_dsv3(name: str, device: torch.device, batches: list[int], steps: int, 
     max_b = max(batches + prefill_batches)
     cache = torch.randn(args.n_layers, max_b * blocks_per_seq + 1, block, latent, device=device,
                         dtype=model.embed_tokens.weight.dtype)
+    backend = TritonPagedAttention(cache.view(args.n_layers, -1, latent), block, args.max_seq_len,
+                                   [layer.self_attn for layer in model.layers])
+    wb = decode_weight_bytes(model, backend)
     perm = torch.randperm(max_b * blocks_per_seq, device=device).int()
     tables = perm.view(max_b, blocks_per_seq)  # [max_b, blocks_per_seq]
-    dec = FastDecoder(model, cache)
+    table_lists = tables.tolist()
     timer = Timer(device)
     results: dict = {}
     common = dict(model=name, impl="dsv3", weights="fp8" if fp8 else "bf16", build_s=round(build_s, 1))
-    n_moe = sum(isinstance(layer.mlp, FusedMoE) for layer in model.layers)
+    moes = [m for m in model.modules() if isinstance(m, StackedExperts)]
+    n_moe = len(moes)
     active_params = (wb["dense"] + wb["per_expert"] * n_moe * (args.n_activated_experts + args.n_shared_experts)) / (
         1.0 if fp8 else elem)
     all_weight_bytes = wb["dense"] + wb["per_expert"] * n_moe * (args.n_routed_experts + args.n_shared_experts)
 
-    # prefill
+    # prefill: one engine step (host preparation included)
     for b in prefill_batches:
         tokens = torch.randint(0, args.vocab_size, (b, PROMPT), device=device)
-        fn = lambda: dec.prefill(tokens, 0, tables[:b])  # noqa: E731
+        fn = lambda: prefill_step(model, backend, tokens, table_lists[:b])  # noqa: E731
         fn()
         ms = timer(fn, 3 if b == 1 else 2)
         tok_s = b * PROMPT / ms * 1e3
@@ -136,47 +204,29 @@ def bench_dsv3(name: str, device: torch.device, batches: list[int], steps: int, 
             row.update(target=target, met=tok_s >= target)
         emit(row, log)
         results[("prefill", b)] = tok_s
-        if b == 1 and device.type == "cuda":  # the same prefill replayed from a CUDA graph
-            from dsv3.engine.cuda_graphs import PrefillGraphs
-            pg = PrefillGraphs(dec, max_blocks=blocks_per_seq, lengths=[PROMPT])
-            pg.capture()
-            fn = lambda: pg.run(tokens[0], tables[0])  # noqa: E731
-            fn()
-            ms = timer(fn, 5)
-            tok_s = PROMPT / ms * 1e3
-            row = dict(row, ms=round(ms, 3), tokens_per_s=round(tok_s, 1), graphs=True,
-                       hbm_frac=round(all_weight_bytes / HBM_BPS / (ms / 1e3), 3),
-                       mfu=round(2 * active_params * PROMPT / BF16_FLOPS / (ms / 1e3), 3))
-            if target:
-                row.update(met=tok_s >= target)
-            emit(row, log)
-            results[("prefill_graph", b)] = tok_s
-            del pg, fn
-            cleanup()
+        del fn
+        cleanup()
 
-    # decode: graphs per batch size
-    use_graphs = device.type == "cuda"
-    runner = None
-    if use_graphs:
-        from dsv3.engine.cuda_graphs import DecodeGraphs
-        runner = DecodeGraphs(dec, max_blocks=blocks_per_seq, batch_sizes=batches)
+    # decode: one graph per batch size
+    graphs = None
+    if device.type == "cuda":
+        graphs = DecodeGraphs(model, backend, max_blocks=blocks_per_seq, batch_sizes=batches)
         t0 = time.perf_counter()
-        runner.capture()
+        graphs.capture()
         emit(dict(common, case="graph_capture", batches=batches, s=round(time.perf_counter() - t0, 2)), log)
-    moes = [m for m in model.modules() if isinstance(m, FusedMoE)]
     for b in batches:
         bt = tables[:b]
         tok = torch.randint(0, args.vocab_size, (b,), device=device)
         state = {"tok": tok, "i": 0}
 
-        def step(graphs: bool = True) -> None:
+        def step(replay: bool = True) -> None:
             pos = torch.full((b,), PROMPT + state["i"] % steps, device=device, dtype=torch.long)
             slots = slots_for(bt, pos, block)
             lens = (pos + 1).int()
-            if graphs and runner is not None:
-                _, nxt = runner.run(state["tok"], pos, slots, bt, lens)
+            if replay and graphs is not None:
+                _, nxt = graphs.run(state["tok"], pos, slots, bt, lens)
             else:
-                nxt = dec.decode(state["tok"], pos, slots, bt, lens).argmax(-1)
+                nxt = eager_decode(model, backend, state["tok"], pos, slots, bt, lens)
             state["tok"] = nxt
             state["i"] += 1
 
@@ -189,7 +239,7 @@ def bench_dsv3(name: str, device: torch.device, batches: list[int], steps: int, 
         nbytes = wb["dense"] + active * wb["per_expert"] + b * ctx * args.n_layers * latent * elem
         tok_s = b / ms * 1e3
         row = dict(common, case="decode", batch=b, context=PROMPT, ms_per_step=round(ms, 3),
-                   tokens_per_s=round(tok_s, 1), graphs=use_graphs, active_experts_per_moe_layer=round(
+                   tokens_per_s=round(tok_s, 1), graphs=graphs is not None, active_experts_per_moe_layer=round(
                        active / max(1, len(moes)), 1), bytes_per_step=nbytes,
                    hbm_frac=round(nbytes / HBM_BPS / (ms / 1e3), 3))
         target = TARGETS.get((name, "decode", b))
@@ -197,29 +247,32 @@ def bench_dsv3(name: str, device: torch.device, batches: list[int], steps: int, 
             row.update(target=target, met=tok_s >= target)
         emit(row, log)
         results[("decode", b)] = tok_s
-        if b == batches[0] and use_graphs:  # eager step for comparison: what the graphs save
+        if b == batches[0] and graphs is not None:  # eager step for comparison: what the graphs save
             step(False)
             ms_e = timer(lambda: step(False), 5)
             emit(dict(common, case="decode_eager", batch=b, ms_per_step=round(ms_e, 3)), log)
 
     if profile and device.type == "cuda" and name == "16B":  # where the time goes for the targeted model
-        write_profile(name, dec, runner, tables, args, block, [b for b in batches if b <= 32], profile, log)
-    del runner, dec, cache, model
+        write_profile(name, model, backend, graphs, tables, args, block, [b for b in batches if b <= 32], profile,
+                      log)
+    del graphs, backend, cache, model
     cleanup()
     return results
 
 
-def write_profile(name, dec, runner, tables, args, block, batches, path, log) -> None:
-    """Per-kernel CUDA time of graph replays (and of eager steps), top kernels per step -> file + JSON."""
+def write_profile(name, model, backend, graphs, tables, args, block, batches, path, log) -> None:
+    """Per-kernel CUDA time of a prefill step and of decode graph replays (and of eager steps), top kernels per
+    step -> file + JSON."""
     from torch.profiler import ProfilerActivity, profile
 
     device = tables.device
+    table_lists = tables.tolist()
     with open(path, "a") as f:
         tokens = torch.randint(0, args.vocab_size, (1, PROMPT), device=device)
-        dec.prefill(tokens, 0, tables[:1])
+        prefill_step(model, backend, tokens, table_lists[:1])
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            dec.prefill(tokens, 0, tables[:1])
+            prefill_step(model, backend, tokens, table_lists[:1])
             torch.cuda.synchronize()
         events = sorted((e for e in prof.key_averages() if e.device_time_total > 0),
                         key=lambda e: e.device_time_total, reverse=True)
@@ -234,8 +287,8 @@ def write_profile(name, dec, runner, tables, args, block, batches, path, log) ->
             lens = (pos + 1).int()
             for mode in ("graph", "eager"):
                 n = 5
-                fn = ((lambda: runner.run(tok, pos, slots, bt, lens)) if mode == "graph" and runner is not None
-                      else (lambda: dec.decode(tok, pos, slots, bt, lens)))
+                fn = ((lambda: graphs.run(tok, pos, slots, bt, lens)) if mode == "graph" and graphs is not None
+                      else (lambda: eager_decode(model, backend, tok, pos, slots, bt, lens)))
                 fn()
                 torch.cuda.synchronize()
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -253,28 +306,6 @@ def write_profile(name, dec, runner, tables, args, block, batches, path, log) ->
 
 
 # ---- transformers ------------------------------------------------------------------------------------
-def hf_config(args: ModelArgs):
-    from transformers import DeepseekV3Config
-
-    rope = {"rope_type": "default", "rope_theta": args.rope_theta}
-    if args.yarn:
-        rope = {"rope_type": "yarn", "rope_theta": args.rope_theta, "factor": args.rope_factor,
-                "original_max_position_embeddings": args.original_seq_len, "beta_fast": args.beta_fast,
-                "beta_slow": args.beta_slow, "mscale": args.mscale, "mscale_all_dim": args.mscale_all_dim}
-    return DeepseekV3Config(
-        vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.inter_dim,
-        moe_intermediate_size=args.moe_inter_dim, num_hidden_layers=args.n_layers,
-        first_k_dense_replace=args.n_dense_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.n_heads,
-        q_lora_rank=args.q_lora_rank or None, kv_lora_rank=args.kv_lora_rank, qk_nope_head_dim=args.qk_nope_head_dim,
-        qk_rope_head_dim=args.qk_rope_head_dim, v_head_dim=args.v_head_dim, n_routed_experts=args.n_routed_experts,
-        n_shared_experts=args.n_shared_experts, num_experts_per_tok=args.n_activated_experts,
-        n_group=args.n_expert_groups, topk_group=args.n_limited_groups, norm_topk_prob=args.norm_topk_prob,
-        routed_scaling_factor=args.route_scale, max_position_embeddings=args.max_seq_len,
-        num_nextn_predict_layers=0, rms_norm_eps=args.rms_norm_eps, rope_parameters=rope,
-        rope_interleave=args.rope_interleave, tie_word_embeddings=False, attn_implementation="sdpa",
-    )
-
-
 def _hf_cache_for_batch(hf, prompt: torch.Tensor, b: int):
     """Prefill one sequence, then repeat its cache entries over the batch (same context per row); if this
     `transformers` keeps its cache otherwise, prefill the whole batch."""
@@ -291,18 +322,11 @@ def _hf_cache_for_batch(hf, prompt: torch.Tensor, b: int):
 def bench_hf(name: str, device: torch.device, batches: list[int], steps: int, prefill_batches: list[int],
              log) -> dict:
     import transformers
-    from transformers import DeepseekV3ForCausalLM
+    from hf_peer import build_hf  # beside this script
 
     args, fp8 = model_args(name)
-    cfg = hf_config(args)
     t0 = time.perf_counter()
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            hf = DeepseekV3ForCausalLM(cfg).eval()
-    finally:
-        torch.set_default_dtype(default)
+    hf = build_hf(args, device, torch.bfloat16)
     build_s = time.perf_counter() - t0
     timer = Timer(device)
     common = dict(model=name, impl="transformers", version=transformers.__version__, weights="bf16",
@@ -385,11 +409,9 @@ def main(argv: list[str] | None = None) -> int:
             cleanup()
             continue
         for key, value in ours.items():
-            peer_key = ("prefill", key[1]) if key[0] == "prefill_graph" else key
-            if peer_key in peer:
+            if key in peer:
                 emit(dict(model=name, case=key[0], batch=key[1], dsv3_tokens_per_s=round(value, 1),
-                          transformers_tokens_per_s=round(peer[peer_key], 1),
-                          ratio=round(value / peer[peer_key], 2)), log)
+                          transformers_tokens_per_s=round(peer[key], 1), ratio=round(value / peer[key], 2)), log)
     return 0
 
 

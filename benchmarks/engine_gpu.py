@@ -1,20 +1,37 @@
-"""Benchmark: the whole engine on one GPU, `LLM(fast=False)` (PyTorch path) vs `LLM(fast=True)` (fused kernels
-and CUDA graphs for decode steps), one run, one random-weight model, greedy.
+"""Benchmark: the whole engine through `LLM.generate` on one GPU: the fast path (`LLM(fast=True)`: Triton
+kernels for every step, CUDA graphs for decode steps), the PyTorch path (`LLM(fast=False)`) and `transformers`'
+`generate`, one run, one random-weight model (default: the `16B` preset in BF16), greedy, `ignore_eos`.
 
-For each batch size B: B random prompts of `--prompt-len` tokens, generated twice per peer, with 1 new token
-(prefill + first token) and with `--new-tokens`; decode tokens/s = B * (new_tokens - 1) / (t_full - t_first),
-end-to-end tokens/s = B * new_tokens / t_full. Both peers run the same model object (the PyTorch path first:
-`fast=True` rewrites the model's modules in place) and the same prompts; the fraction of generated tokens on
-which the two agree is reported (BF16: the fused kernels sum in a different order, so a long greedy run may
-drift at a near-tie; the fp32 tests check exact equality).
+Cases, for each batch size B (default 1 and 32):
+- first token: B random prompts of `--prompt-len` tokens, 1 new token. At B = 32 (`--prefill-batch`) this is
+  the prefill case: prompt tokens/s = B x prompt_len / time. The engine's token budget
+  (`max_num_batched_tokens`, `--max-batched-tokens`) is 32 x prompt_len by default, so the whole batch is one
+  prefill step (`LLM`'s own default, 2048, would make it 8 steps of 4 prompts);
+- decode: the same with `--new-tokens`; decode tokens/s = B x (new - 1) / (t_new - t_first), end-to-end
+  tokens/s = B x new / t_new.
+Every timed call gets fresh prompts (the prefix cache never hits); the prompts of call k are the same for
+every engine, so the greedy tokens are compared. Best of `--repeats`. The PyTorch path generates
+`--slow-new-tokens` (it is ~17x slower), `transformers` `--peer-new-tokens`; agreement is counted over the
+tokens both generated (BF16: the paths sum in different orders, so a long greedy run may drift at a near-tie
+of random weights; the float32 GPU tests check exact equality).
 
-    python benchmarks/engine_gpu.py                          # 16B preset, batch 1 and 32
-    python benchmarks/engine_gpu.py --model tiny --batch 1 4  # small smoke run
+The engines run one after the other on the same model object (PyTorch first: `fast=True` readies the model's
+modules in place), then the model is freed and `transformers` builds its own (`DeepseekV3ForCausalLM`, BF16,
+SDPA, same shapes, its own random weights). One JSON line per measurement, then one per case with the
+ratios. Targets (issue 15, 16B BF16, fast): decode >= 310 tok/s at batch 1 and >= 3,000 at batch 32,
+prefill of 32 x 512 >= 45,000 prompt tok/s.
+
+It uses only `LLM`'s public interface, so it also measures older commits (`benchmarks/compare_commits.sh`).
+
+    python benchmarks/engine_gpu.py                                  # 16B, batch 1 and 32, all three peers
+    python benchmarks/engine_gpu.py --engines fast --no-hf           # the fast engine alone
+    python benchmarks/engine_gpu.py --model tiny --device cpu --new-tokens 4   # smoke test (PyTorch path)
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -25,64 +42,222 @@ from dsv3.config import ModelArgs
 from dsv3.engine import LLM, SamplingParams
 from dsv3.model import Transformer
 
+TARGETS = {("16B", "decode", 1): 310, ("16B", "decode", 32): 3000, ("16B", "prefill", 32): 45000}
 
-def run_engine(llm: LLM, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
+
+def emit(row: dict, log) -> None:
+    line = json.dumps(row)
+    print(line, flush=True)
+    if log is not None:
+        log.write(line + "\n")
+        log.flush()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cleanup() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def per_s(count: int, seconds: float) -> float | None:
+    """`count / seconds`, rounded; None when the time difference is not positive (noise at tiny sizes)."""
+    return round(count / seconds, 1) if seconds > 0 else None
+
+
+def prompts_for(call: int, batch: int, length: int, vocab: int) -> list[list[int]]:
+    """The prompts of timed call `call` (fresh for every call, equal for every engine)."""
+    g = torch.Generator().manual_seed(1000 * call + batch)
+    return torch.randint(3, vocab, (batch, length), generator=g).tolist()
+
+
+def graph_steps(llm: LLM) -> int | None:
+    """Steps replayed from CUDA graphs (`runner.graph_steps`; `runner.fast_runner.num_steps` before issue 15)."""
+    runner = llm.runner
+    if hasattr(runner, "graph_steps"):
+        return runner.graph_steps
+    fast = getattr(runner, "fast_runner", None)
+    return getattr(fast, "num_steps", None)
+
+
+def timed_generate(llm: LLM, prompts: list[list[int]], new_tokens: int, device: torch.device
+                   ) -> tuple[float, list[list[int]]]:
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    torch.cuda.synchronize()
+    sync(device)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
-    torch.cuda.synchronize()
-    return time.perf_counter() - t0, [o.token_ids for o in outs]
+    sync(device)
+    return time.perf_counter() - t0, [list(o.token_ids) for o in outs]
+
+
+def bench_engine(model: Transformer, name: str, opts, device: torch.device, log) -> dict:
+    fast = name == "fast"
+    max_b = max(opts.batch)
+    new = opts.new_tokens if fast else opts.slow_new_tokens
+    cache_tokens = max_b * (opts.prompt_len + max(opts.new_tokens, opts.slow_new_tokens) + 32)
+    budget = opts.max_batched_tokens or max(opts.prefill_batch * opts.prompt_len, max_b, 2048)
+    t0 = time.perf_counter()
+    llm = LLM(model, fast=fast, max_num_seqs=max_b, num_blocks=-(-cache_tokens // 16) + 8,
+              max_num_batched_tokens=budget)
+    setup_s = time.perf_counter() - t0
+    emit(dict(model=opts.model, engine=name, case="setup", s=round(setup_s, 2), max_num_batched_tokens=budget,
+              graph_sizes=getattr(getattr(llm.runner, "graphs", None), "sizes", None)), log)
+    vocab = model.args.vocab_size
+    results: dict = {}
+    for b in opts.batch:
+        timed_generate(llm, prompts_for(0, b, opts.prompt_len, vocab), 2, device)  # warm-up: compile, allocator
+        firsts = [timed_generate(llm, prompts_for(1 + r, b, opts.prompt_len, vocab), 1, device)
+                  for r in range(opts.repeats)]
+        steps_before = graph_steps(llm)
+        runs = [timed_generate(llm, prompts_for(1 + opts.repeats + r, b, opts.prompt_len, vocab), new, device)
+                for r in range(opts.repeats)]
+        t1 = min(t for t, _ in firsts)
+        tn = min(t for t, _ in runs)
+        row = dict(model=opts.model, engine=name, case="decode", batch=b, prompt_len=opts.prompt_len,
+                   new_tokens=new, first_token_s=round(t1, 4), total_s=round(tn, 4),
+                   decode_tok_s=per_s(b * (new - 1), tn - t1), e2e_tok_s=per_s(b * new, tn))
+        if steps_before is not None:
+            row["graph_steps_per_run"] = (graph_steps(llm) - steps_before) / opts.repeats
+        target = TARGETS.get((opts.model, "decode", b))
+        if fast and target:
+            row.update(target=target, met=(row["decode_tok_s"] or 0) >= target)
+        emit(row, log)
+        results[("decode", b)] = (row["decode_tok_s"], runs[0][1])
+        if b == opts.prefill_batch:
+            tok_s = b * opts.prompt_len / t1
+            row = dict(model=opts.model, engine=name, case="prefill", batch=b, prompt_len=opts.prompt_len,
+                       new_tokens=1, s=round(t1, 4), prompt_tok_s=round(tok_s, 1))
+            target = TARGETS.get((opts.model, "prefill", b))
+            if fast and target:
+                row.update(target=target, met=tok_s >= target)
+            emit(row, log)
+            results[("prefill", b)] = (tok_s, None)
+    del llm
+    cleanup()
+    return results
+
+
+# ---- transformers ------------------------------------------------------------------------------------
+def bench_hf(args: ModelArgs, opts, device: torch.device, dtype: torch.dtype, log) -> dict:
+    import transformers
+    from hf_peer import build_hf  # beside this script
+
+    t0 = time.perf_counter()
+    hf = build_hf(args, device, dtype)
+    sync(device)
+    common = dict(model=opts.model, engine="transformers", version=transformers.__version__,
+                  experts=getattr(hf.config, "_experts_implementation", None))
+    emit(dict(common, case="setup", s=round(time.perf_counter() - t0, 2)), log)
+
+    def generate(call: int, b: int, n: int) -> tuple[float, list[list[int]]]:
+        ids = torch.tensor(prompts_for(call, b, opts.prompt_len, args.vocab_size), device=device)
+        sync(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+        sync(device)
+        return time.perf_counter() - start, out[:, ids.shape[1]:].tolist()
+
+    results: dict = {}
+    n = opts.peer_new_tokens
+    for b in opts.batch:
+        generate(0, b, 2)
+        t1 = min(generate(1 + r, b, 1)[0] for r in range(opts.repeats))
+        runs = [generate(1 + opts.repeats + r, b, n) for r in range(opts.repeats)]
+        tn = min(t for t, _ in runs)
+        row = dict(common, case="decode", batch=b, prompt_len=opts.prompt_len, new_tokens=n,
+                   first_token_s=round(t1, 4), total_s=round(tn, 4),
+                   decode_tok_s=per_s(b * (n - 1), tn - t1), e2e_tok_s=per_s(b * n, tn))
+        emit(row, log)
+        results[("decode", b)] = (row["decode_tok_s"], runs[0][1])
+        if b == opts.prefill_batch:
+            tok_s = b * opts.prompt_len / t1
+            emit(dict(common, case="prefill", batch=b, prompt_len=opts.prompt_len, new_tokens=1, s=round(t1, 4),
+                      prompt_tok_s=round(tok_s, 1)), log)
+            results[("prefill", b)] = (tok_s, None)
+    del hf
+    cleanup()
+    return results
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Fraction of positions (over the tokens both generated) where two greedy runs chose the same token."""
+    same = total = 0
+    for x, y in zip(a, b):
+        n = min(len(x), len(y))
+        same += sum(p == q for p, q in zip(x[:n], y[:n]))
+        total += n
+    return round(same / max(1, total), 4)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="16B", help="preset name (default 16B), run in bfloat16 with random weights")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch sizes (default 1 32)")
-    p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (default 512)")
-    p.add_argument("--new-tokens", type=int, default=64, help="generated tokens per sequence (default 64)")
-    p.add_argument("--repeats", type=int, default=2, help="timed repeats, best kept (default 2)")
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("engine_gpu.py needs a CUDA GPU", file=sys.stderr)
+    p.add_argument("--model", default="16B", help="preset name, random weights (default: 16B)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="weight dtype (default: bfloat16)")
+    p.add_argument("--device", default="cuda", help="device (default: cuda; cpu only smoke-tests the script)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch sizes (default: 1 32)")
+    p.add_argument("--prefill-batch", type=int, default=32,
+                   help="the batch whose first-token time is the prefill case (default: 32)")
+    p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (default: 512)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated by the fast path (default: 64)")
+    p.add_argument("--slow-new-tokens", type=int, default=16,
+                   help="tokens generated by the PyTorch path (default: 16)")
+    p.add_argument("--peer-new-tokens", type=int, default=16,
+                   help="tokens generated by transformers (default: 16)")
+    p.add_argument("--max-batched-tokens", type=int, default=None,
+                   help="the engine's token budget per step (default: prefill batch x prompt length, at least 2048)")
+    p.add_argument("--repeats", type=int, default=2, help="timed repeats, best kept (default: 2)")
+    p.add_argument("--engines", nargs="+", default=None, choices=["pytorch", "fast"],
+                   help="engines to measure (default: pytorch fast on CUDA, pytorch on CPU)")
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers peer (default: measure it)")
+    p.add_argument("--log", default=None, help="also append the JSON lines to this file (default: none)")
+    opts = p.parse_args(argv)
+    device = torch.device(opts.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("benchmarks/engine_gpu.py: no CUDA device (use --device cpu for a smoke test)", file=sys.stderr)
         return 2
-    margs = ModelArgs.from_preset(args.model).replace(dtype="bfloat16")
+    if min(opts.new_tokens, opts.slow_new_tokens, opts.peer_new_tokens) < 2:
+        p.error("--new-tokens, --slow-new-tokens and --peer-new-tokens must be >= 2")
+    engines = opts.engines or (["pytorch", "fast"] if device.type == "cuda" else ["pytorch"])
+    if "fast" in engines and device.type != "cuda":
+        p.error("the fast engine needs --device cuda")
+    engines = sorted(engines, key=["pytorch", "fast"].index)  # PyTorch first: fast=True changes the model
+    log = open(opts.log, "a") if opts.log else None
+    if device.type == "cuda":
+        emit(dict(case="device", gpu=torch.cuda.get_device_name(device), torch=torch.__version__), log)
+    dtype = getattr(torch, opts.dtype)
+    margs = ModelArgs.from_preset(opts.model).replace(dtype=opts.dtype)
+    t0 = time.perf_counter()
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = Transformer(margs).eval()
-    gen = torch.Generator().manual_seed(1)
-    max_b = max(args.batch)
-    all_prompts = torch.randint(0, margs.vocab_size, (max_b, args.prompt_len), generator=gen).tolist()
-    cache_tokens = max_b * (args.prompt_len + args.new_tokens + 32)
-    results: dict = {}
-    for fast in (False, True):
-        llm = LLM(model, fast=fast, max_num_seqs=max_b, num_blocks=-(-cache_tokens // 16) + 8,
-                  max_num_batched_tokens=max(2048, args.prompt_len))
-        name = "fast" if fast else "pytorch"
-        for b in args.batch:
-            prompts = all_prompts[:b]
-            run_engine(llm, prompts, 2)  # warm-up (autotune, allocator)
-            t1 = min(run_engine(llm, prompts, 1)[0] for _ in range(args.repeats))
-            runs = [run_engine(llm, prompts, args.new_tokens) for _ in range(args.repeats)]
-            tn = min(t for t, _ in runs)
-            row = {"model": args.model, "engine": name, "batch": b, "prompt_len": args.prompt_len,
-                   "new_tokens": args.new_tokens, "first_token_s": round(t1, 4), "total_s": round(tn, 4),
-                   "decode_tok_s": round(b * (args.new_tokens - 1) / max(tn - t1, 1e-9), 1),
-                   "e2e_tok_s": round(b * args.new_tokens / tn, 1)}
-            if fast:
-                row["fast_steps"] = llm.runner.fast_runner.num_steps
-            results[(name, b)] = (row, runs[0][1])
-            print(json.dumps(row), flush=True)
-        del llm
-        torch.cuda.empty_cache()
-    for b in args.batch:
-        (slow, slow_tok), (fast, fast_tok) = results[("pytorch", b)], results[("fast", b)]
-        same = sum(x == y for s, f in zip(slow_tok, fast_tok) for x, y in zip(s, f))
-        total = sum(len(s) for s in slow_tok)
-        print(json.dumps({"model": args.model, "batch": b, "decode_speedup": round(
-            fast["decode_tok_s"] / slow["decode_tok_s"], 2), "e2e_speedup": round(
-            fast["e2e_tok_s"] / slow["e2e_tok_s"], 2), "greedy_token_agreement": round(same / max(1, total), 4)}),
-            flush=True)
+    sync(device)
+    emit(dict(model=opts.model, case="build", dtype=opts.dtype, s=round(time.perf_counter() - t0, 2)), log)
+    results = {name: bench_engine(model, name, opts, device, log) for name in engines}
+    del model
+    cleanup()
+    if not opts.no_hf:
+        try:
+            results["transformers"] = bench_hf(margs, opts, device, dtype, log)
+        except Exception as e:  # report and go on to the ratios
+            emit(dict(model=opts.model, engine="transformers", error=f"{type(e).__name__}: {e}"[:400]), log)
+            cleanup()
+    base = "fast" if "fast" in results else engines[0]
+    for key, (value, tokens) in results[base].items():
+        for peer, theirs in results.items():
+            if peer == base or key not in theirs or value is None or not theirs[key][0]:
+                continue
+            row = dict(model=opts.model, case=key[0], batch=key[1], engine=base, peer=peer,
+                       tok_s=round(value, 1), peer_tok_s=round(theirs[key][0], 1),
+                       ratio=round(value / theirs[key][0], 2))
+            if tokens is not None and theirs[key][1] is not None and peer != "transformers":  # same weights only
+                row["greedy_token_agreement"] = agreement(tokens, theirs[key][1])
+            emit(row, log)
     return 0
 
 
