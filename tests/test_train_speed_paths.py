@@ -2,9 +2,11 @@
 SDPA form (`CausalAttention`, what `model(tokens [B, T])` runs in training) against the absorbed latent form and
 against an explicit-mask reference backend written here (outputs and gradients), the model forward taking SDPA
 once per layer, what `compile_model` compiles, FP8 swapping that keeps routed experts on the grouped path, the
-router's fusable `small_topk` against `topk` (alone and in a compiled gate), and a training block compiled
-whole (no graph break)."""
+router's fusable `small_topk` against `topk` (alone and in a compiled gate), a training block compiled whole (no
+graph break; also under activation checkpointing), and activation checkpointing through torch's
+`checkpoint_wrapper` (same names, losses and gradients)."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -156,22 +158,67 @@ def test_compiled_gate_routes_like_the_eager_gate():
     torch.testing.assert_close(w.gather(1, i.argsort(-1)), w_ref.gather(1, i_ref.argsort(-1)))
 
 
-def test_a_training_block_compiles_without_graph_breaks():
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_a_training_block_compiles_without_graph_breaks(monkeypatch, checkpointed):
     """`compile_model` compiles whole blocks: on the training path (causal SDPA, grouped MoE, bf16 autocast) a MoE
-    block must trace as one graph (fullgraph raises on any break, e.g. the complex rope's storage check)."""
-    model = tiny_model()
-    model.train()
-    block = model.layers[-1]
+    block must trace as one graph (fullgraph raises on any break, e.g. the complex rope's storage check), also
+    inside activation checkpointing's wrapper (the gate's routing record is a side effect there)."""
+    from dsv3.train.parallelize import apply_activation_checkpointing
+    real_compile = nn.Module.compile
+    monkeypatch.setattr(nn.Module, "compile", lambda self, *a, **k: real_compile(self, backend="eager", fullgraph=True))
+    model, plain = tiny_model().train(), tiny_model().train()
+    if checkpointed:
+        apply_activation_checkpointing(model)
+    assert compile_model(model) == "blocks"
+    block, ref_block = model.layers[-1], plain.layers[-1]
     assert hasattr(block.mlp, "experts")
     x = torch.randn(2 * 16, model.args.dim, requires_grad=True)  # [N, D]: 2 rows of 16 tokens
     residual = torch.randn(2 * 16, model.args.dim)
     cos, sin = model.rotary(torch.arange(16).repeat(2))
     meta = causal_meta(2, 16)
-    compiled = torch.compile(block, fullgraph=True, backend="eager")
+    block.mlp.gate.last_scores = block.mlp.gate.last_indices = None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, res = compiled(x, residual, cos, sin, meta)
-        ref, ref_res = block(x, residual, cos, sin, meta)
+        out, res = block(x, residual, cos, sin, meta)
+        ref, ref_res = ref_block(x, residual, cos, sin, meta)
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=1e-3)  # bf16; the rope's real form rounds apart
     torch.testing.assert_close(res, ref_res)
-    out.float().sum().backward()
+    assert block.mlp.gate.last_indices.shape == (2 * 16, model.args.n_activated_experts)  # routing recorded
+    (out.float().sum() + block.mlp.gate.last_scores.sum()).backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_activation_checkpointing_wraps_blocks_and_keeps_names_losses_and_gradients(monkeypatch):
+    """`apply_activation_checkpointing` puts torch's `checkpoint_wrapper` around every block: the forward runs
+    again in backward (twice the attention calls), losses and every gradient equal the plain model's, and the
+    state dict (what `save_model` writes and the trainer reloads) keeps the plain keys both ways."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    from dsv3.checkpoint.save import hf_state_dict
+    from dsv3.train.parallelize import apply_activation_checkpointing, plain_name
+
+    plain, wrapped = tiny_model().train(), tiny_model().train()
+    assert apply_activation_checkpointing(wrapped) == len(wrapped.blocks())
+    assert all(isinstance(b, CheckpointWrapper) for b in wrapped.blocks()) and "CheckpointWrapper" in repr(wrapped)
+    assert wrapped.state_dict().keys() == plain.state_dict().keys()
+    assert hf_state_dict(wrapped).keys() == hf_state_dict(plain).keys()
+    assert {plain_name(n) for n, _ in wrapped.named_parameters()} == {n for n, _ in plain.named_parameters()}
+    wrapped.load_state_dict(plain.state_dict())  # loads back through the wrapper's hook
+
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    results = []
+    for model in (plain, wrapped):
+        calls.clear()
+        logits, mtp = model(tokens, return_mtp=True)
+        loss = F.cross_entropy(logits.flatten(0, 1), tokens.flatten()) + mtp[0].square().mean()
+        loss.backward()
+        grads = {plain_name(n): p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads, len(calls)))
+    (loss_p, grads_p, calls_p), (loss_w, grads_w, calls_w) = results
+    assert calls_p == len(plain.blocks()) and calls_w == 2 * calls_p  # recomputed in backward
+    assert torch.equal(loss_w, loss_p)
+    assert grads_w.keys() == grads_p.keys() and len(grads_p) > 20
+    for name, g in grads_p.items():
+        assert torch.equal(grads_w[name], g), name

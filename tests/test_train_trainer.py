@@ -121,7 +121,16 @@ def test_builtin_recipes_are_valid():
     assert stored * 2 < 60e6, f"small recipe writes {stored * 2 / 1e6:.1f} MB in bf16"
 
 
-def test_activation_checkpointing_gives_the_same_losses(data, tmp_path):
-    plain = train(tiny_config(steps=3), data, tmp_path / "plain")["history"]
-    recomputed = train(tiny_config(steps=3, activation_checkpointing=True), data, tmp_path / "ac")["history"]
-    assert [r["loss"] for r in recomputed] == pytest.approx([r["loss"] for r in plain], rel=1e-6)
+def test_activation_checkpointing_gives_the_same_run_and_checkpoint(data, tmp_path):
+    """`--activation-checkpointing`: the same losses and gradient norms, and a checkpoint with the same keys
+    and weights as the run without it."""
+    from safetensors import safe_open
+    plain = train(tiny_config(steps=3, ckpt_every=3), data, tmp_path / "plain")["history"]
+    recomputed = train(tiny_config(steps=3, ckpt_every=3, activation_checkpointing=True), data, tmp_path / "ac")["history"]
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in recomputed] == pytest.approx([r[key] for r in plain], rel=1e-6), key
+    files = [tmp_path / run / "checkpoints" / "step_0000003" / "model" / "model.safetensors" for run in ("plain", "ac")]
+    keys = [set(safe_open(str(f), "pt").keys()) for f in files]
+    assert keys[0] == keys[1] and not any("_checkpoint_wrapped_module" in k for k in keys[1])
+    a, b = (_weights(f.parent) for f in files)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6

@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dsv3.train.parallelize import plain_name
+
 EXPERT_MARK = "_dsv3_expert_parallel"  # attribute set on owned expert parameters
 
 
@@ -76,8 +78,8 @@ def shard_experts(model: nn.Module, rank: int, world: int) -> dist.ProcessGroup 
 
 
 def expert_parameter_names(model: nn.Module) -> list[str]:
-    """Names of the owned expert parameters (for DDP to ignore)."""
-    return [n for n, p in model.named_parameters() if getattr(p, EXPERT_MARK, False)]
+    """Names of the owned expert parameters, as state dicts key them (for DDP to ignore, for checkpoints)."""
+    return [plain_name(n) for n, p in model.named_parameters() if getattr(p, EXPERT_MARK, False)]
 
 
 def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
@@ -158,7 +160,7 @@ def gather_full_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
 
 
 def _named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    names = {p: n for n, p in model.named_parameters()}
+    names = {p: plain_name(n) for n, p in model.named_parameters()}
     state = {names[p]: {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in s.items()}
              for p, s in optimizer.state.items()}
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[p] for p in g["params"]]}
@@ -184,7 +186,7 @@ def gather_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> None:
     """Load a name-keyed optimizer state (from `gather_optimizer_state`) into this rank's optimizer: the
     entries of its own parameters, and each group's hyper-parameters."""
-    names = {p: n for n, p in model.named_parameters()}
+    names = {p: plain_name(n) for n, p in model.named_parameters()}
     current = optimizer.state_dict()  # the same groups, parameters as consecutive ints
     state, groups = {}, []
     for group, ids, saved_group in zip(optimizer.param_groups, current["param_groups"], saved["param_groups"]):

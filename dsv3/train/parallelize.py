@@ -13,8 +13,14 @@ nothing here: `model(tokens [B, T])` already runs the causal backend's fused SDP
   (`find_unused_parameters`) by reducing zeros for them (e.g. emulated FP8 experts on CPU). With expert
   parallel (`dsv3.train.expert_parallel`, applied by the trainer before this) DDP ignores the owned experts.
   Buffers are not broadcast: the gate biases are updated identically on every rank from all-reduced counts.
+- `apply_activation_checkpointing(model)`: each block (main layers and MTP modules) replaced in its
+  `ModuleList` by torch's non-reentrant `checkpoint_wrapper` around it, as torchtitan does.
 
-Every transform keeps parameter names, so checkpoints and `save_model` see the plain `Transformer`.
+State-dict keys stay those of the plain `Transformer`, so checkpoints and `save_model` see it unchanged. The
+one transform that changes module paths is activation checkpointing: the wrapper puts
+`_checkpoint_wrapped_module.` into `named_parameters()` names; its own state-dict hooks drop that part (and put
+it back on load), FSDP2's state-dict helpers drop it too, and `plain_name` drops it where code keys something
+by parameter name (DDP's ignore list, the expert-parallel optimizer state).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX, checkpoint_wrapper
 
 from dsv3.train.fp8_linear import swap_to_fp8
 from dsv3.train.fsdp import fsdp_applies, shard_model
@@ -74,14 +80,23 @@ def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
     return DistInfo(rank, world, local_rank), device
 
 
-def _checkpointed(module: nn.Module) -> None:
-    """Recompute `module`'s forward in backward (non-reentrant; instance-level, names unchanged)."""
-    inner = module.forward
+def plain_name(name: str) -> str:
+    """A parameter name as the plain `Transformer` has it (activation checkpointing's wrapper part removed)."""
+    return name.replace(_CHECKPOINT_PREFIX, "")
 
-    def forward(*args, **kwargs):
-        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
 
-    module.forward = forward
+def apply_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute each block's forward in backward instead of keeping its activations: every block of
+    `model.layers` and `model.mtp` is replaced in its list by `checkpoint_wrapper(block)` (non-reentrant
+    `torch.utils.checkpoint`). The wrapper forwards attribute reads to the block (`block.mlp` still works).
+    Returns the number of blocks wrapped."""
+    wrapped = 0
+    for blocks in (model.layers, model.mtp):
+        for i, block in enumerate(blocks):
+            # no randomness in the forward: nothing to replay, so the RNG state is not saved
+            blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+            wrapped += 1
+    return wrapped
 
 
 def compile_model(model: nn.Module) -> str:
@@ -92,6 +107,9 @@ def compile_model(model: nn.Module) -> str:
     grouped = all(block.mlp.grouped_ok() for block in model.blocks() if hasattr(block.mlp, "experts"))
     # the blocks share one code object; room for the dense/MoE/MTP variants and recompiles (default 8)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    # a checkpointed block traces as one graph only if its one side effect, the gate recording its routing
+    # (`Gate.last_scores`), may be left out of the recomputation: it records the same routing again
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for block in model.blocks():
         if grouped:
             block.compile()
@@ -131,8 +149,7 @@ def parallelize(model: nn.Module, info: DistInfo, device: torch.device, *, fp8: 
     if fp8:
         apply_fp8(model, device, fp8_experts)
     if activation_checkpointing:
-        for block in model.blocks():
-            _checkpointed(block)
+        apply_activation_checkpointing(model)
     if compile:
         compile_model(model)
     if not info.distributed:
@@ -141,7 +158,8 @@ def parallelize(model: nn.Module, info: DistInfo, device: torch.device, *, fp8: 
         return shard_model(model, info.world_size, device)
     from torch.nn.parallel import DistributedDataParallel
     if ddp_ignore:  # parameters that live on one rank (expert parallel): never all-reduced
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(ddp_ignore))
+        actual = {plain_name(n): n for n, _ in model.named_parameters()}  # DDP matches the module paths
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, [actual[n] for n in ddp_ignore])
     with warnings.catch_warnings():
         # torch >= 2.13 deprecates broadcast_buffers in favour of forward_sync_buffers (absent in older torch);
         # the meaning we need, no per-forward buffer broadcast, is the same
