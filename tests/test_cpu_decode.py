@@ -1,7 +1,8 @@
 """The CPU decode plan (`dsv3.engine.cpu_decode`) against the plain forward: the weight re-layout keeps
 Parameters, state dict and values; each packed product equals the plain module's; an engine decode step with
 the plan equals the same step without it; greedy `LLM.generate` with the plan equals it without the plan and
-`transformers` token for token; a re-laid-out model still trains (the plan is not used there)."""
+`transformers` token for token; a re-laid-out model still trains (the plan is not used there); and the plain
+MoE loop, the oracle of the expert tables, against its definition."""
 
 import copy
 import dataclasses
@@ -231,3 +232,20 @@ def test_a_laid_out_model_still_trains():
             p -= 0.1 * p.grad
     with torch.inference_mode():
         assert _close(model.eval()(tokens), ref.eval()(tokens), 1e-4)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 16])
+def test_routed_loop_equals_token_by_token_sum(tokens):
+    """The plain MoE (the plan's oracle above) against the definition: each token's weighted expert sum."""
+    torch.manual_seed(0)
+    moe = MoE(ModelArgs.from_preset("tiny"))
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, 0, 0.1)
+    x = torch.randn(tokens, moe.dim)
+    with torch.no_grad():
+        weights, indices = moe.gate(x)
+        out = moe.routed(x, weights, indices)
+        expected = torch.stack([
+            sum(weights[t, k] * moe.experts[int(indices[t, k])](x[t:t + 1])[0] for k in range(indices.shape[1]))
+            for t in range(tokens)])
+    assert (out - expected).abs().max() <= 1e-5
