@@ -168,9 +168,14 @@ def _step_with_experts(mode: str):
     apply_fp8(model, torch.device("cpu"), mode)
     moe = next(m for m in model.modules() if isinstance(m, MoE))
     calls = []
-    if moe.grouped_mm is not None:  # count the grouped FP8 GEMMs really taken
-        fn = moe.grouped_mm
-        moe.grouped_mm = lambda a, w, offsets: calls.append(w.shape) or fn(a, w, offsets)
+    if moe.experts_impl.master_weights:  # FP8 grouped experts: count the grouped FP8 GEMMs really taken
+
+        class Counting(type(moe.experts_impl)):
+            def grouped_mm(self, a, w, offsets):
+                calls.append(w.shape)
+                return super().grouped_mm(a, w, offsets)
+
+        moe.set_experts_impl(Counting())
     tokens = torch.randint(0, 64, (4, 40), generator=torch.Generator().manual_seed(2))
     logits = model(tokens, absorb=False)
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
@@ -179,14 +184,19 @@ def _step_with_experts(mode: str):
     return float(loss.detach()), grads, len(calls)
 
 
-def test_fp8_expert_paths_agree():
+def test_fp8_expert_paths_agree(monkeypatch):
     """`--fp8-experts`: "grouped" (the grouped FP8 GEMM's PyTorch reference on a CPU) quantizes the routed
     experts' three GEMMs with the same tiles as "loop" (an FP8Linear per expert), so both give the same loss
     and expert gradients up to the two quantizers' rounding of x / scale; "bf16" (experts unquantized) is
     measurably further away. "auto" is "loop" on a CPU and "bf16" on CUDA."""
-    from dsv3.model.moe import MoE
-    from dsv3.train.fp8_grouped import fp8_grouped_mm
+    from dsv3.model.moe import LocalExperts, MoE
+    from dsv3.train import fp8_grouped
+    from dsv3.train.fp8_grouped import FP8GroupedExperts
     from dsv3.train.parallelize import apply_fp8
+
+    # the reference, also under the TRITON_INTERPRET=1 that tests/conftest.py sets without a GPU (interpreted, the
+    # Triton kernels take 30 s here; tests/test_train_fp8_grouped.py compares them with this reference)
+    monkeypatch.setattr(fp8_grouped, "triton_applies", lambda x: False)
 
     model = tiny_model()
     assert apply_fp8(model, torch.device("cpu"), "auto") == "loop"
@@ -195,12 +205,13 @@ def test_fp8_expert_paths_agree():
     model = tiny_model()
     assert apply_fp8(model, torch.device("cuda"), "auto") == "bf16"  # only the device type is read
     moe = next(m for m in model.modules() if isinstance(m, MoE))
-    assert type(moe.experts[0].up_proj) is torch.nn.Linear and moe.grouped_mm is None
+    assert type(moe.experts[0].up_proj) is torch.nn.Linear and type(moe.experts_impl) is LocalExperts
     assert isinstance(moe.shared_experts.up_proj, FP8Linear)
     model = tiny_model()
     assert apply_fp8(model, torch.device("cpu"), "grouped") == "grouped"
     moe = next(m for m in model.modules() if isinstance(m, MoE))
-    assert moe.grouped_ok() and moe.grouped_mm is fp8_grouped_mm
+    assert moe.grouped_ok() and type(moe.experts_impl) is FP8GroupedExperts
+    assert "experts_impl=FP8GroupedExperts()" in repr(moe)  # the choice is visible
 
     loss_loop, g_loop, _ = _step_with_experts("loop")
     loss_grouped, g_grouped, calls = _step_with_experts("grouped")
