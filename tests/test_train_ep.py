@@ -44,6 +44,7 @@ def test_expert_parallel_config_checks():
     model = tiny_model()
     assert shard_experts(model, 0, 1) is None  # one process: nothing changes
     assert not any(isinstance(e, RemoteExpert) for e in model.modules())
+    assert "experts_impl=LocalExperts()" in repr(model)  # the MoE layers keep their local experts
 
 
 @pytest.mark.parametrize("kill_after", [None, 3])

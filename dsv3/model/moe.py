@@ -19,8 +19,14 @@ Two ways to run the routed experts, equal up to rounding:
   the group offsets of `torch._grouped_mm` over the experts' weights stacked at call time (`[E, I, D]`), so
   there is no host sync and no Python loop, and `torch.compile` can take the whole block. Parameters stay
   per expert, so names and checkpoints are unchanged; autograd splits the stacked gradient back.
-`routed` picks the grouped path in training mode when every expert is a plain `nn.Linear` MLP and the GEMMs
-run in bf16 (CUDA's grouped GEMM and its compiled form are bf16-only; CPU eager takes any float dtype).
+`LocalExperts.routed` picks the grouped path in training mode when every expert is a plain `nn.Linear` MLP and
+the GEMMs run in bf16 (CUDA's grouped GEMM and its compiled form are bf16-only; CPU eager takes any float dtype).
+
+How the routed experts run is the MoE's `experts_impl`, an object given at construction (`MoE(args, dtype,
+experts_impl)`) or through the one explicit `MoE.set_experts_impl` call, and shown in the module's repr:
+`LocalExperts` here (the two paths above, `torch._grouped_mm` as the grouped GEMM); training swaps in FP8 grouped
+GEMMs (`dsv3.train.fp8_grouped.FP8GroupedExperts`) or the all-to-all exchange of expert parallel
+(`dsv3.train.expert_parallel.ExpertParallel`). Parameters and their names never change with it.
 """
 
 from __future__ import annotations
@@ -31,6 +37,32 @@ from torch import nn
 
 from dsv3.config import ModelArgs
 from dsv3.model.layers import MLP
+
+
+class LocalExperts:
+    """Every routed expert on this rank: in training, with plain expert weights, the sync-free grouped path
+    (`MoE.routed_grouped`), else the reference loop (`MoE.routed_loop`). `grouped_mm` is the grouped path's GEMM,
+    over the experts' weights stacked in the compute dtype (`master_weights=False`) or in their own dtype
+    (`True`: the GEMM quantizes them itself)."""
+
+    master_weights = False
+
+    def routed(self, moe: MoE, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Sum over each token's chosen experts of `weight * expert(x)`; x `[N, D]`, weights/indices `[N, K]`."""
+        if moe.training and x.shape[0] > 1 and moe.grouped_ok():
+            device = x.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+            # grouped GEMMs: bf16 on CUDA and in compiled graphs (their meta kernel), any float dtype in CPU eager
+            if dtype == torch.bfloat16 or (device == "cpu" and not torch.compiler.is_compiling()):
+                return moe.routed_grouped(x, weights, indices)
+        return moe.routed_loop(x, weights, indices)
+
+    def grouped_mm(self, a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """a `[M, K]` (rows sorted by expert), w `[E, N, K]`, offsets `[E]` int32 end rows -> `[M, N]`."""
+        return torch._grouped_mm(a, w.transpose(1, 2), offs=offsets)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
 
 
 def small_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +126,8 @@ class Gate(nn.Module):
 class MoE(nn.Module):
     """Shared experts (one MLP of width `n_shared * moe_inter_dim`) plus top-k routed experts."""
 
-    def __init__(self, args: ModelArgs, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, args: ModelArgs, dtype: torch.dtype | None = None,
+                 experts_impl: LocalExperts | None = None) -> None:
         super().__init__()
         self.dim = args.dim
         self.n_experts = args.n_routed_experts
@@ -102,8 +135,15 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(MLP(args.dim, args.moe_inter_dim, dtype) for _ in range(self.n_experts))
         self.shared_experts = (MLP(args.dim, args.n_shared_experts * args.moe_inter_dim, dtype)
                                if args.n_shared_experts else None)
-        self.grouped_mm = None  # fn(a [M, K], w [E, N, K], offsets [E]) replacing the bf16 grouped GEMMs (FP8 experts)
+        self.experts_impl = experts_impl or LocalExperts()  # how the routed experts run (module docstring)
         self.stacked: nn.Module | None = None  # `dsv3.model.fused.StackedExperts` once fused for inference
+
+    def set_experts_impl(self, impl: LocalExperts) -> None:
+        """Choose how the routed experts run (`parallelize` does, once, before training)."""
+        self.experts_impl = impl
+
+    def extra_repr(self) -> str:
+        return f"experts_impl={self.experts_impl!r}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x `[..., D]` -> `[..., D]`. Reference path: loop over the experts that received tokens; fused for
@@ -119,15 +159,10 @@ class MoE(nn.Module):
         return routed.view(shape)
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Sum over each token's chosen experts of `weight * expert(x)`; x `[N, D]`, weights/indices `[N, K]`.
-        Training mode with plain expert weights: `routed_grouped`; otherwise the reference `routed_loop`."""
-        if self.training and x.shape[0] > 1 and self.grouped_ok():
-            device = x.device.type
-            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-            # grouped GEMMs: bf16 on CUDA and in compiled graphs (their meta kernel), any float dtype in CPU eager
-            if dtype == torch.bfloat16 or (device == "cpu" and not torch.compiler.is_compiling()):
-                return self.routed_grouped(x, weights, indices)
-        return self.routed_loop(x, weights, indices)
+        """Sum over each token's chosen experts of `weight * expert(x)`; x `[N, D]`, weights/indices `[N, K]`,
+        as `experts_impl` runs them (by default: `routed_grouped` in training with plain expert weights, else
+        the reference `routed_loop`)."""
+        return self.experts_impl.routed(self, x, weights, indices)
 
     def grouped_ok(self) -> bool:
         """True when `routed_grouped` applies: `torch._grouped_mm` exists and every expert projection is a
@@ -179,8 +214,8 @@ class MoE(nn.Module):
         """`routed` without a host sync: grouped GEMMs over the pairs sorted by expert (see the module doc).
         Runs in the autocast dtype when autocast is on (the grouped GEMM is not an autocast op). Dispatch and
         combine are permutations (gathers both ways, no atomics), so forward and backward are deterministic.
-        `self.grouped_mm`, when set (`dsv3.train.fp8_grouped.enable_fp8_experts`), replaces both grouped GEMMs:
-        `fn(a, w [E, N, K], offsets)`, with the stacked weights in their master dtype."""
+        Both grouped GEMMs are `experts_impl.grouped_mm(a, w [E, N, K], offsets)`; the weights are stacked in the
+        compute dtype, or in their master dtype when `experts_impl.master_weights` (FP8 experts quantize them)."""
         n, k = indices.shape
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
@@ -191,16 +226,12 @@ class MoE(nn.Module):
         counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))  # [E], static shape (no bincount)
         offsets = counts.cumsum(0, dtype=torch.int32)  # [E] end of each expert's rows
         xs = _GatherPairs.apply(x.to(dtype), order, inverse, k)  # [N * K, D] sorted by expert
-        fn = self.grouped_mm
-        if fn is None:
-            w13, w2 = self.stacked_weights(dtype)
-            h = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offsets)  # [N * K, 2I]
-        else:  # e.g. FP8 experts: the weights go in as their masters, the op quantizes them
-            w13, w2 = self.stacked_weights(self.experts[0].gate_proj.weight.dtype)
-            h = fn(xs, w13, offsets)  # [N * K, 2I]
+        impl = self.experts_impl
+        w13, w2 = self.stacked_weights(self.experts[0].gate_proj.weight.dtype if impl.master_weights else dtype)
+        h = impl.grouped_mm(xs, w13, offsets)  # [N * K, 2I]
         gate, up = h.chunk(2, dim=-1)
         a = F.silu(gate) * up  # [N * K, I]
-        y = torch._grouped_mm(a, w2.transpose(1, 2), offs=offsets) if fn is None else fn(a, w2, offsets)  # [N * K, D]
+        y = impl.grouped_mm(a, w2, offsets)  # [N * K, D]
         y = _PermuteRows.apply(y, inverse, order).view(n, k, -1)  # [N, K, D] back in (token, slot) order
         out = (y.float() * weights.unsqueeze(-1)).sum(dim=1)  # [N, D] float32 weighted sum (not autocast)
         return out.to(x.dtype)

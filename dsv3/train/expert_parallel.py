@@ -2,8 +2,8 @@
 
 `shard_experts(model, rank, world)` keeps on each rank only the routed experts it owns (rank r owns experts
 `[r * E/world, (r + 1) * E/world)` of every MoE layer, MTP included; the others become parameter-free
-placeholders, so their weights and AdamW state live on one rank only), and replaces each MoE's `routed` with
-the all-to-all exchange below. Everything else (attention, dense layers, shared experts, router, embedding,
+placeholders, so their weights and AdamW state live on one rank only), and gives each MoE the `ExpertParallel`
+experts implementation (`MoE.set_experts_impl`): the all-to-all exchange below. Everything else (attention, dense layers, shared experts, router, embedding,
 head) stays replicated and is averaged by DDP, which is told to leave the expert weights alone.
 
 One MoE layer, on every rank, for its own tokens:
@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dsv3.model.moe import LocalExperts, MoE
 from dsv3.train.parallelize import plain_name
 
 EXPERT_MARK = "_dsv3_expert_parallel"  # attribute set on owned expert parameters
@@ -47,6 +48,21 @@ class RemoteExpert(nn.Module):
 
     def extra_repr(self) -> str:
         return f"owner={self.owner}"
+
+
+class ExpertParallel(LocalExperts):
+    """The `experts_impl` of a MoE whose routed experts are spread over the ranks: this rank owns experts
+    `[first, first + per)`, `routed` exchanges the (token, expert) pairs by all-to-all over `group`."""
+
+    def __init__(self, group: dist.ProcessGroup, first: int, per: int, world: int) -> None:
+        self.group, self.first, self.per, self.world = group, first, per, world
+
+    def routed(self, moe: MoE, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        return routed_expert_parallel(moe, x, weights, indices, group=self.group, first=self.first, per=self.per,
+                                      world=self.world)
+
+    def __repr__(self) -> str:
+        return f"ExpertParallel(experts={self.first}..{self.first + self.per - 1}, world={self.world})"
 
 
 def moe_layers(model: nn.Module) -> list[nn.Module]:
@@ -73,7 +89,7 @@ def shard_experts(model: nn.Module, rank: int, world: int) -> dist.ProcessGroup 
                     p.register_hook(partial(torch.div, other=world))  # see the module docstring
             else:
                 moe.experts[e] = RemoteExpert(e // per)
-        moe.routed = partial(routed_expert_parallel, moe, group=group, first=first, per=per, world=world)
+        moe.set_experts_impl(ExpertParallel(group, first, per, world))
     return group
 
 

@@ -23,7 +23,8 @@ Two implementations of the same numerics:
   activation pass writes both its row tiles and its transposed column tiles), then grouped GEMMs whose grids
   are static (no host sync: each program finds its expert from `offsets` on the device).
 
-`enable_fp8_experts(model)` makes every `MoE` of a model run its grouped routed experts through this op.
+`enable_fp8_experts(model)` gives every `MoE` of a model the `FP8GroupedExperts` implementation: its grouped
+routed experts then run through this op.
 
 Speed (H200, Triton 3.6, `benchmarks/fp8_grouped.py`, 131072 rows over 32 experts): the FP8 GEMMs reach 590-760
 TFLOP/s (small 64x128 tiles win: the per-128 promotion serialises each block's dot, so 3 CTAs per SM hide it), about
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv3.model.moe import MoE
+from dsv3.model.moe import LocalExperts, MoE
 from dsv3.train import fp8_grouped_triton as kernels
 
 BLOCK = 128
@@ -188,12 +189,22 @@ def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
     return _GroupedRef.apply(x, w, offsets, BLOCK, out_dtype)
 
 
+class FP8GroupedExperts(LocalExperts):
+    """The routed experts on the grouped path with `fp8_grouped_mm` as its GEMM (`--fp8-experts grouped`): the
+    experts' weights go in as their float32 masters and the op quantizes them. The loop path (inference) is
+    unchanged."""
+
+    master_weights = True
+
+    def grouped_mm(self, a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return fp8_grouped_mm(a, w, offsets)
+
+
 def enable_fp8_experts(model: nn.Module) -> int:
-    """Route the grouped routed experts of every `MoE` in `model` through `fp8_grouped_mm` (their weights go in
-    as the float32 masters). Returns how many MoE layers were switched."""
+    """Give every `MoE` of `model` the `FP8GroupedExperts` implementation. Returns how many MoE layers now use it."""
     count = 0
     for module in model.modules():
         if isinstance(module, MoE):
-            module.grouped_mm = fp8_grouped_mm
+            module.set_experts_impl(FP8GroupedExperts())
             count += 1
     return count
