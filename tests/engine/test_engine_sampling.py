@@ -59,6 +59,30 @@ def test_top_p_closed_form():
     assert probs(SamplingParams(top_p=0.75)) == pytest.approx(normalise(P[:3]) + [0, 0], abs=1e-6)
 
 
+EXACT = [0.5, 0.25, 0.125, 0.0625, 0.0625]  # powers of two: every prefix mass is exact in float32
+
+
+def _f32_after(x: float, toward: float) -> float:
+    """The next float32 after x toward `toward` (the sampler compares in float32)."""
+    return torch.nextafter(torch.tensor(x), torch.tensor(toward)).item()
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.75, 0.875, _f32_after(0.75, 1.0), _f32_after(0.75, 0.0)])
+def test_top_p_boundary_where_the_mass_equals_p(top_p):
+    """The documented rule, the smallest prefix of the sorted distribution whose mass reaches p (vLLM's
+    convention): where a prefix's mass equals p exactly that prefix is the kept set, and the next token is out;
+    one float32 step above p it is in, one step below the prefix still needs its last token."""
+    assert logits_of(EXACT).softmax(dim=-1)[0].tolist() == EXACT  # the sampler sees these masses exactly
+    k = next(k for k in range(1, len(EXACT) + 1) if sum(EXACT[:k]) >= top_p)  # closed form of the rule
+    want = normalise(EXACT[:k]) + [0.0] * (len(EXACT) - k)
+    got = probs(SamplingParams(top_p=top_p), p=EXACT)
+    assert [x > 0 for x in got] == [x > 0 for x in want]  # which tokens can be drawn
+    assert got == pytest.approx(want, abs=1e-6)
+    torch.manual_seed(0)
+    drawn = Sampler()(logits_of(EXACT, 2000), [SamplingParams(top_p=top_p)] * 2000).token_ids
+    assert set(drawn.tolist()) == set(range(k))  # the draws stay inside (and, 2000 of them, cover) the kept set
+
+
 def test_top_p_applies_to_the_top_k_renormalised_distribution():
     # after top-k=3 the masses are .47, .35, .18: the first two already reach 0.8
     got = probs(SamplingParams(top_k=3, top_p=0.8))
