@@ -99,12 +99,12 @@ def _step(model, backend, tables, chunks, tokens):
     return model.hidden(ids, pos, AttentionMeta(backend, step=step))
 
 
-@pytest.mark.parametrize("kernels,device", [(False, "cpu"), (True, "cpu"),
+@pytest.mark.parametrize("kernels,device", [(False, "cpu"),  # the kernel backend on CPU: tests/test_cuda_graphs.py
                                             pytest.param(False, "cuda", marks=pytest.mark.gpu),
                                             pytest.param(True, "cuda", marks=pytest.mark.gpu)])
 def test_paged_prefill_decode_and_mixed_steps_equal_the_full_forward(kernels, device):
-    """The one forward over the paged cache (PyTorch reference backend, and the kernel backend: its kernels'
-    references on CPU, Triton on CUDA with the model fused for inference), float32: a batched prefill, mixed
+    """The one forward over the paged cache (PyTorch reference backend, and on CUDA the kernel backend with the
+    model fused for inference), float32: a batched prefill, mixed
     steps (one sequence decodes while the other prefills a chunk) and decode steps give the logits of
     `model(tokens)` (the reference modules, SDPA attention) at every position."""
     from dsv3.model.fused import fuse_for_inference

@@ -64,6 +64,7 @@ class PagedStep:
     seq_lens: torch.Tensor | None = None
     num_decodes: int = 0
     prefills: list[PrefillGroup] = field(default_factory=list)
+    one_group: bool = False  # no decodes and a single prefill group whose rows are the flat batch in order
 
 
 def slots_of(table: list[int], start: int, n: int, block_size: int) -> list[int]:
@@ -114,6 +115,7 @@ class PagedAttention:
             table = torch.tensor([c.block_table[:n_blocks] for _, c in members], device=dev)  # [b, n_blocks]
             context = (table[:, :, None] * bs + self._block_offsets).flatten(1)[:, :s]  # [b, S]
             step.prefills.append(PrefillGroup(rows, context, start))
+        step.one_group = not decodes and len(groups) == 1
         return step
 
     def _prepare_decodes(self, step: PagedStep, chunks: list[Chunk]) -> None:
@@ -247,13 +249,18 @@ class TritonPagedAttention(PagedAttention):
         n = q_nope.shape[0]
         if step.num_decodes == n:
             return self._decode(mla, q_nope, q_pe, step)
+        cache = self.cache[mla.layer_id]
+        if step.one_group:  # rows in order: views, no gathers, no scatter
+            group = step.prefills[0]
+            b, t = group.rows.shape
+            return self._prefill(mla, *(x.view(b, t, *x.shape[1:]) for x in (q_nope, q_pe, kv, k_pe)), cache, group)
         out = torch.empty(n, mla.n_heads * mla.v_dim, dtype=q_nope.dtype, device=q_nope.device)
         if step.num_decodes:
             rows = step.decode_rows
             out[rows] = self._decode(mla, q_nope[rows], q_pe[rows], step)
-        cache = self.cache[mla.layer_id]
         for group in step.prefills:
-            out[group.rows.flatten()] = self._prefill(mla, q_nope[group.rows], q_pe[group.rows], cache, group)
+            r = group.rows
+            out[r.flatten()] = self._prefill(mla, q_nope[r], q_pe[r], kv[r], k_pe[r], cache, group)
         return out
 
     def _decode(self, mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, step: PagedStep) -> torch.Tensor:
@@ -269,13 +276,16 @@ class TritonPagedAttention(PagedAttention):
         return o.transpose(0, 1).reshape(bsz, -1)
 
     @staticmethod
-    def _prefill(mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
-                 group: PrefillGroup) -> torch.Tensor:
-        """Chunks `[b, T]` over their cached contexts `[b, S]`: expanded keys/values and SDPA -> `[b * T, H * v]`."""
+    def _prefill(mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
+                 cache: torch.Tensor, group: PrefillGroup) -> torch.Tensor:
+        """Chunks `[b, T]` (queries, and their own latents kv `[b, T, C]`, k_pe `[b, T, R]`) over their contexts
+        `[b, S]`: expanded keys/values and SDPA -> `[b * T, H * v]`. Fresh prompts (start 0) attend over their
+        own latents; later chunks read the whole context back from the cache."""
         b, t = group.rows.shape
         s = group.context_slots.shape[1]
-        lat = cache[group.context_slots]  # [b, S, C + R]
-        kv, k_pe = lat.split([mla.kv_lora_rank, mla.rope_dim], dim=-1)
+        if group.start:
+            lat = cache[group.context_slots]  # [b, S, C + R]
+            kv, k_pe = lat.split([mla.kv_lora_rank, mla.rope_dim], dim=-1)
         kvb = mla.kv_b_proj(kv).view(b, s, mla.n_heads, -1)  # [b, S, H, nope + v]
         k_nope, v = kvb.split([mla.nope_dim, mla.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, mla.n_heads, -1)], dim=-1)  # [b, S, H, nope + R]

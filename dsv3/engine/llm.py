@@ -88,11 +88,12 @@ class LLM:
         a config they build one from the defaults.
         Cache size: `num_blocks` blocks of `block_size` tokens, else `cache_memory` bytes, else a
         default (80% of free GPU memory, 512 MiB on CPU).
-        `fast`: fused MoE/MLA kernels and CUDA graphs for decode steps (`dsv3.engine.fast_runner`; graphs
-        captured here for decode batches up to `max_num_seqs`). It rewrites the model's modules in place
-        (`dsv3.model.fast.prepare_fast`), so a `Transformer` passed in is changed; it needs BF16/FP16/FP32
-        weights. Prefill and mixed steps keep the PyTorch path. None (default): on when the model is on CUDA
-        with non-FP8 weights, else off. True off CUDA raises ValueError."""
+        `fast`: the GPU kernels for every step (the Triton attention backend: SDPA prefill and the MLA decode
+        kernel over the paged cache; fused MoE, norms and SwiGLU) and CUDA graphs for decode steps, captured
+        here for decode batches up to `max_num_seqs` (`dsv3.engine.model_runner`). It readies the model in
+        place (`dsv3.model.fused.fuse_for_inference`: stacked experts), so a `Transformer` passed in is
+        changed; it needs BF16/FP16/FP32 weights. None (default): on when the model is on CUDA with non-FP8
+        weights, else off. True off CUDA raises ValueError."""
         config = with_overrides(config, overrides)
         self.config = config
         device, dtype = config.device, config.torch_dtype

@@ -14,7 +14,6 @@ import torch
 
 import dsv3
 from dsv3.engine import LLM, SamplingParams
-from dsv3.engine.cuda_graphs import capture_sizes
 from dsv3.engine.model_runner import ModelRunner
 from engine_fixtures import Oracle, random_prompts
 
@@ -66,27 +65,20 @@ def test_fast_off_is_the_default_on_cpu(ckpt):
         assert out.token_ids == oracle.greedy(prompt, MAX_NEW)
 
 
-def test_capture_sizes():
-    assert capture_sizes(1) == [1]
-    assert capture_sizes(6) == [1, 2, 4, 6]
-    assert capture_sizes(64) == [1, 2, 4, 8, 16, 24, 32, 48, 64]
-    with pytest.raises(ValueError, match="max_num_seqs"):
-        capture_sizes(0)
-
-
+@pytest.mark.triton
 def test_eager_kernel_backend_on_cpu_equals_transformers(ckpt):
     """The kernel backend's step tensors (slots, block tables, sequence lengths, prefill groups) with chunked
-    prefill, mixed steps and preemption, eagerly on CPU: what the GPU path runs, minus the kernels."""
+    prefill and mixed steps, eagerly without graphs (on CPU the kernels run under Triton's interpreter, so the
+    run is kept short; the GPU tests below cover preemption and prefix hits)."""
     folder, oracle = ckpt
     model = dsv3.load_model(folder, dtype=torch.float32, progress=False)
-    llm = eager_kernels(LLM(model, num_blocks=14, block_size=4, max_num_seqs=4, max_num_batched_tokens=9))
+    llm = eager_kernels(LLM(model, num_blocks=14, block_size=4, max_num_seqs=4, max_num_batched_tokens=5))
     assert is_prepared(model) and llm.runner.backend.kernels
-    prompts = random_prompts([6, 1, 12, 4, 9], seed=8)
-    lengths = [10, 3, 7, 12, 5]
+    prompts = random_prompts([6, 1, 3], seed=8)
+    lengths = [3, 4, 2]
     outputs = llm.generate(prompts, [greedy(n) for n in lengths], use_tqdm=False)
     for prompt, n, out in zip(prompts, lengths, outputs):
         assert out.token_ids == oracle.greedy(prompt, n), f"prompt of {len(prompt)} tokens"
-    assert llm.num_preemptions > 0
     assert llm.block_manager.num_free_blocks == 14
 
 
@@ -103,20 +95,6 @@ def _record_steps(runner):
 
     runner.execute = execute
     return steps
-
-
-def test_eager_kernel_backend_with_one_token_prefill_chunks(ckpt):
-    """A budget of 4 tokens with 3 sequences decoding leaves 1 token per step for the 4th prompt: decode-shaped
-    steps where one row writes its latent but does not sample."""
-    folder, oracle = ckpt
-    model = dsv3.load_model(folder, dtype=torch.float32, progress=False)
-    llm = eager_kernels(LLM(model, num_blocks=32, block_size=4, max_num_seqs=4, max_num_batched_tokens=4))
-    steps = _record_steps(llm.runner)
-    prompts = random_prompts([1, 2, 1, 11], seed=9)
-    outputs = llm.generate(prompts, greedy(), use_tqdm=False)
-    for prompt, out in zip(prompts, outputs):
-        assert out.token_ids == oracle.greedy(prompt, MAX_NEW), f"prompt of {len(prompt)} tokens"
-    assert any(m < b for b, m in steps)
 
 
 # ---- GPU -------------------------------------------------------------------------------------------
