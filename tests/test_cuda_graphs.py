@@ -241,8 +241,6 @@ def test_graph_replay_equals_the_eager_step_and_padding_is_inert(dtype):
         untouched[slots] = False
         assert torch.equal(replayed[:, untouched], before[:, untouched]), f"batch {b}: a padding row wrote"
         assert _rel(replayed[:, slots], written[:, slots]) < tol, f"batch {b}"
-    active = [int(m.stacked.active_experts.item()) for m in model.modules() if getattr(m, "stacked", None) is not None]
-    assert all(1 <= n <= model.args.n_routed_experts + model.args.n_shared_experts for n in active)
 
 
 @pytest.mark.gpu

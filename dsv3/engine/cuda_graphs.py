@@ -49,6 +49,7 @@ class DecodeGraphs:
             raise ValueError(f"max_blocks must be >= 1, got {max_blocks}")
         self.model = model
         self.backend = backend
+        model.rotary.to(backend.device)  # its frequencies (a buffer): a capture cannot copy them from the host
         self.sizes = sorted(set(int(b) for b in batch_sizes))
         self.max_blocks = max_blocks
         dev = backend.device

@@ -77,7 +77,6 @@ class ModelRunner:
         weight = model.embed_tokens.weight
         self.device = weight.device
         self.dtype = weight.dtype
-        model.rotary.to(self.device)  # its frequencies (a buffer) must live where the steps and graphs run
         if cuda_graphs is None:
             cuda_graphs = fast and self.device.type == "cuda"
         if cuda_graphs and (not fast or self.device.type != "cuda"):
