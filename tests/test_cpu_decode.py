@@ -20,7 +20,7 @@ from dsv3.engine.scheduler import ScheduledSeq, SchedulerOutput
 from dsv3.engine.sequence import Sequence
 from dsv3.model import Transformer
 from dsv3.model.attention import AttentionMeta
-from dsv3.model.moe import MoE
+from dsv3.model.moe import LocalExperts, MoE
 from hf_models import make_v3
 
 # the tiny preset (query LoRA, one shared expert stacked with the routed ones), and a V2-Lite-like shape (no
@@ -78,6 +78,12 @@ def test_supports_only_plain_float32_cpu_models():
         CPUDecodePlan(copy.deepcopy(model).to(torch.bfloat16))
     runner = ModelRunner(copy.deepcopy(model).to(torch.bfloat16), block_size=4, num_blocks=4)
     assert runner.plan is None
+
+    class OtherExperts(LocalExperts):  # e.g. expert parallel: not every routed expert runs here
+        pass
+
+    model.layers[1].mlp.set_experts_impl(OtherExperts())
+    assert not CPUDecodePlan.supports(model)
 
 
 def test_product_bag_and_linear_equal_f_linear():

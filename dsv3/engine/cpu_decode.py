@@ -48,7 +48,7 @@ from dsv3.model import Transformer
 from dsv3.model.attention import AttentionMeta
 from dsv3.model.layers import MLP, RMSNorm
 from dsv3.model.mla import MLA
-from dsv3.model.moe import MoE
+from dsv3.model.moe import LocalExperts, MoE
 from dsv3.model.transformer import Block
 
 HUGE_PAGE = 2 << 20  # bytes; transparent huge pages on x86-64 Linux
@@ -165,9 +165,12 @@ class CPUDecodePlan:
 
     @staticmethod
     def supports(model: Transformer) -> bool:
-        """True for a model whose main layers and output head are plain float32 CPU `nn.Linear`s."""
+        """True for a model whose main layers and output head are plain float32 CPU `nn.Linear`s and whose
+        MoEs run every routed expert here (`LocalExperts`, not fused for the GPU kernels)."""
         linears = [m for block in model.layers for m in block.modules() if isinstance(m, nn.Linear)]
-        return all(plain_fp32(m) for m in [*linears, model.lm_head])
+        moes = [block.mlp for block in model.layers if isinstance(block.mlp, MoE)]
+        return (all(plain_fp32(m) for m in [*linears, model.lm_head])
+                and all(type(moe.experts_impl) is LocalExperts and moe.stacked is None for moe in moes))
 
     # ---- index tensors, built once per size ----------------------------------------------------
     def arange(self, n: int) -> torch.Tensor:
