@@ -407,7 +407,7 @@ class _Layout:
         inter, dim = shape[0]
         start = self._size
         for e in members:  # back to back, no padding: the tables are views of the whole run
-            self._columns([e.gate_proj, e.up_proj], key=id(e), align=False)
+            self._columns([e.gate_proj, e.up_proj], align=False)
         for e in members:
             self._columns([e.down_proj], align=False)
 
