@@ -14,6 +14,19 @@ from pathlib import Path
 from typing import Any
 
 PRESET_DIR = Path(__file__).parent / "configs"
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON in file `path`; invalid JSON or text is a ValueError naming the file and the line/column."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}): {e.reason}") from None
+
+
 SCORE_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 DTYPES = ("bfloat16", "float16", "float32")
@@ -159,7 +172,7 @@ class ModelArgs:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelArgs":
-        data = json.loads(Path(path).read_text())
+        data = read_json(path)
         if data.get("model_type") in ("deepseek_v3", "deepseek_v2"):
             return cls.from_hf_config(data)
         known = {f.name for f in dataclasses.fields(cls)}
@@ -183,7 +196,9 @@ class ModelArgs:
                 path = path / "config.json"
             if not path.exists():
                 raise FileNotFoundError(f"config.json not found: {path}")
-            cfg = json.loads(path.read_text())
+            cfg = read_json(path)
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
         cfg = dict(cfg)
         model_type = cfg.get("model_type")
         if model_type not in ("deepseek_v3", "deepseek_v2"):

@@ -178,3 +178,24 @@ def test_fp8_tensor_without_scale_and_broken_index(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "gone.safetensors"}}))
     with pytest.raises(FileNotFoundError, match="gone.safetensors"):
         dsv3.load_model(tmp_path)
+
+
+def test_truncated_shard_and_bad_json_name_the_file(tmp_path):
+    """A cut-off `.safetensors` file or invalid JSON gives one ValueError naming the file (and line/column)."""
+    from dsv3.cli import main
+
+    make_v3(tmp_path)
+    shard = tmp_path / "model.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=f"{shard}: not a readable safetensors file") as err:
+        dsv3.load_model(tmp_path)
+    assert "\n" not in str(err.value)
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {\n  "a": "model.safetensors",\n}')
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json: invalid JSON at line 3 column 1"):
+        dsv3.load_model(tmp_path)
+    config = tmp_path / "config.json"
+    config.write_text('{\n  "model_type": "deepseek_v3",\n  "hidden_size": ,\n}')
+    with pytest.raises(ValueError, match=f"{config}: invalid JSON at line 3 column 18"):
+        dsv3.load_model(tmp_path)
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "x", "--device", "cpu"]) == 1

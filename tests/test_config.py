@@ -90,3 +90,19 @@ def test_671B_parameter_counts_from_shapes():
     assert abs(counts.mtp / 11.5e9 - 1) < 0.02
     # activated per token, embedding excluded, beside the published 36.7B (see README for the counting)
     assert abs(counts.activated_no_embedding / 36.7e9 - 1) < 0.01
+
+
+def test_invalid_json_names_the_file_and_line(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{\n  "model_type": "deepseek_v3"\n  "hidden_size": 64\n}')
+    with pytest.raises(ValueError, match=f"^{path}: invalid JSON at line 3 column 3: Expecting ',' delimiter$"):
+        ModelArgs.from_hf_config(tmp_path)
+    path.write_bytes(b'{"model_type": "deepseek_v3\xff"}')
+    with pytest.raises(ValueError, match=f"^{path}: not UTF-8 text"):
+        ModelArgs.from_hf_config(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        ModelArgs.from_hf_config(path)
+    path.write_text("{")
+    with pytest.raises(ValueError, match=f"^{path}: invalid JSON at line 1 column 2"):
+        ModelArgs.from_json(path)

@@ -332,3 +332,21 @@ def test_cli_round_trip(bf16_dir, tmp_path, capsys):
     assert main(["convert", "fp8-to-bf16", "--input", str(tmp_path / "f"), "--output", str(tmp_path / "b"),
                  "--force"]) == 0
     assert main(["convert", "bf16-to-fp8", "--input", "x", "--output", "y", "--scale-fmt", "e5m2"]) == 2
+
+
+def test_truncated_shard_and_bad_config_name_the_file(bf16_dir, tmp_path, capsys):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(bf16_dir, src)
+    shard = sorted(src.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"{shard}: not a readable safetensors file"):
+        cv.fp8_to_bf16(src, tmp_path / "o1", progress=False)
+    assert main(["convert", "bf16-to-fp8", "--input", str(src), "--output", str(tmp_path / "o2")]) == 1
+    err = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+    assert err.startswith(f"dsv3 convert bf16-to-fp8: error: {shard}: not a readable safetensors file")
+    (src / "config.json").write_text('{"model_type": "deepseek_v3",,}')
+    assert main(["convert", "fp8-to-bf16", "--input", str(src), "--output", str(tmp_path / "o3")]) == 1
+    assert capsys.readouterr().err.startswith(f"dsv3 convert fp8-to-bf16: error: {src / 'config.json'}: invalid "
+                                              "JSON at line 1 column 30")

@@ -26,10 +26,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from dsv3.checkpoint.files import open_shard, read_json, read_weight_map
 from dsv3.kernels.fp8 import SCALE_FMTS, dequantize_weight, quantize_weight
 from dsv3.model.fp8_linear import keep_bf16
 
@@ -63,7 +63,7 @@ def _input_shards(src: Path) -> tuple[list[Path], dict[str, Path]]:
     """Shard files in order, and name -> file for every tensor (from the index, or by opening the files)."""
     index = src / INDEX_NAME
     if index.exists():
-        weight_map = {name: src / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+        weight_map = {name: src / file for name, file in read_weight_map(index).items()}
         files = sorted(set(weight_map.values()))
         missing = [f.name for f in files if not f.exists()]
         if missing:
@@ -74,7 +74,7 @@ def _input_shards(src: Path) -> tuple[list[Path], dict[str, Path]]:
         raise FileNotFoundError(f"no *.safetensors files in {src}")
     weight_map = {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
+        with open_shard(file) as f:
             weight_map.update({name: file for name in f.keys()})
     return files, weight_map
 
@@ -89,7 +89,7 @@ class _TensorReader:
     def shard(self, file: Path):
         if file not in self._open:
             self.close()
-            self._open[file] = safe_open(file, framework="pt")
+            self._open[file] = open_shard(file)
         return self._open[file]
 
     def get(self, name: str, current: Path) -> torch.Tensor:
@@ -98,7 +98,7 @@ class _TensorReader:
             raise ValueError(f"tensor {name} is missing from the checkpoint")
         if file == current:
             return self.shard(current).get_tensor(name)
-        with safe_open(file, framework="pt") as f:  # e.g. a scale stored in another shard
+        with open_shard(file) as f:  # e.g. a scale stored in another shard
             return f.get_tensor(name)
 
     def close(self) -> None:
@@ -215,7 +215,7 @@ def _convert_folder(
     max_shard_bytes: int | None, progress: bool, desc: str,
 ) -> Path:
     _prepare_output(src, dst, force)
-    config = update_config(json.loads((src / "config.json").read_text()))
+    config = update_config(read_json(src / "config.json"))
     files, weight_map = _input_shards(src)
     names_by_file: dict[Path, list[str]] = {f: [] for f in files}
     for name, file in weight_map.items():
@@ -279,7 +279,7 @@ def bf16_to_fp8(
         raise ValueError(f"scale_fmt must be one of {SCALE_FMTS}, got {scale_fmt!r}")
     src = Path(input_dir)
     if src.is_dir() and (src / "config.json").exists():
-        if "quantization_config" in json.loads((src / "config.json").read_text()):
+        if "quantization_config" in read_json(src / "config.json"):
             raise ValueError(f"{src} is already quantized (config.json has quantization_config)")
 
     def convert(name, tensor, reader, file):

@@ -8,14 +8,13 @@ problem (missing, unexpected, mis-shaped tensors) is collected and reported in o
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from dsv3.checkpoint.files import open_shard, read_weight_map
 from dsv3.checkpoint.names import hf_to_ours, mtp_depth, ours_to_hf, shared_copy_of
 from dsv3.config import ModelArgs, _dtype_name
 from dsv3.model import Transformer
@@ -29,7 +28,7 @@ def weight_files(path: Path) -> tuple[list[Path], dict[str, Path]]:
     """The safetensors files of a checkpoint folder, and (when an index exists) the name -> file map."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_weight_map(index)
         files = sorted({path / f for f in weight_map.values()})
         missing = [f.name for f in files if not f.exists()]
         if missing:
@@ -74,7 +73,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     files, weight_map = weight_files(path)
     names_by_file = {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
+        with open_shard(file) as f:
             names_by_file[file] = list(f.keys())
     all_names = {n for names in names_by_file.values() for n in names}
     if args.num_nextn_predict_layers:
@@ -103,11 +102,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             return f.get_tensor(scale_name)
         if scale_name not in weight_map:
             raise ValueError(f"{path}: FP8 tensor {name} has no {scale_name}")
-        with safe_open(weight_map[scale_name], framework="pt") as g:
+        with open_shard(weight_map[scale_name]) as g:
             return g.get_tensor(scale_name)
 
     for file in tqdm(files, desc="loading shards", unit="shard", disable=not progress or len(files) < 2):
-        with safe_open(file, framework="pt") as f:
+        with open_shard(file) as f:
             for name in names_by_file[file]:
                 if name.endswith("_scale_inv"):
                     continue
