@@ -5,6 +5,8 @@
 - `stream_answer`: one request through an `LLM`, its text handed over piece by piece as the engine
   steps, decoded with the tokenizer's `IncrementalDecoder` (no broken characters); Ctrl-C, caught by a
   `StopFlag`, aborts the request and keeps what was generated;
+- `run_batch`: many requests at once, each answer handed over as it finishes (so a caller can write it
+  before the others are done), with a `BatchStats` summary;
 - `Answer` / `Completion`: what one request produced, and the record `dsv3 generate` writes for it.
 
 Flags and their checks live in `dsv3/cli/`; this module parses no arguments.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -29,8 +32,14 @@ def read_prompts(path: str | Path) -> list[str]:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"prompt file not found: {file}")
+    data = file.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{file}:{lineno}: not valid UTF-8 (byte 0x{data[e.start]:02x})") from None
     prompts = []
-    for lineno, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         if line.lstrip().startswith("{"):
@@ -46,6 +55,24 @@ def read_prompts(path: str | Path) -> list[str]:
     if not prompts:
         raise ValueError(f"{file}: no prompts in the file")
     return prompts
+
+
+def weight_format(path: str | Path) -> str:
+    """How a checkpoint folder stores its weights: "FP8" (block-scaled, `quantization_config` in config.json) or
+    the dtype of its first stored tensor ("BF16", "F32", ...)."""
+    folder = Path(path)
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cfg = {}
+    if isinstance(cfg, dict) and isinstance(cfg.get("quantization_config"), dict):
+        return str(cfg["quantization_config"].get("quant_method", "quantized")).upper()
+    from safetensors import safe_open
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                return f.get_slice(name).get_dtype()
+    return "unknown"
 
 
 def encode_prompt(tok: "Tokenizer", prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
@@ -131,8 +158,9 @@ def stream_answer(llm: "LLM", tok: "Tokenizer", prompt_ids: list[int], params: "
 
 @dataclass
 class Completion:
-    """One answer as `dsv3 generate` writes it (a JSON line)."""
+    """One answer as `dsv3 generate` writes it (a JSON line); `index` is the prompt's place in its file (from 0)."""
 
+    index: int
     prompt: str
     text: str
     prompt_tokens: int
@@ -140,6 +168,63 @@ class Completion:
     finish_reason: str
 
     @classmethod
-    def of(cls, prompt: str, prompt_ids: list[int], answer: Answer) -> "Completion":
-        return cls(prompt=prompt, text=answer.text, prompt_tokens=len(prompt_ids),
+    def of(cls, index: int, prompt: str, prompt_ids: list[int], answer: Answer) -> "Completion":
+        return cls(index=index, prompt=prompt, text=answer.text, prompt_tokens=len(prompt_ids),
                    completion_tokens=len(answer.token_ids), finish_reason=answer.finish_reason)
+
+
+@dataclass
+class BatchStats:
+    """What one `run_batch` did: finished requests, their tokens, wall time, mean time to the first token and
+    the decode rate (output tokens after each request's first, per second from the first first token on)."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    wall_s: float = 0.0
+    mean_ttft_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    interrupted: bool = False
+
+    def line(self) -> str:
+        return (f"[{self.requests} requests, {self.prompt_tokens} prompt tokens, {self.output_tokens} output tokens, "
+                f"{self.wall_s:.2f} s, time to first token {self.mean_ttft_s:.3f} s (mean), "
+                f"decode {self.decode_tokens_per_s:.1f} tokens/s]")
+
+
+def run_batch(llm: "LLM", tok: "Tokenizer", prompts: dict[int, list[int]], params: "SamplingParams",
+              on_done: Callable[[int, Answer], None], stop: StopFlag) -> BatchStats:
+    """Run every prompt (index -> token ids) through the engine at once (continuous batching) and hand each
+    answer to `on_done(index, answer)` as soon as it finishes. Ctrl-C (`stop`) aborts the unfinished ones,
+    which are not handed over."""
+    stop_ids = set(llm.eos_token_ids)
+    start = time.perf_counter()
+    index_of = {llm.add_request(ids, params): i for i, ids in prompts.items()}
+    first: dict[int, float] = {}
+    stats = BatchStats()
+    with stop:
+        while llm.has_unfinished():
+            if stop.is_set:
+                for request_id in index_of:
+                    llm.abort(request_id)
+                stats.interrupted = True
+                break
+            for out in llm.step():
+                i = index_of.get(out.request_id)
+                if i is None:
+                    continue
+                if out.new_token_ids and i not in first:
+                    first[i] = time.perf_counter()
+                if out.finished:
+                    answer = answer_of(out, tok, stop_ids)
+                    stats.requests += 1
+                    stats.prompt_tokens += len(prompts[i])
+                    stats.output_tokens += len(answer.token_ids)
+                    on_done(i, answer)
+    end = time.perf_counter()
+    stats.wall_s = end - start
+    if first:
+        stats.mean_ttft_s = sum(t - start for t in first.values()) / len(first)
+        decoded = stats.output_tokens - stats.requests
+        stats.decode_tokens_per_s = decoded / max(end - min(first.values()), 1e-9) if decoded > 0 else 0.0
+    return stats

@@ -101,7 +101,7 @@ def test_generate_subprocess_matches_transformers(ckpt, tmp_path: Path) -> None:
     want, stopped = hf_greedy(model, ids, 12)
     assert proc.stdout == tok.decode(want) + "\n"  # streamed text
     rec = json.loads(out.read_text(encoding="utf-8"))
-    assert rec == {"prompt": prompt, "text": tok.decode(want), "prompt_tokens": len(ids),
+    assert rec == {"index": 0, "prompt": prompt, "text": tok.decode(want), "prompt_tokens": len(ids),
                    "completion_tokens": len(want), "finish_reason": "stop" if stopped else "length"}
     assert re.search(r"tokens/s", proc.stderr)
 
@@ -383,6 +383,8 @@ def test_bad_inputs_one_line_errors(ckpt, tmp_path: Path) -> None:
     missing = str(tmp_path / "no_such_model")
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text('{"prompt": 3}\n', encoding="utf-8")
+    bad_bytes = tmp_path / "latin1.txt"
+    bad_bytes.write_bytes("first prompt\nsecond: caf\u00e9\n".encode("latin-1"))
     cases = {  # name: (argv, text in the error line, exit code)
         "missing folder": (["generate", "--model", missing, "--prompt", "x"], "no_such_model", 2),
         "chat missing folder": (["chat", "--model", missing], "no_such_model", 2),
@@ -398,6 +400,15 @@ def test_bad_inputs_one_line_errors(ckpt, tmp_path: Path) -> None:
         "bad prompt file": (["generate", "--model", path, "--input-file", str(bad_json)], "\"prompt\" field", 1),
         "fast on cpu": (["generate", "--model", path, "--prompt", "x", "--device", "cpu", "--fast"],
                         "--fast needs a CUDA device", 2),
+        # bytes that are not UTF-8 reach Python as lone surrogates (os.fsencode turns them back into bytes)
+        "non-UTF-8 prompt": (["generate", "--model", path, "--prompt", "caf\udce9"], "--prompt: not valid UTF-8", 2),
+        "non-UTF-8 system": (["chat", "--model", path, "--system", "caf\udce9"], "--system: not valid UTF-8", 2),
+        "non-UTF-8 prompt file": (["generate", "--model", path, "--input-file", str(bad_bytes)],
+                                  f"{bad_bytes}:2: not valid UTF-8", 1),
+        "system without chat": (["generate", "--model", path, "--prompt", "x", "--system", "Be brief."],
+                                "--system needs --chat", 2),
+        "resume without output": (["generate", "--model", path, "--prompt", "x", "--resume"],
+                                  "--resume needs --input-file and --output", 2),
     }
     procs = {name: subprocess.Popen([sys.executable, "-m", "dsv3.cli", *argv], stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True, cwd=ROOT) for name, (argv, _, _) in cases.items()}
@@ -408,3 +419,86 @@ def test_bad_inputs_one_line_errors(ckpt, tmp_path: Path) -> None:
         assert len(lines) == 1 and "Traceback" not in err, f"{name}: {err}"
         assert lines[0].startswith("dsv3 ") and cases[name][1] in lines[0], f"{name}: {lines[0]}"
         assert out == "", name
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_generate_batch_writes_each_answer_as_it_finishes_and_resumes(ckpt, monkeypatch, tmp_path: Path, capsys):
+    """Each answer reaches the output file while the batch still runs; Ctrl-C keeps the finished ones (exit
+    130), and `--resume` generates only the rest, giving the file an uninterrupted run would have written."""
+    from dsv3.engine import LLM
+
+    path, model, tok = ckpt
+    prompts = ["first of three", "second of three", "third of three"]
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", "--model", str(path), "--input-file", str(src), "--max-new-tokens", "5",
+            "--max-num-seqs", "1", "--output", str(out), *GREEDY]  # one sequence at a time: they finish in turn
+    step = LLM.step
+
+    def step_until_one_is_written(self):
+        if out.is_file() and out.read_text(encoding="utf-8").count("\n") == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C once the first answer is on disk, mid-batch
+        return step(self)
+
+    monkeypatch.setattr(LLM, "step", step_until_one_is_written)
+    capsys.readouterr()
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: 1 of 3 answers written" in err and "--resume" in err
+    assert [r["index"] for r in _lines(out)] == [0]
+    with out.open("a", encoding="utf-8") as f:
+        f.write('{"index": 1, "prompt": "second of th')  # a line cut short by a hard kill is dropped
+    monkeypatch.setattr(LLM, "step", step)
+    assert main([*argv, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "1 of 3 prompts already answered" in err and "1 unfinished line(s) dropped" in err
+    assert re.search(r"\[2 requests, \d+ prompt tokens, \d+ output tokens, [\d.]+ s, time to first token "
+                     r"[\d.]+ s \(mean\), decode [\d.]+ tokens/s\]", err), err
+    recs = _lines(out)
+    assert [(r["index"], r["prompt"]) for r in recs] == list(enumerate(prompts))
+    for prompt, rec in zip(prompts, recs):
+        want, _ = hf_greedy(model, tok.encode(prompt), 5)
+        assert rec["text"] == tok.decode(want) and rec["completion_tokens"] == len(want)
+    # everything answered: --resume has nothing left to do and keeps the file as it is
+    before = out.read_text(encoding="utf-8")
+    assert main([*argv, "--resume"]) == 0
+    assert out.read_text(encoding="utf-8") == before
+
+
+def test_generate_one_prompt_file_is_still_jsonl(ckpt, tmp_path: Path, capsys) -> None:
+    path, model, tok = ckpt
+    src = tmp_path / "one.txt"
+    src.write_text("only one prompt\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["generate", "--model", str(path), "--input-file", str(src), "--max-new-tokens", "4", *GREEDY]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    want, _ = hf_greedy(model, tok.encode("only one prompt"), 4)
+    assert len(lines) == 1 and json.loads(lines[0])["text"] == tok.decode(want)
+
+
+def test_start_line_and_threads(ckpt, monkeypatch, capsys) -> None:
+    """generate and chat say which model they loaded and how; one thread by default for a small CPU model,
+    `--threads N` otherwise."""
+    path, _, _ = ckpt
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        capsys.readouterr()
+        assert main(["generate", "--model", str(path), "--prompt", "hi", "--max-new-tokens", "2", *GREEDY]) == 0
+        err = capsys.readouterr().err
+        n = sum(p.numel() for p in ckpt[1].parameters())
+        line = next(line for line in err.splitlines() if line.startswith("[dsv3 generate: model "))
+        assert str(path) in line and f"{n / 1e6:,.1f}M parameters" in line and "F32 weights" in line
+        assert "device cpu" in line and "dtype float32" in line and "1 thread(s)" in line
+        assert torch.get_num_threads() == 1
+        monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+        assert main(["chat", "--model", str(path), "--max-new-tokens", "2", "--threads", "2", *GREEDY]) == 0
+        err = capsys.readouterr().err
+        assert re.search(rf"\[dsv3 chat: model {re.escape(str(path))} .*2 thread\(s\)\]", err), err
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -35,6 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flags.add_dtype(p)
     flags.add_sampling(p)
     flags.add_engine(p)
+    flags.add_threads(p)
     p.set_defaults(run=run)
 
 
@@ -44,11 +45,15 @@ def run(args: argparse.Namespace) -> int:
     from dsv3.engine import LLM
     from dsv3.tokenizer import load_tokenizer
 
+    from dsv3.cli.generate import check_text, start_line
+
+    check_text("--system", args.system)
     path = flags.resolve_model(args.model)
     params = flags.sampling_params(args)
     config = flags.engine_config(args, flags.resolve_device(args.device))
     tok = load_tokenizer(path)
     model = dsv3.load_model(path, device=config.device, dtype=config.torch_dtype)
+    print(start_line("chat", path, model, config, args.threads), file=sys.stderr)
     context = min(model.args.max_seq_len, args.max_model_len or model.args.max_seq_len)
     llm = LLM(model, tokenizer=tok, config=flags.fit_cpu_cache(config, model, [context]))  # one conversation
     session = ChatSession(llm, tok, args.system)

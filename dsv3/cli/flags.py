@@ -172,6 +172,28 @@ def add_engine(p: argparse.ArgumentParser, max_model_len: bool = True) -> None:
                         "CUDA device and BF16 weights, off otherwise; --no-fast forces the plain PyTorch path)")
 
 
+# A CPU model below this many parameters runs fastest on one thread: its matrices are too small to share out,
+# and torch's threads spin against each other (and against anything else running) on a small, busy machine.
+ONE_THREAD_BELOW_PARAMS = 200_000_000
+
+
+def add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="CPU threads for torch's operators (default: 1 on a CPU for a model below "
+                        f"{ONE_THREAD_BELOW_PARAMS // 1_000_000}M parameters, such as the built-in model, where one "
+                        "thread measured fastest; otherwise torch's own count, one per core)")
+
+
+def set_threads(threads: int | None, device: str, num_params: int) -> int:
+    """Apply `--threads` (or the default policy of `add_threads`); returns the thread count now in use."""
+    import torch
+    if threads is None and device == "cpu" and num_params < ONE_THREAD_BELOW_PARAMS:
+        threads = 1
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
 # ---- from flags to library objects ----------------------------------------------------------------
 def resolve_model(model: str | None) -> Path:
     """The checkpoint folder `--model` names, or the built-in model when it is not given."""
