@@ -230,3 +230,42 @@ def test_console_script_points_at_main():
     scripts = [ep for ep in metadata.entry_points(group="console_scripts") if ep.name == "dsv3"]
     assert scripts and scripts[0].value == "dsv3.cli:main"
     assert scripts[0].load() is main
+
+
+def test_ctrl_c_while_the_verb_is_imported_or_parsed_is_one_line_130(monkeypatch, capsys):
+    import dsv3.cli
+
+    def interrupted(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dsv3.cli.importlib, "import_module", interrupted)
+    assert main(["generate", "--prompt", "x"]) == 130
+    assert capsys.readouterr().err == "dsv3 generate: interrupted\n"
+    with pytest.raises(KeyboardInterrupt):
+        main(["--debug", "generate", "--prompt", "x"])
+
+
+def test_ctrl_c_in_the_first_seconds_of_a_real_run(tmp_path):
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "dsv3.cli", "generate", "--prompt", "x", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    time.sleep(1.0)  # importing torch, or loading the model
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.splitlines()[-1] == "dsv3 generate: interrupted"
+
+
+def test_closed_stdout_pipe_ends_quietly():
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone, as after `| head -1`
+    try:
+        proc = subprocess.run([sys.executable, "-m", "dsv3.cli", "info", "--preset", "tiny"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr

@@ -9,7 +9,8 @@ Errors, for every verb alike: one line `dsv3 <verb>: error: <message>` on stderr
   that cannot work here: a missing model folder, a CUDA device that is not present, ...);
 - exit 1 when the command ran and failed: `ValueError`, `OSError`, `RuntimeError` from the library,
   and a missing optional package (the message names the pip extra that brings it);
-- exit 130 on Ctrl-C.
+- exit 130 on Ctrl-C (`dsv3 <verb>: interrupted`), from the first moment, while the verb is imported too;
+- exit 141, silently, when stdout is a pipe closed early (`dsv3 ... | head -1`).
 `dsv3 --debug <verb> ...` or `DSV3_DEBUG=1` lets errors raise with their traceback instead.
 """
 
@@ -77,9 +78,32 @@ def _message(err: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run `dsv3 <verb> ...`; returns the exit code (see the module docstring for the error policy)."""
+    """Run `dsv3 <verb> ...`; returns the exit code (see the module docstring for the error policy).
+
+    Ctrl-C is caught from the first moment here (importing the verb and building its parser included), and a
+    closed stdout (`dsv3 ... | head -1`) ends the run quietly, as Python's documentation on SIGPIPE advises:
+    stdout is pointed at devnull so that the interpreter's last flush does not fail again."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser([v for v in [_verb(argv)] if v in VERBS])
+    verb = _verb(argv)
+    prog = f"dsv3 {verb}" if verb in VERBS else "dsv3"
+    debug = "--debug" in argv[: argv.index(verb) if verb in argv else len(argv)] or bool(os.environ.get("DSV3_DEBUG"))
+    try:
+        code = _run(argv, verb)
+        sys.stdout.flush()  # a closed pipe is reported here, not at the interpreter's exit
+        return code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell tool stopped by a closed pipe returns
+
+
+def _run(argv: list[str], verb: str | None) -> int:
+    parser = build_parser([v for v in [verb] if v in VERBS])
     try:
         args, unknown = parser.parse_known_args(argv)
     except SystemExit as stop:  # --help (0) or a bad command line (2, already reported in one line)
@@ -96,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        raise  # handled by `main`
     except UsageError as err:
         if debug:
             raise
