@@ -210,7 +210,10 @@ def test_missing_optional_dependency_names_the_extra(monkeypatch, capsys):
 
     monkeypatch.setattr(dsv3.cli.info, "run", needs_uvicorn)
     assert main(["info"]) == 1
-    assert capsys.readouterr().err.strip() == "dsv3 info: error: needs the Python package 'uvicorn': pip install 'dsv3[serve]'"
+    hint = 'pip install -e ".[serve]"'
+    assert capsys.readouterr().err.strip() == (f"dsv3 info: error: needs the Python package 'uvicorn': {hint} "
+                                               "(in the dsv3 checkout)")
+    assert hint in (ROOT / "README.md").read_text()  # the README gives the same command
 
 
 def test_help_imports_no_torch_and_module_entry_point_runs():
@@ -269,3 +272,18 @@ def test_closed_stdout_pipe_ends_quietly():
     finally:
         os.close(write_end)
     assert proc.returncode == 141 and proc.stderr == "", proc.stderr
+
+
+def test_version_and_python_dash_m_dsv3(capsys):
+    import dsv3
+
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out == f"dsv3 {dsv3.__version__}\n"
+    assert main(["--version"]) == 0 and capsys.readouterr().out == f"dsv3 {dsv3.__version__}\n"
+    proc = subprocess.run([sys.executable, "-m", "dsv3", "info", "--preset", "tiny"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("tiny: 3 layers"), proc.stderr
+    bad = subprocess.run([sys.executable, "-m", "dsv3", "--version"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=120)
+    assert bad.returncode == 0 and bad.stdout == f"dsv3 {dsv3.__version__}\n"

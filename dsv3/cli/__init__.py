@@ -22,6 +22,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 
+from dsv3 import __version__
 from dsv3.cli.flags import Parser, UsageError
 
 # verb -> (module, one-line help); the module is imported only when the verb is used
@@ -37,7 +38,7 @@ VERBS = {
     "eval": ("dsv3.cli.eval", "evaluate a model: bits-per-byte, multiple choice, GSM8K, HumanEval, needle"),
 }
 
-# optional dependencies and the pip extra that brings each
+# optional dependencies and the pip extra that brings each (the hint has the README's form, `pip install -e ".[serve]"`)
 EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "httpx": "serve", "pyarrow": "eval", "matplotlib": "eval",
           "tensorboard": "train"}
 
@@ -57,6 +58,8 @@ def build_parser(verbs: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser = Parser(prog="dsv3", description="DeepSeek-V3: run, serve, train, convert and evaluate "
                                              "DeepSeek-V3-family models.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors (also DSV3_DEBUG=1)")
+    parser.add_argument("--version", action="version", version=f"dsv3 {__version__}",
+                        help="print the version and exit")
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for name, (module, help_text) in VERBS.items():
         p = subparsers.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
@@ -132,7 +135,7 @@ def _run(argv: list[str], verb: str | None) -> int:
             raise
         name = (err.name or "").split(".")[0]
         extra = EXTRAS.get(name)
-        hint = f"pip install 'dsv3[{extra}]'" if extra else f"pip install {name}"
+        hint = f'pip install -e ".[{extra}]" (in the dsv3 checkout)' if extra else f"pip install {name}"
         print(f"{prog}: error: needs the Python package {name!r}: {hint}", file=sys.stderr)
         return 1
     except (ValueError, OSError, RuntimeError) as err:
