@@ -199,3 +199,18 @@ def test_truncated_shard_and_bad_json_name_the_file(tmp_path):
     with pytest.raises(ValueError, match=f"{config}: invalid JSON at line 3 column 18"):
         dsv3.load_model(tmp_path)
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x", "--device", "cpu"]) == 1
+
+
+def test_saved_shards_have_normal_modes(tmp_path):
+    import os
+    import stat
+
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.from_preset("tiny"))
+    old = os.umask(0o022)
+    try:
+        dsv3.save_model(model, tmp_path, max_shard_bytes=2**20)
+    finally:
+        os.umask(old)
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    assert {stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()} == {0o644}

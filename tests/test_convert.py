@@ -350,3 +350,28 @@ def test_truncated_shard_and_bad_config_name_the_file(bf16_dir, tmp_path, capsys
     assert main(["convert", "fp8-to-bf16", "--input", str(src), "--output", str(tmp_path / "o3")]) == 1
     assert capsys.readouterr().err.startswith(f"dsv3 convert fp8-to-bf16: error: {src / 'config.json'}: invalid "
                                               "JSON at line 1 column 30")
+
+
+def test_fp8_to_bf16_refuses_a_folder_that_is_not_fp8(bf16_dir, tmp_path, capsys):
+    with pytest.raises(ValueError, match="is not an FP8 checkpoint .*nothing to convert"):
+        cv.fp8_to_bf16(bf16_dir, tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
+    assert main(["convert", "fp8-to-bf16", "--input", str(bf16_dir), "--output", str(tmp_path / "o")]) == 1
+    captured = capsys.readouterr()
+    assert "wrote" not in captured.out
+    assert captured.err == f"dsv3 convert fp8-to-bf16: error: {bf16_dir} is not an FP8 checkpoint (no FP8 tensors, " \
+                           "no quantization_config): nothing to convert\n"
+
+
+def test_output_files_have_normal_modes(fp8_dir, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = cv.fp8_to_bf16(fp8_dir, tmp_path / "o", progress=False)
+    finally:
+        os.umask(old)
+    for p in out.iterdir():
+        if p.is_file():
+            assert stat.S_IMODE(p.stat().st_mode) == 0o644, p

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from dsv3.checkpoint.files import open_shard, read_json, read_weight_map
+from dsv3.checkpoint.files import has_fp8_tensors, open_shard, read_json, read_weight_map, set_normal_mode
 from dsv3.kernels.fp8 import SCALE_FMTS, dequantize_weight, quantize_weight
 from dsv3.model.fp8_linear import keep_bf16
 
@@ -135,6 +135,7 @@ class _ShardWriter:
             return
         tmp = self.dst / f".dsv3-convert-{len(self.parts) + 1:05d}.safetensors{_PARTIAL}"
         save_file(self.buffer, str(tmp), metadata={"format": "pt"})
+        set_normal_mode(tmp)
         self.parts.append((tmp, list(self.buffer)))
         self.buffer, self.buffer_bytes = {}, 0
 
@@ -247,8 +248,15 @@ def fp8_to_bf16(
     input_dir: str | Path, output_dir: str | Path, force: bool = False, *,
     max_shard_bytes: int | None = None, progress: bool = True,
 ) -> Path:
-    """Dequantize an FP8 checkpoint folder into a BF16 one (scales dropped, `quantization_config` removed)."""
+    """Dequantize an FP8 checkpoint folder into a BF16 one (scales dropped, `quantization_config` removed).
+
+    A folder with neither FP8 tensors nor a `quantization_config` is refused (a ValueError saying it is not
+    FP8): there is nothing to convert, and a copy under a new name would look like a conversion."""
     src = Path(input_dir)
+    if src.is_dir() and (src / "config.json").exists() and "quantization_config" not in read_json(src / "config.json"):
+        if not has_fp8_tensors(_input_shards(src)[0]):
+            raise ValueError(f"{src} is not an FP8 checkpoint (no FP8 tensors, no quantization_config): "
+                             "nothing to convert")
 
     def convert(name, tensor, reader, file):
         if name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] in reader.weight_map:

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,9 @@ from safetensors import SafetensorError, safe_open
 
 from dsv3.config import read_json
 
-__all__ = ["open_shard", "read_json", "read_weight_map"]
+__all__ = ["FP8_DTYPE_NAMES", "has_fp8_tensors", "open_shard", "read_json", "read_weight_map", "set_normal_mode"]
+
+FP8_DTYPE_NAMES = ("F8_E4M3", "F8_E5M2")  # safetensors' names of the FP8 dtypes
 
 
 def open_shard(file: str | Path) -> Any:
@@ -28,3 +31,19 @@ def read_weight_map(index: str | Path) -> dict[str, str]:
     if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
         raise ValueError(f"{index}: has no \"weight_map\" object")
     return data["weight_map"]
+
+
+def has_fp8_tensors(files: list[Path]) -> bool:
+    """Whether any tensor in these shards is FP8 (read from the headers: no tensor data is loaded)."""
+    for file in files:
+        with open_shard(file) as f:
+            if any(f.get_slice(name).get_dtype() in FP8_DTYPE_NAMES for name in f.keys()):
+                return True
+    return False
+
+
+def set_normal_mode(path: str | Path) -> None:
+    """Give a file written by safetensors (which creates it 0600) the mode of any new file: 0666 less the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)

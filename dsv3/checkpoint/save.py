@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from dsv3.checkpoint.files import set_normal_mode
 from dsv3.checkpoint.names import SHARED_COPIES, ours_to_hf
 from dsv3.config import _dtype_name
 from dsv3.model import Transformer
@@ -54,7 +55,7 @@ def save_model(model: Transformer, path: str | Path, *, max_shard_bytes: int = 5
     n = len(shards)
     file_names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     for shard, file_name in zip(shards, file_names):
-        _atomic(path / file_name, lambda tmp, s=shard: save_file(s, str(tmp), metadata={"format": "pt"}))
+        _atomic(path / file_name, lambda tmp, s=shard: _save_shard(s, tmp))
     if n > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                  "weight_map": {name: f for shard, f in zip(shards, file_names) for name in shard}}
@@ -63,6 +64,11 @@ def save_model(model: Transformer, path: str | Path, *, max_shard_bytes: int = 5
     config["torch_dtype"] = _dtype_name(model.embed_tokens.weight.dtype)
     _atomic(path / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
     return path
+
+
+def _save_shard(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    set_normal_mode(file)  # safetensors creates files 0600
 
 
 def _atomic(target: Path, write) -> None:
