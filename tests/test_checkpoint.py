@@ -214,3 +214,25 @@ def test_saved_shards_have_normal_modes(tmp_path):
         os.umask(old)
     assert len(list(tmp_path.glob("*.safetensors"))) > 1
     assert {stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()} == {0o644}
+
+
+def test_save_model_writes_the_tokenizer_so_the_folder_generates(tmp_path):
+    from dsv3.tokenizer import load_tokenizer
+
+    source = dsv3.default_model_path()
+    model = dsv3.load_model(source, dtype=torch.float32)
+    out = dsv3.save_model(model, tmp_path / "copy")  # the tokenizer comes from the folder the model came from
+    assert (out / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+    assert (out / "tokenizer_config.json").is_file()
+    llm = dsv3.LLM(model=str(out), device="cpu", dtype=torch.float32)
+    result = llm.generate(["The"], dsv3.SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert len(result[0].token_ids) == 3 and isinstance(result[0].text, str)
+    assert load_tokenizer(out).vocab_size == load_tokenizer(source).vocab_size
+
+    bare = Transformer(ModelArgs.from_preset("tiny"))
+    assert not (dsv3.save_model(bare, tmp_path / "bare") / "tokenizer.json").exists()  # nothing to copy
+    dsv3.save_model(bare, tmp_path / "given", tokenizer=source)
+    assert (tmp_path / "given" / "tokenizer.json").is_file()
+    assert not (dsv3.save_model(model, tmp_path / "none", tokenizer=False) / "tokenizer.json").exists()
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        dsv3.save_model(bare, tmp_path / "bad", tokenizer=tmp_path)

@@ -142,4 +142,5 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     if problems:
         raise ValueError(f"checkpoint {path} does not match its config: " + "; ".join(problems))
     model.rotary.reset()
+    model.source_path = path  # where it came from: `save_model` copies the tokenizer files from here
     return model.eval()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -18,6 +19,9 @@ from dsv3.checkpoint.files import set_normal_mode
 from dsv3.checkpoint.names import SHARED_COPIES, ours_to_hf
 from dsv3.config import _dtype_name
 from dsv3.model import Transformer
+
+# what a checkpoint folder holds beside the weights for `load_tokenizer` (and `transformers`' AutoTokenizer)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def hf_state_dict(model: Transformer, mtp_copies: bool = True) -> dict[str, torch.Tensor]:
@@ -37,10 +41,15 @@ def hf_state_dict(model: Transformer, mtp_copies: bool = True) -> dict[str, torc
 
 
 def save_model(model: Transformer, path: str | Path, *, max_shard_bytes: int = 5 * 2**30,
-               mtp_copies: bool = True) -> Path:
+               mtp_copies: bool = True, tokenizer: str | Path | bool | None = None) -> Path:
     """Save into `path` (created if needed). Returns the path. `mtp_copies=False` leaves out the copies of
-    the embedding and head that the official layout repeats in each MTP layer (smaller files)."""
+    the embedding and head that the official layout repeats in each MTP layer (smaller files).
+
+    The tokenizer files (`TOKENIZER_FILES`) are copied too, so the folder runs with `dsv3 generate`:
+    `tokenizer` is the folder holding them; by default (None) the folder the model was loaded from
+    (`model.source_path`, set by `load_model`) when it has a `tokenizer.json`; False writes none."""
     path = Path(path)
+    tokenizer_dir = _tokenizer_dir(model, tokenizer)
     path.mkdir(parents=True, exist_ok=True)
     tensors = hf_state_dict(model, mtp_copies)
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -62,8 +71,31 @@ def save_model(model: Transformer, path: str | Path, *, max_shard_bytes: int = 5
         _atomic(path / "model.safetensors.index.json", lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
     config = model.args.to_hf_config()
     config["torch_dtype"] = _dtype_name(model.embed_tokens.weight.dtype)
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = tokenizer_dir / name
+            same = (path / name).exists() and src.exists() and (path / name).samefile(src)  # saved in place
+            if src.is_file() and not same:
+                _atomic(path / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
     _atomic(path / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
     return path
+
+
+def _tokenizer_dir(model: Transformer, tokenizer: str | Path | bool | None) -> Path | None:
+    """The folder whose tokenizer files `save_model` copies (see there), or None."""
+    if tokenizer is False:
+        return None
+    if tokenizer is None or tokenizer is True:
+        source = getattr(model, "source_path", None)
+        if source is None or not (Path(source) / "tokenizer.json").is_file():
+            if tokenizer is True:
+                raise FileNotFoundError("tokenizer=True: the model was not loaded from a folder with tokenizer.json")
+            return None
+        return Path(source)
+    folder = Path(tokenizer)
+    if not (folder / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"tokenizer={str(folder)!r}: no tokenizer.json in that folder")
+    return folder
 
 
 def _save_shard(tensors: dict[str, torch.Tensor], file: Path) -> None:
