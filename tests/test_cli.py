@@ -287,3 +287,21 @@ def test_version_and_python_dash_m_dsv3(capsys):
     bad = subprocess.run([sys.executable, "-m", "dsv3", "--version"], capture_output=True, text=True, cwd=ROOT,
                          timeout=120)
     assert bad.returncode == 0 and bad.stdout == f"dsv3 {dsv3.__version__}\n"
+
+
+def test_sampling_flags_cover_what_sampling_params_supports(capsys):
+    for verb in ("generate", "chat"):
+        p = _verb_parser(verb)
+        params = flags.sampling_params(p.parse_args(REQUIRED[verb]))
+        assert (params.min_p, params.presence_penalty, params.frequency_penalty, params.stop) == (0.0, 0.0, 0.0, [])
+        args = p.parse_args([*REQUIRED[verb], "--min-p", "0.05", "--presence-penalty", "0.5", "--frequency-penalty",
+                             "-1", "--stop", "\n\n", "--stop", "User:", "--top-k", "40", "--seed", "7"])
+        params = flags.sampling_params(args)
+        assert (params.min_p, params.presence_penalty, params.frequency_penalty) == (0.05, 0.5, -1.0)
+        assert params.stop == ["\n\n", "User:"] and params.top_k == 40 and params.seed == 7
+    for bad, start in ((["--min-p", "1.5"], "argument --min-p: must be in [0, 1]"),
+                       (["--presence-penalty", "3"], "argument --presence-penalty: must be in [-2, 2]"),
+                       (["--frequency-penalty", "x"], "argument --frequency-penalty: must be a number in [-2, 2]"),
+                       (["--stop", ""], "argument --stop: must not be empty")):
+        assert main(["generate", "--prompt", "x", *bad]) == 2
+        assert capsys.readouterr().err.startswith(f"dsv3 generate: error: {start}"), bad

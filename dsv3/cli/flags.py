@@ -1,7 +1,8 @@
 """Flags the verbs share, their checks, and the one place that turns them into library objects.
 
 Groups: model (`--model`), device (`--device`), dtype (`--dtype`), sampling (`--max-new-tokens`,
-`--temperature`, `--top-p`, `--top-k`, `--seed`) and engine (cache size, batch limits, prefix caching,
+`--temperature`, `--top-p`, `--top-k`, `--seed`, `--min-p`, `--presence-penalty`, `--frequency-penalty`, `--stop`)
+and engine (cache size, batch limits, prefix caching,
 `--fast`). Every verb that takes one of them takes it with the same name, values and default:
 `--dtype` is `auto|bfloat16|float16|float32` (`auto`: float32 on a CPU, bfloat16 on a GPU) and
 `--device` defaults to cuda when available, else cpu.
@@ -97,6 +98,28 @@ def probability(text: str) -> float:
     return value
 
 
+def unit_interval(text: str) -> float:
+    """A number in [0, 1]."""
+    value = _number(text, float, "a number in [0, 1]")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def penalty(text: str) -> float:
+    """A presence or frequency penalty: a number in [-2, 2], as in the OpenAI API."""
+    value = _number(text, float, "a number in [-2, 2]")
+    if not -2.0 <= value <= 2.0:
+        raise argparse.ArgumentTypeError(f"must be in [-2, 2], got {text}")
+    return value
+
+
+def stop_string(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def device_name(text: str) -> str:
     """cpu, cuda or cuda:N (whether it exists here is checked by `resolve_device`)."""
     kind, colon, index = text.partition(":")
@@ -144,6 +167,16 @@ def add_sampling(p: argparse.ArgumentParser, max_new_tokens: int = DEFAULT_MAX_N
                    help="keep only the K most likely tokens; 0 keeps all (default: %(default)s)")
     g.add_argument("--seed", type=int, default=None, metavar="S",
                    help="random seed for sampling (default: none, a fresh draw each run)")
+    g.add_argument("--min-p", type=unit_interval, default=0.0, metavar="P",
+                   help="drop tokens less likely than P times the most likely one, in [0, 1]; 0 keeps all "
+                        "(default: %(default)s)")
+    g.add_argument("--presence-penalty", type=penalty, default=0.0, metavar="X",
+                   help="subtract X from the logit of every token already generated, in [-2, 2] (default: %(default)s)")
+    g.add_argument("--frequency-penalty", type=penalty, default=0.0, metavar="X",
+                   help="subtract X times its count so far from each generated token's logit, in [-2, 2] "
+                        "(default: %(default)s)")
+    g.add_argument("--stop", action="append", type=stop_string, default=None, metavar="TEXT",
+                   help="end the answer where TEXT appears (not included); repeat for several (default: none)")
 
 
 def add_engine(p: argparse.ArgumentParser, max_model_len: bool = True) -> None:
@@ -261,4 +294,6 @@ def sampling_params(args: argparse.Namespace) -> "SamplingParams":
     """The engine's `SamplingParams` of the sampling flags."""
     from dsv3.engine.sampling import SamplingParams
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                          max_tokens=args.max_new_tokens, seed=args.seed)
+                          max_tokens=args.max_new_tokens, seed=args.seed, min_p=args.min_p,
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                          stop=args.stop)
