@@ -25,6 +25,7 @@ from dsv3.engine.config import DTYPES, EngineConfig
 if TYPE_CHECKING:
     from dsv3.engine.sampling import SamplingParams
 
+WEIGHTS = ("bf16", "fp8")  # `--weights`: `load_model(weights=...)`
 DEFAULT_MAX_NEW_TOKENS = 512
 DEFAULT_TEMPERATURE = 0.3  # DeepSeek-V3's recommended model temperature
 _ENGINE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
@@ -138,10 +139,16 @@ def byte_size(text: str) -> int:
 
 
 # ---- flag groups ---------------------------------------------------------------------------------
-def add_model(p: argparse.ArgumentParser) -> None:
+def add_model(p: argparse.ArgumentParser, weights: bool = False) -> None:
+    """`--model`, and with `weights=True` also `--weights` (for verbs that load through `load_model` below)."""
     p.add_argument("--model", metavar="DIR", default=None,
                    help="HF-format DeepSeek-V3 checkpoint folder (config.json, *.safetensors, tokenizer.json) "
                         "(default: the built-in model, dsv3.default_model_path())")
+    if weights:
+        p.add_argument("--weights", choices=WEIGHTS, default="bf16",
+                       help="how Linear weights sit in memory: bf16 = dequantized to --dtype at load; fp8 = kept as "
+                            "128x128-block FP8 (half the bytes; an FP8 checkpoint stays FP8, a BF16 one is quantized "
+                            "at load); fp8 runs the plain PyTorch path, not --fast (default: %(default)s)")
 
 
 def add_device(p: argparse.ArgumentParser) -> None:
@@ -273,6 +280,18 @@ def engine_config(args: argparse.Namespace, device: str) -> EngineConfig:
                             enable_prefix_caching=args.prefix_caching, fast=args.fast)
     except ValueError as e:  # settings that conflict with each other
         raise UsageError(str(e)) from None
+
+
+def load_model(args: argparse.Namespace, path: Path, config: EngineConfig) -> Any:
+    """The model of `--model` (resolved to `path`) on the engine's device and dtype, with `--weights`; FP8 weights
+    with `--fast` are refused as a UsageError (the fast path needs BF16 weights; without --fast the engine
+    runs the plain path for FP8 weights by itself)."""
+    import dsv3
+
+    weights = getattr(args, "weights", "bf16")
+    if weights == "fp8" and config.fast:
+        raise UsageError("--weights fp8 runs the plain PyTorch path only; drop --fast (or use --weights bf16)")
+    return dsv3.load_model(path, device=config.device, dtype=config.torch_dtype, weights=weights)
 
 
 def fit_cpu_cache(config: EngineConfig, model: Any, lengths: list[int]) -> EngineConfig:
