@@ -193,16 +193,18 @@ class BatchStats:
 
 
 def run_batch(llm: "LLM", tok: "Tokenizer", prompts: dict[int, list[int]], params: "SamplingParams",
-              on_done: Callable[[int, Answer], None], stop: StopFlag) -> BatchStats:
+              on_done: Callable[[int, Answer], None], stop: StopFlag, progress: bool = False) -> BatchStats:
     """Run every prompt (index -> token ids) through the engine at once (continuous batching) and hand each
     answer to `on_done(index, answer)` as soon as it finishes. Ctrl-C (`stop`) aborts the unfinished ones,
-    which are not handed over."""
+    which are not handed over. `progress` shows a progress bar of finished requests on stderr."""
+    from tqdm import tqdm
+
     stop_ids = set(llm.eos_token_ids)
     start = time.perf_counter()
     index_of = {llm.add_request(ids, params): i for i, ids in prompts.items()}
     first: dict[int, float] = {}
     stats = BatchStats()
-    with stop:
+    with stop, tqdm(total=len(prompts), desc="generating", unit="req", disable=not progress) as bar:
         while llm.has_unfinished():
             if stop.is_set:
                 for request_id in index_of:
@@ -221,6 +223,7 @@ def run_batch(llm: "LLM", tok: "Tokenizer", prompts: dict[int, list[int]], param
                     stats.prompt_tokens += len(prompts[i])
                     stats.output_tokens += len(answer.token_ids)
                     on_done(i, answer)
+                    bar.update(1)
     end = time.perf_counter()
     stats.wall_s = end - start
     if first:

@@ -484,6 +484,9 @@ def test_start_line_and_threads(ckpt, monkeypatch, capsys) -> None:
     """generate and chat say which model they loaded and how; one thread by default for a small CPU model,
     `--threads N` otherwise."""
     path, _, _ = ckpt
+    capsys.readouterr()
+    assert main(["generate", "--help"]) == 0
+    assert "--threads N" in capsys.readouterr().out  # whose help gives the default policy
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)

@@ -21,8 +21,9 @@ from dsv3.cli.flags import UsageError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = ("Generate text with a DeepSeek-V3 checkpoint. A single prompt streams to stdout; several "
-                     "prompts (from --input-file) print one JSON line each.")
+    p.description = ("Generate text with a DeepSeek-V3 checkpoint. A single prompt streams to stdout; the "
+                     "prompts of --input-file print one JSON line each, as each answer finishes (Ctrl-C keeps "
+                     "them; --resume skips them on a rerun).")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", metavar="TEXT",
                      help="the prompt, answer streamed (default: none; --prompt or --input-file is required)")
@@ -167,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
                 sink.flush()
                 next_i = next(waiting, None)
 
-        stats = run_batch(llm, tok, encoded, params, on_done, StopFlag())
+        stats = run_batch(llm, tok, encoded, params, on_done, StopFlag(), progress=out_file is not None)
         for i in sorted(finished):  # after Ctrl-C: the answers that finished after an unfinished one
             sink.write(finished[i] + "\n")
         sink.flush()
