@@ -336,3 +336,10 @@ def test_weights_flag_keeps_fp8_in_memory_and_refuses_fast(tmp_path):
     fast = p.parse_args(["--weights", "fp8", "--fast"])
     with pytest.raises(flags.UsageError, match="--weights fp8 runs the plain PyTorch path only; drop --fast"):
         flags.load_model(fast, tmp_path, dataclasses.replace(config, fast=True))
+
+
+def test_readme_setup_line_asks_for_the_cpu_wheel():
+    readme = (ROOT / "README.md").read_text()
+    setup = next(line for line in readme.splitlines() if line.startswith("pip install torch"))
+    assert "--index-url https://download.pytorch.org/whl/cpu" in setup and "dsv3 generate" in setup
+    assert "CUDA build" in readme  # and says what the plain install brings
