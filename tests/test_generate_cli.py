@@ -505,3 +505,14 @@ def test_start_line_and_threads(ckpt, monkeypatch, capsys) -> None:
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_chat_skips_a_line_that_is_not_utf8(ckpt, monkeypatch, capsys) -> None:
+    path, _, _ = ckpt
+    stdin = io.TextIOWrapper(io.BytesIO("caf\u00e9\nhello\n".encode("latin-1")), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    capsys.readouterr()
+    assert main(["chat", "--model", str(path), "--max-new-tokens", "2", *GREEDY]) == 0
+    captured = capsys.readouterr()
+    assert "[input line 1 is not valid UTF-8 text; not sent]" in captured.err
+    assert len(captured.out.splitlines()) == 1  # "hello" was answered

@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     llm = LLM(model, tokenizer=tok, config=flags.fit_cpu_cache(config, model, [context]))  # one conversation
     session = ChatSession(llm, tok, args.system)
     print(f"dsv3 chat: {path.name} ({llm.max_model_len} tokens of context). {COMMANDS}", file=sys.stderr)
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach `repl` as surrogates, reported there
+        sys.stdin.reconfigure(errors="surrogateescape")
     return repl(session, params, sys.stdin, sys.stdout, sys.stderr, args.stats)
 
 
@@ -90,6 +92,7 @@ def repl(session: "ChatSession", params: "SamplingParams", stdin: TextIO, stdout
         except ImportError:
             pass
     stop = StopFlag()
+    lineno = 0
     while True:
         try:
             text = _read(stdin, interactive)
@@ -98,6 +101,12 @@ def repl(session: "ChatSession", params: "SamplingParams", stdin: TextIO, stdout
             continue
         if text is None:
             break
+        lineno += 1
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            print(f"[input line {lineno} is not valid UTF-8 text; not sent]", file=stderr)
+            continue
         if not text.strip():
             continue
         if text.startswith("/"):
