@@ -343,3 +343,24 @@ def test_readme_setup_line_asks_for_the_cpu_wheel():
     setup = next(line for line in readme.splitlines() if line.startswith("pip install torch"))
     assert "--index-url https://download.pytorch.org/whl/cpu" in setup and "dsv3 generate" in setup
     assert "CUDA build" in readme  # and says what the plain install brings
+
+
+def test_ctrl_c_while_torch_imports_stops_even_if_the_import_swallows_it(tmp_path):
+    """A KeyboardInterrupt raised inside torch's import can be swallowed there (the run went on to the end) or
+    abort the process; `main` imports torch with Ctrl-C ending the process. A stand-in torch that swallows it:"""
+    import os
+    import signal
+    import time
+
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text(
+        "import sys, time\nsys.stderr.write('importing\\n'); sys.stderr.flush()\nend = time.time() + 30\n"
+        "while time.time() < end:\n    try:\n        time.sleep(0.05)\n    except BaseException:\n        pass\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    proc = subprocess.Popen([sys.executable, "-m", "dsv3", "convert", "fp8-to-bf16", "--input", "a", "--output", "b"],
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+    assert proc.stderr.readline() == "importing\n"
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    err = proc.stderr.read()  # without the guard: the import ends after 30 s, then "input not found", exit 1
+    assert proc.wait(timeout=60) == 130 and err == "dsv3 convert fp8-to-bf16: interrupted\n", err

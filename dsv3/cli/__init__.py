@@ -38,6 +38,9 @@ VERBS = {
     "eval": ("dsv3.cli.eval", "evaluate a model: bits-per-byte, multiple choice, GSM8K, HumanEval, needle"),
 }
 
+# verbs that import torch: `main` imports it for them first, where Ctrl-C stops the process cleanly
+TORCH_VERBS = {"generate", "chat", "serve", "convert", "info", "eval", "train"}
+
 # optional dependencies and the pip extra that brings each (the hint has the README's form, `pip install -e ".[serve]"`)
 EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "httpx": "serve", "pyarrow": "eval", "matplotlib": "eval",
           "tensorboard": "train"}
@@ -68,6 +71,29 @@ def build_parser(verbs: Sequence[str] | None = None) -> argparse.ArgumentParser:
             for leaf in _leaves(p):
                 leaf.set_defaults(prog=leaf.prog)
     return parser
+
+
+def _import_torch(prog: str) -> None:
+    """Import torch with Ctrl-C ending the process at once (message, exit 130). A KeyboardInterrupt raised inside
+    torch's import can be swallowed by it (the run then goes on), break numpy's import, or abort the process
+    from a pybind11 callback; nothing is lost by stopping there."""
+    import signal
+    import threading
+
+    if "torch" in sys.modules or threading.current_thread() is not threading.main_thread():
+        import torch  # noqa: F401
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        sys.stderr.write(f"{prog}: interrupted\n")
+        sys.stderr.flush()
+        os._exit(130)
+
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        import torch  # noqa: F401
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _verb(argv: Sequence[str]) -> str | None:
@@ -116,6 +142,8 @@ def _run(argv: list[str], verb: str | None) -> int:
         print(f"{prog}: error: unrecognized arguments: {' '.join(unknown)}", file=sys.stderr)
         return 2
     debug = args.debug or bool(os.environ.get("DSV3_DEBUG"))
+    if args.verb in TORCH_VERBS:
+        _import_torch(prog)
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
