@@ -467,6 +467,13 @@ def test_generate_batch_writes_each_answer_as_it_finishes_and_resumes(ckpt, monk
     before = out.read_text(encoding="utf-8")
     assert main([*argv, "--resume"]) == 0
     assert out.read_text(encoding="utf-8") == before
+    # an output file written for other prompts is not taken for this file's answers
+    src.write_text("\n".join(["changed first prompt", *prompts[1:]]) + "\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out}:1 answers prompt 1 with a different prompt" in err and err.count("\n") == 1
+    assert out.read_text(encoding="utf-8") == before
 
 
 def test_generate_one_prompt_file_is_still_jsonl(ckpt, tmp_path: Path, capsys) -> None:
