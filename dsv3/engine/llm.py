@@ -6,7 +6,9 @@
 
 Incremental: `add_request(prompt, params) -> request_id`, then `step()` until `has_unfinished()` is
 false; each `step()` returns a `RequestOutput` for every request that got new tokens or finished,
-with the new piece in `.new_token_ids` / `.new_text`; `abort(request_id)` drops a request.
+with the new piece in `.new_token_ids` / `.new_text`; `abort(request_id)` drops a request. With stop strings,
+`.new_text` holds back the last characters that could begin one until it is ruled out or the request ends, so a
+stream never shows text past a stop.
 
 A step = scheduler (`Scheduler.schedule`: continuous batching, chunked prefill, preemption) ->
 `ModelRunner.execute` (one forward over the paged latent cache, sampling) -> `Scheduler.postprocess`
@@ -248,9 +250,13 @@ class LLM:
     def _report(self, req: _Request) -> RequestOutput:
         seq = req.seq
         new_ids = seq.output_token_ids[req.num_reported_tokens:]
-        new_text = req.text[req.num_reported_chars:]
+        shown = len(req.text)
+        stops = seq.params.stop
+        if stops and not seq.is_finished:  # hold back what could be the start of a stop string
+            shown = max(req.num_reported_chars, shown - max(len(s) for s in stops) + 1)
+        new_text = req.text[req.num_reported_chars:shown]
         req.num_reported_tokens = seq.num_output_tokens
-        req.num_reported_chars = len(req.text)
+        req.num_reported_chars = shown
         return RequestOutput(
             request_id=seq.seq_id, prompt=seq.prompt, prompt_token_ids=list(seq.prompt_token_ids),
             token_ids=list(seq.output_token_ids), text=req.text, finish_reason=seq.finish_reason,

@@ -99,6 +99,27 @@ def test_streamed_text_joins_to_the_final_text(ckpt):
     assert "".join(pieces) == final.text == llm.tokenizer.decode(oracle.greedy([1, 2, 3, 4], N))
 
 
+def test_streamed_text_never_shows_a_stop_string(ckpt):
+    """A stop string that spans two tokens: the streamed pieces hold back what could begin it, so no prefix of
+    the stream ever contains it, and the pieces join to the final text (cut before the stop)."""
+    folder, oracle = ckpt
+    llm = engine(folder)
+    prompt = [17, 5, 200, 33, 91, 8]
+    ref = oracle.greedy(prompt, N)
+    stop = f"w{ref[6]} w{ref[7]}"
+    rid = llm.add_request(prompt, SamplingParams(temperature=0, max_tokens=N, ignore_eos=True, stop=[stop]))
+    streamed, final = "", None
+    while llm.has_unfinished():
+        for out in llm.step():
+            assert out.request_id == rid
+            streamed += out.new_text
+            assert stop not in streamed
+            final = out
+    assert final.finish_reason == "stop" and streamed == final.text
+    full = llm.tokenizer.decode(ref)
+    assert final.text == full[:full.index(stop)]
+
+
 def test_logprobs_match_the_model_distribution(ckpt):
     folder, oracle = ckpt
     llm = engine(folder)
