@@ -364,3 +364,26 @@ def test_ctrl_c_while_torch_imports_stops_even_if_the_import_swallows_it(tmp_pat
     proc.send_signal(signal.SIGINT)
     err = proc.stderr.read()  # without the guard: the import ends after 30 s, then "input not found", exit 1
     assert proc.wait(timeout=60) == 130 and err == "dsv3 convert fp8-to-bf16: interrupted\n", err
+
+
+def test_weights_fp8_flag_keeps_fp8_weights_in_generate():
+    """`dsv3 generate --weights fp8` loads the Linear weights as FP8 (the engine then runs the plain path) and
+    prints the greedy text that `LLM` gives on `load_model(weights="fp8")`."""
+    import subprocess
+    import sys
+
+    import torch
+
+    import dsv3
+    from dsv3.engine import LLM, SamplingParams
+
+    folder = dsv3.default_model_path()
+    cmd = [sys.executable, "-m", "dsv3.cli", "generate", "--model", str(folder), "--weights", "fp8", "--device",
+           "cpu", "--prompt", "The Python interpreter", "--max-new-tokens", "6", "--temperature", "0"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    model = dsv3.load_model(folder, dtype=torch.float32, weights="fp8", progress=False)
+    assert any(t.dtype == torch.float8_e4m3fn for t in [*model.parameters(), *model.buffers()])
+    llm = LLM(model, tokenizer=folder, num_blocks=64)
+    out = llm.generate("The Python interpreter", SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0]
+    assert run.stdout.rstrip("\n") == out.text

@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats", action="store_true",
                    help="after each answer also print the prompt's length and how much of it the prefix cache "
                         "served (default: tokens/s only)")
-    flags.add_model(p)
+    flags.add_model(p, weights=True)
     flags.add_device(p)
     flags.add_dtype(p)
     flags.add_sampling(p)
@@ -40,7 +40,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import dsv3
     from dsv3.chat import ChatSession
     from dsv3.engine import LLM
     from dsv3.tokenizer import load_tokenizer
@@ -52,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     params = flags.sampling_params(args)
     config = flags.engine_config(args, flags.resolve_device(args.device))
     tok = load_tokenizer(path)
-    model = dsv3.load_model(path, device=config.device, dtype=config.torch_dtype)
+    model = flags.load_model(args, path, config)
     print(start_line("chat", path, model, config, args.threads), file=sys.stderr)
     context = min(model.args.max_seq_len, args.max_model_len or model.args.max_seq_len)
     llm = LLM(model, tokenizer=tok, config=flags.fit_cpu_cache(config, model, [context]))  # one conversation

@@ -60,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--needle-trials", type=positive_int, default=4, metavar="N",
                    help="needle: random numbers tried per cell (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars (default: shown)")
-    flags.add_model(p)
+    flags.add_model(p, weights=True)
     flags.add_device(p)
     flags.add_dtype(p)
     flags.add_engine(p, max_model_len=False)  # the window is --max-length
@@ -118,13 +118,12 @@ def run(args: argparse.Namespace) -> int:
     model_dir = flags.resolve_model(args.model)
     config = flags.engine_config(args, flags.resolve_device(args.device))
 
-    import dsv3
     from dsv3.eval.generation import GreedyGenerator
     from dsv3.eval.harness import EvalPlan, evaluate, write_results
     from dsv3.tokenizer import load_tokenizer
 
     t0 = time.time()
-    model = dsv3.load_model(model_dir, device=config.device, dtype=config.torch_dtype)
+    model = flags.load_model(args, model_dir, config)
     tokenizer = load_tokenizer(model_dir)
     window = min(args.max_length or min(model.args.max_seq_len, 4096), model.args.max_seq_len)
     stride = args.stride or max(1, window // 2)

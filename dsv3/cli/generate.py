@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="with --input-file and --output: keep the answers already in the output file and "
                         "generate only the prompts it lacks (default: off, the output file is overwritten)")
-    flags.add_model(p)
+    flags.add_model(p, weights=True)
     flags.add_device(p)
     flags.add_dtype(p)
     flags.add_sampling(p)
@@ -111,7 +111,6 @@ def answered(output: Path, prompts: list[str]) -> tuple[dict[int, str], int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import dsv3
     from dsv3.engine import LLM
     from dsv3.generate import Completion, StopFlag, encode_prompt, read_prompts, run_batch
     from dsv3.tokenizer import load_tokenizer
@@ -149,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if not todo:
             return 0
-        model = dsv3.load_model(path, device=config.device, dtype=config.torch_dtype)
+        model = flags.load_model(args, path, config)
         print(start_line("generate", path, model, config, args.threads), file=sys.stderr)
         lengths = [min(len(ids) + args.max_new_tokens, context) for ids in encoded.values()]
         llm = LLM(model, tokenizer=tok, config=flags.fit_cpu_cache(config, model, lengths))
