@@ -16,9 +16,12 @@ from tqdm.auto import tqdm
 
 from dsv3.checkpoint.files import open_shard, read_weight_map
 from dsv3.checkpoint.names import hf_to_ours, mtp_depth, ours_to_hf, shared_copy_of
+from dsv3.checkpoint.shard import presplit_source, read_part
 from dsv3.config import ModelArgs, _dtype_name
 from dsv3.model import Transformer
 from dsv3.model.layers import skip_torch_init
+from dsv3.model.parallel import parallelize_for_inference
+from dsv3.parallel import ParallelContext
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _MAX_LISTED = 12
@@ -57,7 +60,8 @@ def _listing(title: str, items: list[str]) -> str:
 
 @torch.no_grad()
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
-               *, weights: str = "bf16", progress: bool = True) -> Transformer:
+               *, weights: str = "bf16", progress: bool = True, tp: int | None = None, ep: int | None = None,
+               parallel: ParallelContext | None = None, moe: str = "all-to-all") -> Transformer:
     """Read a checkpoint folder (`config.json` + `*.safetensors`, BF16 or FP8) into an eval-mode model.
 
     `weights="bf16"` dequantizes FP8 tensors at load (the model computes in `dtype`); `weights="fp8"` keeps
@@ -65,12 +69,21 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     elsewhere) for every Linear the official checkpoint quantizes, quantizing BF16 tensors if needed.
 
     A config announcing MTP layers whose tensors are absent (as `transformers`' `save_pretrained` writes)
-    loads without MTP, with a warning."""
+    loads without MTP, with a warning.
+
+    Parallel inference (`dsv3.model.parallel`): under torchrun, or with `tp`/`ep` given, the model is split over
+    the world as `tp x ep` (default: `tp` = world, `ep` = 1) and each rank reads only its slices of the
+    tensors (`dsv3.checkpoint.shard`), or its own file of a folder `dsv3 convert shard` wrote; `moe` chooses
+    the routed experts' exchange ("all-to-all" or "all-reduce"). `parallel` passes a `ParallelContext` instead
+    (`ParallelContext.single()`: one whole model, even under torchrun)."""
     if weights not in ("bf16", "fp8"):
         raise ValueError(f"weights must be 'bf16' or 'fp8', got {weights!r}")
     path = Path(path)
     args = read_args(path).replace(dtype=_dtype_name(dtype))
-    files, weight_map = weight_files(path)
+    ctx = parallel if parallel is not None else ParallelContext.from_env(tp, ep, device)
+    device = ctx.device if ctx.world > 1 else device
+    source = presplit_source(path, ctx.layout)
+    files, weight_map = weight_files(source)
     names_by_file = {}
     for file in files:
         with open_shard(file) as f:
@@ -88,6 +101,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         if weights == "fp8":
             from dsv3.model.fp8_linear import convert_linears_to_fp8
             convert_linears_to_fp8(model)
+        plan = parallelize_for_inference(model, ctx, moe).shard_plan
     model.to_empty(device=device)
     expected = model.state_dict()
     if args.tie_word_embeddings:
@@ -96,14 +110,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     unexpected: list[str] = []
     mismatched: list[str] = []
 
-    def scale_of(name: str, f) -> torch.Tensor:
+    def scale_of(name: str, f, blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """The block scale of FP8 tensor `name`, or `blocks = (dim, first, stop)` of it."""
         scale_name = f"{name}_scale_inv"
         if scale_name in f.keys():
-            return f.get_tensor(scale_name)
+            return read_part(f, scale_name, blocks, None)[0]
         if scale_name not in weight_map:
             raise ValueError(f"{path}: FP8 tensor {name} has no {scale_name}")
         with open_shard(weight_map[scale_name]) as g:
-            return g.get_tensor(scale_name)
+            return read_part(g, scale_name, blocks, None)[0]
 
     for file in tqdm(files, desc="loading shards", unit="shard", disable=not progress or len(files) < 2):
         with open_shard(file) as f:
@@ -114,10 +129,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                 depth = mtp_depth(key)
                 if depth is not None and (depth >= args.num_nextn_predict_layers or shared_copy_of(key)):
                     continue  # MTP layer not loaded, or an MTP copy of the shared embedding/head
+                if key in plan.elsewhere:
+                    continue  # another rank's tensor (an expert it owns)
                 if key not in expected:
                     unexpected.append(name)
                     continue
-                tensor = f.get_tensor(name)
+                tensor, scale = read_part(f, name, None if source != path else plan.slices.get(key),
+                                          lambda blocks, name=name, f=f: scale_of(name, f, blocks))
                 target = expected[key]
                 if tuple(tensor.shape) != tuple(target.shape):
                     mismatched.append(f"{name}: checkpoint {list(tensor.shape)} vs model {list(target.shape)}")
@@ -125,13 +143,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                 scale_key = f"{key}_scale_inv"
                 if target.dtype in FP8_DTYPES:  # FP8 in memory: copy FP8 + scale, or quantize BF16 now
                     from dsv3.kernels.fp8 import quantize_weight
-                    tensor, scale = ((tensor, scale_of(name, f)) if tensor.dtype in FP8_DTYPES
+                    tensor, scale = ((tensor, scale) if tensor.dtype in FP8_DTYPES
                                      else quantize_weight(tensor.float()))
                     expected[scale_key].copy_(scale)
                     loaded.add(scale_key)
                 elif tensor.dtype in FP8_DTYPES:
                     from dsv3.kernels.fp8 import dequantize_weight
-                    tensor = dequantize_weight(tensor, scale_of(name, f), dtype=torch.float32)
+                    tensor = dequantize_weight(tensor, scale, dtype=torch.float32)
                 target.copy_(tensor)
                 loaded.add(key)
 

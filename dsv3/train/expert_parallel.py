@@ -8,9 +8,10 @@ head) stays replicated and is averaged by DDP, which is told to leave the expert
 
 One MoE layer, on every rank, for its own tokens:
 1. route locally; sort the (token, expert) pairs by expert, which also groups them by owning rank;
-2. exchange pair counts, then the pairs' hidden states and local expert ids (`all_to_all_single`, with autograd
-   for the hidden states) over a process group of its own (DDP's gradient all-reduces run on the default
-   group at the same time in backward, and two groups never mix their collectives);
+2. exchange pair counts, then the pairs' hidden states and local expert ids (`dsv3.parallel.dispatch`, with
+   autograd for the hidden states; the one exchange parallel inference uses too) over a process group of its
+   own (DDP's gradient all-reduces run on the default group at the same time in backward, and two groups never
+   mix their collectives);
 3. run the received pairs through the local experts (sorted by expert), send the outputs back the same way;
 4. add `weight * output` into each token's row, as the single-process `MoE.routed` does.
 
@@ -31,23 +32,11 @@ import torch.distributed as dist
 from torch import nn
 
 from dsv3.model.moe import LocalExperts, MoE
+from dsv3.model.parallel import RemoteExpert
+from dsv3.parallel import combine, dispatch, run_local_experts
 from dsv3.train.parallelize import plain_name
 
 EXPERT_MARK = "_dsv3_expert_parallel"  # attribute set on owned expert parameters
-
-
-class RemoteExpert(nn.Module):
-    """Placeholder for an expert owned by another rank (no parameters; never called)."""
-
-    def __init__(self, owner: int) -> None:
-        super().__init__()
-        self.owner = owner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise RuntimeError(f"expert owned by rank {self.owner} called on this rank")
-
-    def extra_repr(self) -> str:
-        return f"owner={self.owner}"
 
 
 class ExpertParallel(LocalExperts):
@@ -98,44 +87,14 @@ def expert_parameter_names(model: nn.Module) -> list[str]:
     return [plain_name(n) for n, p in model.named_parameters() if getattr(p, EXPERT_MARK, False)]
 
 
-def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    from torch.distributed._functional_collectives import all_to_all_single_autograd
-    return all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group)
-
-
 def routed_expert_parallel(moe: nn.Module, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, *,
                            group, first: int, per: int, world: int) -> torch.Tensor:
     """`MoE.routed` with the experts spread over ranks (see the module docstring); x `[N, D]`, weights and
-    indices `[N, K]` -> `[N, D]`. Every rank must call it for every MoE layer, in the same order."""
-    k = indices.shape[1]
-    flat = indices.flatten()  # [P]
-    order = flat.argsort(stable=True)  # pairs grouped by expert, hence by owner
-    token = order // k  # [P]
-    experts = flat[order]
-    owner = experts // per
-    send = torch.zeros(world, dtype=torch.long, device=x.device).scatter_add_(0, owner, torch.ones_like(owner))
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    send_splits, recv_splits = send.tolist(), recv.tolist()
-    xr = _exchange(x[token], recv_splits, send_splits, group)  # [R, D]: the pairs this rank's experts serve
-    er = torch.empty(sum(recv_splits), dtype=torch.long, device=x.device)
-    dist.all_to_all_single(er, (experts - owner * per).contiguous(), recv_splits, send_splits, group=group)
-    local_order = er.argsort(stable=True)
-    counts = torch.zeros(per, dtype=torch.long, device=x.device).scatter_add_(0, er, torch.ones_like(er)).tolist()
-    xs = xr[local_order]
-    ys, start = [], 0
-    for e, count in enumerate(counts):
-        # every owned expert runs, on zero rows if it got none: it then gets a zero gradient, as on the grouped
-        # single-process path (AdamW's moments and decay move it the same way), and the output always depends
-        # on xr, so backward runs both exchanges on every rank
-        ys.append(moe.experts[first + e](xs[start:start + count]))
-        start += count
-    ys = torch.cat(ys)
-    y = torch.empty_like(ys).index_copy(0, local_order, ys)  # back to the received order
-    yb = _exchange(y, send_splits, recv_splits, group)  # [P, D] in `order`
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    out = out.index_add(0, token, yb.float() * weights.flatten()[order, None])
-    return out.to(x.dtype)
+    indices `[N, K]` -> `[N, D]`. Every rank must call it for every MoE layer, in the same order. The exchange
+    is `dsv3.parallel`'s, shared with parallel inference."""
+    xr, local, exchange = dispatch(x, indices, per, group, world)  # [R, D] pairs this rank's experts serve
+    y = run_local_experts([moe.experts[first + e] for e in range(per)], xr, local)
+    return combine(y, weights, exchange, x.shape[0]).to(x.dtype)
 
 
 @torch.no_grad()

@@ -70,13 +70,9 @@ def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo(), device
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
-                                device_id=device if device.type == "cuda" else None)
+    from dsv3.parallel import join_world, torchrun_world
+    rank, world, local_rank = torchrun_world()
+    device = join_world(device)  # the same world (and collective timeout) as parallel inference
     return DistInfo(rank, world, local_rank), device
 
 
