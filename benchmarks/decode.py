@@ -36,6 +36,7 @@ from dsv3.engine.attention import Chunk, PagedStep, TritonPagedAttention
 from dsv3.engine.cuda_graphs import DecodeGraphs
 from dsv3.model import Transformer
 from dsv3.model.attention import AttentionMeta
+from dsv3.model.fp8_linear import convert_linears_to_fp8
 from dsv3.model.fused import StackedExperts, fuse_for_inference
 
 HBM_BPS = 4.3e12
@@ -163,7 +164,9 @@ def bench_dsv3(name: str, device: torch.device, batches: list[int], steps: int, 
     torch.manual_seed(0)
     with torch.device(device):
         model = Transformer(args).eval()
-    fuse_for_inference(model, fp8=fp8)
+    if fp8:
+        convert_linears_to_fp8(model)
+    fuse_for_inference(model)
     cleanup()
     build_s = time.perf_counter() - t0
     elem = model.embed_tokens.weight.element_size()

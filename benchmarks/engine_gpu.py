@@ -41,8 +41,54 @@ import torch
 from dsv3.config import ModelArgs
 from dsv3.engine import LLM, SamplingParams
 from dsv3.model import Transformer
+from dsv3.model.fp8_linear import convert_linears_to_fp8, set_fp8_policy
 
-TARGETS = {("16B", "decode", 1): 310, ("16B", "decode", 32): 3000, ("16B", "prefill", 32): 45000}
+# (model, weights, case, batch) -> target (issue 15: 16B BF16; issue 16: FP8 weights)
+TARGETS = {("16B", "bf16", "decode", 1): 310, ("16B", "bf16", "decode", 32): 3000,
+           ("16B", "bf16", "prefill", 32): 45000,
+           ("16B", "fp8", "decode", 1): 480, ("16B", "fp8", "decode", 32): 4000,
+           ("671B-6L", "fp8", "decode", 1): 330, ("671B-6L", "fp8", "decode", 32): 2700}
+HBM_BYTES_PER_S = 4.3e12  # measured copy rate of the H200 here (benchmarks/RESULTS.md)
+
+
+def step_bytes(model: Transformer, batch: int, context: int) -> int | None:
+    """Bytes one decode step must read: every weight except the embedding table and the routed experts, the
+    experts that got tokens in the model's last MoE call (`StackedExperts.active_experts`, fast path only),
+    `batch` embedding rows, and the latent cache of `batch` sequences of `context` tokens. None off the fast
+    path (no expert counts)."""
+    stacked_ids, total = set(), 0
+    for module in model.modules():
+        stacked = getattr(module, "stacked", None)
+        if stacked is None:
+            continue
+        active = int(stacked.active_experts.item())
+        n = stacked.w_gate.shape[0]
+        per_expert = sum(t[0].numel() * t.element_size() for t in (stacked.w_gate, stacked.w_up, stacked.w_down))
+        if stacked.fp8:
+            per_expert += sum(t[0].numel() * 4 for t in (stacked.s_gate, stacked.s_up, stacked.s_down))
+        total += min(active, n) * per_expert
+        stacked_ids |= {t.data_ptr() for t in (stacked.w_gate, stacked.w_up, stacked.w_down,
+                                                stacked.s_gate, stacked.s_up, stacked.s_down) if t is not None}
+    if not stacked_ids:
+        return None
+    seen = set()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t is None or t.data_ptr() in seen or name.startswith("embed_tokens") or ".experts." in name:
+            continue
+        seen.add(t.data_ptr())
+        if t.untyped_storage().data_ptr() in stacked_ids or "stacked" in name or "rotary" in name:
+            continue
+        total += t.numel() * t.element_size()
+    args = model.args
+    elem = model.embed_tokens.weight.element_size()
+    total += batch * args.dim * elem + batch * context * args.n_layers * (args.kv_lora_rank + args.qk_rope_head_dim) * elem
+    return total
+
+
+def model_args(name: str) -> ModelArgs:
+    if name == "671B-6L":
+        return ModelArgs.from_preset("671B").replace(n_layers=6, n_dense_layers=3, num_nextn_predict_layers=0)
+    return ModelArgs.from_preset(name)
 
 
 def emit(row: dict, log) -> None:
@@ -122,7 +168,11 @@ def bench_engine(model: Transformer, name: str, opts, device: torch.device, log)
                    decode_tok_s=per_s(b * (new - 1), tn - t1), e2e_tok_s=per_s(b * new, tn))
         if steps_before is not None:
             row["graph_steps_per_run"] = (graph_steps(llm) - steps_before) / opts.repeats
-        target = TARGETS.get((opts.model, "decode", b))
+        nbytes = step_bytes(model, b, opts.prompt_len + new // 2) if fast else None
+        if nbytes and row["decode_tok_s"]:
+            row["step_gb"] = round(nbytes / 1e9, 3)
+            row["hbm"] = round(nbytes * row["decode_tok_s"] / b / HBM_BYTES_PER_S, 3)
+        target = TARGETS.get((opts.model, opts.weights, "decode", b))
         if fast and target:
             row.update(target=target, met=(row["decode_tok_s"] or 0) >= target)
         emit(row, log)
@@ -131,7 +181,7 @@ def bench_engine(model: Transformer, name: str, opts, device: torch.device, log)
             tok_s = b * opts.prompt_len / t1
             row = dict(model=opts.model, engine=name, case="prefill", batch=b, prompt_len=opts.prompt_len,
                        new_tokens=1, s=round(t1, 4), prompt_tok_s=round(tok_s, 1))
-            target = TARGETS.get((opts.model, "prefill", b))
+            target = TARGETS.get((opts.model, opts.weights, "prefill", b))
             if fast and target:
                 row.update(target=target, met=tok_s >= target)
             emit(row, log)
@@ -196,7 +246,14 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="16B", help="preset name, random weights (default: 16B)")
+    p.add_argument("--model", default="16B",
+                   help="preset name, random weights; 671B-6L is the 671B preset cut to 6 layers (3 dense), no MTP "
+                        "(default: 16B)")
+    p.add_argument("--weights", default="bf16", choices=["bf16", "fp8"],
+                   help="fp8: Linear weights quantized to 128x128-block FP8 (as the released checkpoint) for dsv3; "
+                        "transformers runs BF16 (default: bf16)")
+    p.add_argument("--fp8-policy", default="auto", choices=["auto", "w8a16", "w8a8"],
+                   help="dsv3's FP8 activation policy (default: auto)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="weight dtype (default: bfloat16)")
     p.add_argument("--device", default="cuda", help="device (default: cuda; cpu only smoke-tests the script)")
@@ -231,13 +288,17 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         emit(dict(case="device", gpu=torch.cuda.get_device_name(device), torch=torch.__version__), log)
     dtype = getattr(torch, opts.dtype)
-    margs = ModelArgs.from_preset(opts.model).replace(dtype=opts.dtype)
+    margs = model_args(opts.model).replace(dtype=opts.dtype)
     t0 = time.perf_counter()
     torch.manual_seed(0)
     with torch.device(device):
         model = Transformer(margs).eval()
+    if opts.weights == "fp8":
+        convert_linears_to_fp8(model)
+        set_fp8_policy(model, opts.fp8_policy)
     sync(device)
-    emit(dict(model=opts.model, case="build", dtype=opts.dtype, s=round(time.perf_counter() - t0, 2)), log)
+    emit(dict(model=opts.model, case="build", dtype=opts.dtype, weights=opts.weights, fp8_policy=opts.fp8_policy
+              if opts.weights == "fp8" else None, s=round(time.perf_counter() - t0, 2)), log)
     results = {name: bench_engine(model, name, opts, device, log) for name in engines}
     del model
     cleanup()

@@ -307,7 +307,7 @@ def test_sampling_flags_cover_what_sampling_params_supports(capsys):
         assert capsys.readouterr().err.startswith(f"dsv3 generate: error: {start}"), bad
 
 
-def test_weights_flag_keeps_fp8_in_memory_and_refuses_fast(tmp_path):
+def test_weights_flag_keeps_fp8_in_memory_with_its_policy(tmp_path):
     import torch
 
     import dsv3
@@ -322,20 +322,22 @@ def test_weights_flag_keeps_fp8_in_memory_and_refuses_fast(tmp_path):
     flags.add_model(p, weights=True)
     flags.add_dtype(p)
     flags.add_engine(p)
-    assert p.parse_args([]).weights == "bf16"
+    assert p.parse_args([]).weights == "auto" and p.parse_args([]).fp8_policy == "auto"
     with pytest.raises(SystemExit):
         p.parse_args(["--weights", "int4"])
-    args = p.parse_args(["--weights", "fp8", "--model", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        p.parse_args(["--fp8-policy", "w4a8"])
+    args = p.parse_args(["--weights", "fp8", "--fp8-policy", "w8a8", "--model", str(tmp_path)])
     config = flags.engine_config(args, "cpu")
+    assert (config.weights, config.fp8_policy) == ("fp8", "w8a8")
     model = flags.load_model(args, tmp_path, config)
-    assert any(isinstance(m, FP8Linear) for m in model.modules())
+    fp8 = [m for m in model.modules() if isinstance(m, FP8Linear)]
+    assert fp8 and all(m.policy == "w8a8" for m in fp8)
+    # auto on a CPU: a BF16 checkpoint stays unquantized
     assert not any(isinstance(m, FP8Linear) for m in flags.load_model(p.parse_args([]), tmp_path, config).modules())
-    llm = LLM(model, config=flags.fit_cpu_cache(config, model, [10]))  # the engine picks the plain path itself
+    llm = LLM(model, config=flags.fit_cpu_cache(config, model, [10]))
     out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
     assert len(out[0].token_ids) == 3
-    fast = p.parse_args(["--weights", "fp8", "--fast"])
-    with pytest.raises(flags.UsageError, match="--weights fp8 runs the plain PyTorch path only; drop --fast"):
-        flags.load_model(fast, tmp_path, dataclasses.replace(config, fast=True))
 
 
 def test_readme_setup_line_asks_for_the_cpu_wheel():

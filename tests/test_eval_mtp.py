@@ -3,9 +3,33 @@
 import torch
 
 from dsv3.config import ModelArgs
-from dsv3.engine.speculative import SequenceCache
+from dsv3.engine.attention import Chunk, PagedAttention
 from dsv3.eval.mtp import evaluate_mtp
 from dsv3.model import Transformer
+from dsv3.model.attention import AttentionMeta
+
+
+class SequenceCache:
+    """One sequence on the engine's paged PyTorch backend (a single block as long as the sequence), the MTP
+    module's latents after the main layers': the drafting path, one forward at a time."""
+
+    def __init__(self, model: Transformer, max_len: int) -> None:
+        args = model.args
+        cache = torch.zeros(args.n_layers + len(model.mtp), max_len, args.kv_lora_rank + args.qk_rope_head_dim)
+        self.model = model
+        self.backend = PagedAttention(cache, block_size=max_len, max_seq_len=args.max_seq_len)
+
+    def _meta(self, start: int, n: int) -> tuple[torch.Tensor, AttentionMeta]:
+        return torch.arange(start, start + n), AttentionMeta(self.backend, step=self.backend.prepare([Chunk([0], start, n)]))
+
+    def hidden(self, tokens: list[int], start: int) -> torch.Tensor:
+        positions, meta = self._meta(start, len(tokens))
+        return self.model.hidden(torch.tensor(tokens), positions, meta)
+
+    def draft(self, next_tokens: list[int], h: torch.Tensor, start: int) -> int:
+        positions, meta = self._meta(start, len(next_tokens))
+        h = self.model.mtp_hidden(0, torch.tensor(next_tokens), h, positions, meta)
+        return int(self.model.lm_head(h[-1]).argmax())
 
 
 class _IdsTokenizer:

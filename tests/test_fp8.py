@@ -336,13 +336,15 @@ def test_triton_fp8_gemm_large_bf16_and_dispatch():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
-def test_fp8_gemm_auto_dispatch_scaled_mm(out_dtype):
-    """Large M with whole 128-blocks goes to cuBLAS' block-scaled `_scaled_mm` where the build supports it;
-    whichever backend `auto` picks, it equals the reference; small M and ragged shapes stay on Triton."""
+def test_fp8_gemm_every_backend_equals_the_reference_on_the_gpu(out_dtype):
+    """Whichever backend `gemm_backend` picks (cuBLAS' block-scaled `_scaled_mm` for large M on whole-block shapes,
+    Triton otherwise), `fp8_gemm` equals the reference; where cuBLAS is picked, it and Triton agree as well."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     g = torch.Generator(device="cuda").manual_seed(15)
-    for m, n, k in ((65, 256, 384), (1000, 1536, 2048), (4096, 512, 7168), (300, 300, 256), (200, 256, 1024)):
+    dev = torch.device("cuda")
+    for m, n, k in ((65, 256, 384), (1000, 1536, 2048), (4096, 512, 7168), (300, 300, 256), (200, 256, 1024),
+                    (16, 256, 512), (130, 256, 1152)):
         a = torch.randn(m, k, device="cuda", generator=g, dtype=torch.bfloat16)
         w = torch.randn(n, k, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
         aq, asc = fp8.quantize_act(a)
@@ -350,19 +352,32 @@ def test_fp8_gemm_auto_dispatch_scaled_mm(out_dtype):
         ref = fp8.fp8_gemm_ref(aq, asc, wq, wsc, out_dtype=torch.float32)
         out = fp8.fp8_gemm(aq, asc, wq, wsc, out_dtype=out_dtype)
         assert out.dtype == out_dtype and out.shape == (m, n)
-        assert (out.float() - ref).norm() / ref.norm() < 1e-2
-        key = (torch.cuda.current_device(), out_dtype, n, k)
-        if not fp8.cublas_block_shape(n, k):
-            assert not fp8._scaled_mm_applies(aq, wq, out_dtype, 128) and key not in fp8._scaled_mm_ok
-        elif not fp8._scaled_mm_ok[key]:  # tried on the first call and refused: only fp32 output may be
-            assert out_dtype == torch.float32, f"bf16 block-scaled _scaled_mm refused: {fp8.scaled_mm_errors[key]}"
-        else:  # the forced backends agree with each other and with auto
-            torch.testing.assert_close(out, fp8.fp8_gemm(aq, asc, wq, wsc, out_dtype=out_dtype, backend="scaled_mm"))
+        assert (out.float() - ref).norm() / ref.norm() < 1e-2, (m, n, k)
+        backend = fp8.gemm_backend(m, n, k, dev, out_dtype)
+        assert backend == ("scaled_mm" if m > 64 and fp8.cublas_block_shape(n, k) else "triton")
+        if backend == "scaled_mm":
             tri = fp8.fp8_gemm(aq, asc, wq, wsc, out_dtype=out_dtype, backend="triton")
             assert (out.float() - tri.float()).norm() / ref.norm() < 1e-2
-    small = torch.randn(16, 256, device="cuda", generator=g)
-    assert not fp8._scaled_mm_applies(fp8.quantize_act(small)[0], fp8.quantize_weight(torch.randn(256, 256))[0].cuda(),
-                                      torch.bfloat16, 128)
+
+
+def test_gemm_backend_shape_rules():
+    """The dispatcher decides from shape and capability alone: cuBLAS only on sm90+ for M > 64 with N % 128 == 0 and
+    K % 512 == 0 (K = 256, 384, 640, 1152 gave wrong numbers there) and bf16/fp32 output; Triton on sm89+; the
+    reference on CPU and older GPUs."""
+    cuda, h100, ada, ampere = torch.device("cuda"), (9, 0), (8, 9), (8, 0)
+    assert fp8.gemm_backend(4096, 7168, 7168, torch.device("cpu")) == "ref"
+    assert fp8.gemm_backend(65, 256, 512, cuda, capability=h100) == "scaled_mm"
+    assert fp8.gemm_backend(4096, 18432, 7168, cuda, torch.float32, capability=h100) == "scaled_mm"
+    for m, n, k, out in ((64, 256, 512, torch.bfloat16), (1, 7168, 7168, torch.bfloat16),
+                         (4096, 256, 384, torch.bfloat16), (4096, 256, 1152, torch.bfloat16),
+                         (4096, 300, 512, torch.bfloat16), (4096, 256, 512, torch.float16)):
+        assert fp8.gemm_backend(m, n, k, cuda, out, capability=h100) == "triton", (m, n, k, out)
+    assert fp8.gemm_backend(4096, 256, 512, cuda, capability=ada) == "triton"
+    assert fp8.gemm_backend(4096, 256, 512, cuda, capability=ampere) == "ref"
+    for n, k in ((128, 512), (256, 7168), (18432, 7168)):
+        assert fp8.cublas_block_shape(n, k)
+    for n, k in ((128, 256), (128, 384), (128, 640), (128, 1152), (100, 512)):
+        assert not fp8.cublas_block_shape(n, k)
 
 
 def test_fp8_gemm_backend_choice_on_cpu():

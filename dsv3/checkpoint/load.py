@@ -9,6 +9,7 @@ problem (missing, unexpected, mis-shaped tensors) is collected and reported in o
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -58,6 +59,14 @@ def _listing(title: str, items: list[str]) -> str:
     return f"{title} ({len(items)}): " + ", ".join(shown) + more
 
 
+WEIGHTS = ("auto", "bf16", "fp8")  # how `load_model` keeps Linear weights in memory
+
+
+def checkpoint_weights(names: Iterable[str]) -> str:
+    """"fp8" for a checkpoint with FP8 block scales (`*_scale_inv` tensors), else "bf16"."""
+    return "fp8" if any(n.endswith("_scale_inv") for n in names) else "bf16"
+
+
 @torch.no_grad()
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                *, weights: str = "bf16", progress: bool = True, tp: int | None = None, ep: int | None = None,
@@ -65,8 +74,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     """Read a checkpoint folder (`config.json` + `*.safetensors`, BF16 or FP8) into an eval-mode model.
 
     `weights="bf16"` dequantizes FP8 tensors at load (the model computes in `dtype`); `weights="fp8"` keeps
-    FP8 weights in memory (`FP8Linear`: half the bytes; FP8 GEMM on Hopper, tile-wise dequantization
-    elsewhere) for every Linear the official checkpoint quantizes, quantizing BF16 tensors if needed.
+    FP8 weights in memory (`FP8Linear`: half the bytes; W8A16 or W8A8 by its policy, see
+    `dsv3.model.fp8_linear`) for every Linear the official checkpoint quantizes, quantizing BF16 tensors if
+    needed; `weights="auto"` keeps the checkpoint's own format on a CUDA device (FP8 stays FP8) and
+    dequantizes FP8 on the CPU (no FP8 tensor cores there).
 
     A config announcing MTP layers whose tensors are absent (as `transformers`' `save_pretrained` writes)
     loads without MTP, with a warning.
@@ -76,8 +87,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     tensors (`dsv3.checkpoint.shard`), or its own file of a folder `dsv3 convert shard` wrote; `moe` chooses
     the routed experts' exchange ("all-to-all" or "all-reduce"). `parallel` passes a `ParallelContext` instead
     (`ParallelContext.single()`: one whole model, even under torchrun)."""
-    if weights not in ("bf16", "fp8"):
-        raise ValueError(f"weights must be 'bf16' or 'fp8', got {weights!r}")
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     path = Path(path)
     args = read_args(path).replace(dtype=_dtype_name(dtype))
     ctx = parallel if parallel is not None else ParallelContext.from_env(tp, ep, device)
@@ -89,6 +100,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         with open_shard(file) as f:
             names_by_file[file] = list(f.keys())
     all_names = {n for names in names_by_file.values() for n in names}
+    if weights == "auto":
+        weights = checkpoint_weights(all_names) if torch.device(device).type == "cuda" else "bf16"
     if args.num_nextn_predict_layers:
         have = {mtp_depth(hf_to_ours(n, args.n_layers)) for n in all_names} - {None}
         if not have:

@@ -25,7 +25,8 @@ from dsv3.engine.config import DTYPES, EngineConfig
 if TYPE_CHECKING:
     from dsv3.engine.sampling import SamplingParams
 
-WEIGHTS = ("bf16", "fp8")  # `--weights`: `load_model(weights=...)`
+WEIGHTS = ("auto", "bf16", "fp8")  # `--weights`: `load_model(weights=...)`
+FP8_POLICIES = ("auto", "w8a16", "w8a8")  # `--fp8-policy`: `dsv3.kernels.fp8.resolve_policy`
 DEFAULT_MAX_NEW_TOKENS = 512
 DEFAULT_TEMPERATURE = 0.3  # DeepSeek-V3's recommended model temperature
 _ENGINE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
@@ -145,10 +146,17 @@ def add_model(p: argparse.ArgumentParser, weights: bool = False) -> None:
                    help="HF-format DeepSeek-V3 checkpoint folder (config.json, *.safetensors, tokenizer.json) "
                         "(default: the built-in model, dsv3.default_model_path())")
     if weights:
-        p.add_argument("--weights", choices=WEIGHTS, default="bf16",
+        p.add_argument("--weights", choices=WEIGHTS, default="auto",
                        help="how Linear weights sit in memory: bf16 = dequantized to --dtype at load; fp8 = kept as "
                             "128x128-block FP8 (half the bytes; an FP8 checkpoint stays FP8, a BF16 one is quantized "
-                            "at load); fp8 runs the plain PyTorch path, not --fast (default: %(default)s)")
+                            "at load); auto = the checkpoint's own format on a GPU, bf16 on a CPU "
+                            "(default: %(default)s)")
+        p.add_argument("--fp8-policy", choices=FP8_POLICIES, default="auto",
+                       help="how FP8 weights meet the activations: w8a16 = weights dequantized in registers, "
+                            "activations stay BF16 (the official demo's way; fastest for decode); w8a8 = activations "
+                            "quantized per 1x128 tile, FP8 tensor-core GEMMs (the report's way; fastest for "
+                            "prefill); auto = w8a8 from 64 rows on GPUs with FP8 tensor cores (sm89+), else w8a16 "
+                            "(default: %(default)s)")
 
 
 def add_device(p: argparse.ArgumentParser) -> None:
@@ -277,21 +285,23 @@ def engine_config(args: argparse.Namespace, device: str) -> EngineConfig:
                             block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                             max_num_batched_tokens=args.max_num_batched_tokens,
                             max_model_len=getattr(args, "max_model_len", None),
-                            enable_prefix_caching=args.prefix_caching, fast=args.fast)
+                            enable_prefix_caching=args.prefix_caching, fast=args.fast,
+                            weights=getattr(args, "weights", "auto"), fp8_policy=getattr(args, "fp8_policy", None))
     except ValueError as e:  # settings that conflict with each other
         raise UsageError(str(e)) from None
 
 
 def load_model(args: argparse.Namespace, path: Path, config: EngineConfig) -> Any:
-    """The model of `--model` (resolved to `path`) on the engine's device and dtype, with `--weights`; FP8 weights
-    with `--fast` are refused as a UsageError (the fast path needs BF16 weights; without --fast the engine
-    runs the plain path for FP8 weights by itself)."""
+    """The model of `--model` (resolved to `path`) on the engine's device and dtype, with `--weights` and
+    `--fp8-policy`."""
     import dsv3
 
-    weights = getattr(args, "weights", "bf16")
-    if weights == "fp8" and config.fast:
-        raise UsageError("--weights fp8 runs the plain PyTorch path only; drop --fast (or use --weights bf16)")
-    return dsv3.load_model(path, device=config.device, dtype=config.torch_dtype, weights=weights)
+    from dsv3.model.fp8_linear import set_fp8_policy
+
+    weights = getattr(args, "weights", "auto")
+    model = dsv3.load_model(path, device=config.device, dtype=config.torch_dtype, weights=weights)
+    set_fp8_policy(model, getattr(args, "fp8_policy", "auto"))
+    return model
 
 
 def fit_cpu_cache(config: EngineConfig, model: Any, lengths: list[int]) -> EngineConfig:

@@ -167,6 +167,21 @@ class BlockManager:
         for _ in range(need):
             seq.block_table.append(self._take_free_block().block_id)
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back `seq`'s blocks past those holding `num_tokens` tokens (speculative slots of rejected
+        drafts). Such blocks were never full and computed, so they hold no hash; they go to the front of the
+        free list, to be handed out before any block that still holds a reusable prefix."""
+        keep = seq.num_blocks_needed(self.block_size, num_tokens)
+        if keep < seq.num_hashed_blocks:
+            raise ValueError(f"sequence {seq.seq_id}: cannot trim to {num_tokens} tokens, "
+                             f"{seq.num_hashed_blocks} blocks are committed")
+        while len(seq.block_table) > keep:
+            block = self.blocks[seq.block_table.pop()]
+            assert block.ref_count == 1 and block.hash is None, block
+            block.ref_count = 0
+            self.free_ids[block.block_id] = None
+            self.free_ids.move_to_end(block.block_id, last=False)
+
     def commit(self, seq: Sequence) -> None:
         """Enter `seq`'s newly full and computed blocks in the prefix cache."""
         if not self.enable_prefix_caching:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+SPECULATIVE = (None, "mtp")  # speculative decoding methods
+MAX_DRAFT_TOKENS = 8
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
@@ -59,6 +61,8 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + output per sequence; None: the model's and cache's limit
     enable_prefix_caching: bool = True  # share the cached blocks of equal prompt prefixes
     fast: bool | None = None  # fused kernels + CUDA graphs for decode; None: on for non-FP8 weights on CUDA
+    speculative: str | None = None  # "mtp": the model's MTP module drafts, the main model verifies; None: off
+    num_draft_tokens: int = 1  # drafts per sequence and step with speculative="mtp"
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str):  # a torch.device
@@ -83,6 +87,11 @@ class EngineConfig:
             raise ValueError(f"enable_prefix_caching must be True or False, got {self.enable_prefix_caching!r}")
         if self.fast not in (None, True, False):
             raise ValueError(f"fast must be True, False or None, got {self.fast!r}")
+        if self.speculative not in SPECULATIVE:
+            raise ValueError(f"speculative must be one of {', '.join(map(str, SPECULATIVE))}, got {self.speculative!r}")
+        _at_least("num_draft_tokens", self.num_draft_tokens, 1)
+        if self.num_draft_tokens > MAX_DRAFT_TOKENS:
+            raise ValueError(f"num_draft_tokens must be <= {MAX_DRAFT_TOKENS}, got {self.num_draft_tokens}")
 
     @property
     def resolved_dtype(self) -> str:

@@ -95,7 +95,11 @@ class LLM:
         here for decode batches up to `max_num_seqs` (`dsv3.engine.model_runner`). It readies the model in
         place (`dsv3.model.fused.fuse_for_inference`: stacked experts), so a `Transformer` passed in is
         changed; it needs BF16/FP16/FP32 weights. None (default): on when the model is on CUDA with non-FP8
-        weights, else off. True off CUDA raises ValueError."""
+        weights, else off. True off CUDA raises ValueError.
+        `speculative="mtp"`: the model's MTP module drafts `num_draft_tokens` tokens per sequence and step and
+        the main model verifies them all in one forward (`dsv3.engine.speculative`); outputs keep the
+        distribution of decoding without it (greedy: the same tokens). Acceptance per draft position is in
+        `speculative_stats`."""
         config = with_overrides(config, overrides)
         self.config = config
         device, dtype = config.device, config.torch_dtype
@@ -118,8 +122,12 @@ class LLM:
         if fast is None:
             fast = _fast_applies(self.model)
         self.tokenizer = self._load_tokenizer(tokenizer, folder)
+        num_draft_tokens = config.num_draft_tokens if config.speculative == "mtp" else 0
+        if num_draft_tokens and not len(self.model.mtp):
+            raise ValueError("speculative='mtp' needs a model with an MTP module (num_nextn_predict_layers >= 1); "
+                             "this checkpoint has none")
         self.runner = ModelRunner(self.model, block_size=block_size, num_blocks=num_blocks, cache_memory=cache_memory,
-                                  fast=fast, max_num_seqs=max_num_seqs)
+                                  fast=fast, max_num_seqs=max_num_seqs, num_draft_tokens=num_draft_tokens)
         self.block_manager = BlockManager(self.runner.num_blocks, block_size, config.enable_prefix_caching)
         limit = min(self.model.args.max_seq_len, self.block_manager.capacity_tokens)
         if max_model_len is None:
@@ -130,7 +138,7 @@ class LLM:
         self.max_model_len = max_model_len
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                                   eos_token_ids=self._eos_ids())
+                                   eos_token_ids=self._eos_ids(), num_draft_tokens=num_draft_tokens)
         self._ids = itertools.count()
         self._requests: dict[int, _Request] = {}
 
@@ -302,3 +310,35 @@ class LLM:
     @property
     def num_preemptions(self) -> int:
         return self.scheduler.num_preemptions
+
+    @property
+    def speculative_stats(self) -> SpeculativeStats | None:
+        """Drafts verified and accepted per draft position so far (None without speculative decoding)."""
+        sched = self.scheduler
+        if not sched.num_draft_tokens:
+            return None
+        return SpeculativeStats(list(sched.spec_drafted), list(sched.spec_accepted))
+
+
+@dataclass
+class SpeculativeStats:
+    """Speculative decoding counters: `drafted[i]` drafts verified at draft position i (0: the token after the
+    sequence's last one), `accepted[i]` of them kept."""
+
+    drafted: list[int]
+    accepted: list[int]
+
+    @property
+    def acceptance(self) -> list[float]:
+        """Acceptance rate per draft position (0.0 where none was drafted)."""
+        return [a / d if d else 0.0 for a, d in zip(self.accepted, self.drafted)]
+
+    @property
+    def mean_accepted(self) -> float:
+        """Accepted drafts per verify step (steps counted at position 0)."""
+        return sum(self.accepted) / self.drafted[0] if self.drafted and self.drafted[0] else 0.0
+
+    def summary(self) -> str:
+        """One line: `acceptance per draft position 0.66, 0.41 (1.07 drafts kept per step)`."""
+        rates = ", ".join(f"{r:.2f}" for r in self.acceptance)
+        return f"acceptance per draft position {rates} ({self.mean_accepted:.2f} drafts kept per step)"

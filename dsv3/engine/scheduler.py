@@ -17,6 +17,15 @@ The output lists, per scheduled sequence, the first position and the number of t
 when the chunk reaches the sequence's last token, the step also samples its next token.
 `postprocess` advances the sequences with the sampled tokens and retires finished ones.
 No model code here; the module is tested with fakes.
+
+Speculative decoding (`num_draft_tokens` k > 0): a decoding sequence brings its last token plus the drafts
+the model runner left in `seq.draft_token_ids` (at most k, fewer near `max_tokens`, `max_model_len`, the
+token budget or when free blocks run short: drafts are dropped before anyone is preempted for them), and
+gets cache slots for them plus k - 1 more, where the MTP module writes its chained guesses. The runner
+verifies all of them in the step and returns the tokens it keeps (the accepted drafts and one more);
+`postprocess` appends them, counts acceptance per draft position (`spec_drafted`, `spec_accepted`), marks
+only the kept tokens computed, and gives back the blocks past them (`BlockManager.trim`), so rejected
+drafts leave no trace in the block tables or the prefix cache.
 """
 
 from __future__ import annotations
@@ -31,15 +40,17 @@ from dsv3.engine.sequence import Sequence, SequenceStatus, TokenLogprob
 
 @dataclass
 class ScheduledSeq:
-    """Run tokens `[start, start + num_tokens)` of `seq`; sample its next token if `sample`."""
+    """Run tokens `[start, start + num_tokens)` of `seq`; sample its next token if `sample`. With `drafts`, the
+    last `len(drafts)` of those tokens are the drafts (positions past the sequence's tokens), to verify."""
 
     seq: Sequence
     start: int
     num_tokens: int
+    drafts: list[int] = field(default_factory=list)
     sample: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        self.sample = self.start + self.num_tokens == self.seq.num_tokens
+        self.sample = self.start + self.num_tokens - len(self.drafts) == self.seq.num_tokens
 
 
 @dataclass
@@ -61,7 +72,8 @@ class Scheduler:
     """Waiting queue + running list over one `BlockManager`."""
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
-                 max_model_len: int | None = None, eos_token_ids: list[int] | None = None) -> None:
+                 max_model_len: int | None = None, eos_token_ids: list[int] | None = None,
+                 num_draft_tokens: int = 0) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if max_num_batched_tokens < max_num_seqs:
@@ -77,6 +89,11 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # by arrival: oldest first, youngest (first preempted) last
         self.num_preemptions = 0
+        if num_draft_tokens < 0:
+            raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
+        self.num_draft_tokens = num_draft_tokens
+        self.spec_drafted = [0] * num_draft_tokens  # per draft position: drafts verified
+        self.spec_accepted = [0] * num_draft_tokens  # of those, accepted
 
     # ---- requests ---------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -139,10 +156,11 @@ class Scheduler:
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # it was preempted or retired; running[i] is now another sequence (or none)
-            bm.append_slots(seq)
-            out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, 1))
+            drafts = self._drafts(seq, budget)
+            bm.append_slots(seq, self._reserve(seq, len(drafts)))
+            out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, 1 + len(drafts), drafts))
             scheduled_ids.add(seq.seq_id)
-            budget -= 1
+            budget -= 1 + len(drafts)
             i += 1
 
         # 2. running prefills (chunked), oldest first
@@ -152,6 +170,7 @@ class Scheduler:
             if seq.seq_id in scheduled_ids or seq.num_uncomputed_tokens <= 1:
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
+            self._reserve_chain(seq, n)
             out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
             scheduled_ids.add(seq.seq_id)
             budget -= n
@@ -166,9 +185,37 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.arrival)
             n = min(seq.num_uncomputed_tokens, budget)
+            self._reserve_chain(seq, n)
             out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
             budget -= n
         return out
+
+    # ---- speculative slots ------------------------------------------------------------------
+    def _drafts(self, seq: Sequence, budget: int) -> list[int]:
+        """The drafts `seq` brings this step: its runner's guesses, as many as the limits and free blocks allow."""
+        if not self.num_draft_tokens or not seq.draft_token_ids or getattr(seq.params, "grammar", None) is not None:
+            return []  # a grammar's state advances token by token in the sampler: no drafts
+        n = min(len(seq.draft_token_ids), self.num_draft_tokens, budget - 1,
+                self.max_model_len - seq.num_tokens - 1)  # each kept draft is one more token
+        if seq.params.max_tokens is not None:
+            n = min(n, seq.params.max_tokens - seq.num_output_tokens - 1)
+        while n > 0 and not self.block_manager.can_append(seq, self._reserve(seq, n)):
+            n -= 1  # fewer drafts rather than a preemption for them
+        return seq.draft_token_ids[:max(n, 0)]
+
+    def _reserve(self, seq: Sequence, num_drafts: int) -> int:
+        """Tokens a decoding sequence's blocks hold this step: its tokens, its drafts, and up to k - 1 slots for
+        the MTP module's chained guesses (as many as fit; the runner drafts no further than the slots go)."""
+        base = seq.num_tokens + num_drafts
+        extra = max(self.num_draft_tokens - 1, 0)
+        while extra and not self.block_manager.can_append(seq, base + extra):
+            extra -= 1
+        return base + extra
+
+    def _reserve_chain(self, seq: Sequence, n: int) -> None:
+        """A prefill chunk that ends the prompt also drafts: slots for the chained guesses, when free."""
+        if self.num_draft_tokens > 1 and seq.num_computed_tokens + n == seq.num_tokens:
+            self.block_manager.append_slots(seq, self._reserve(seq, 0))
 
     def postprocess(self, out: SchedulerOutput, sampled: list[int | tuple[int, TokenLogprob | None]]) -> list[Sequence]:
         """Advance the scheduled sequences by their chunks and append the sampled tokens.
@@ -181,20 +228,37 @@ class Scheduler:
             raise ValueError(f"expected {len(to_sample)} sampled tokens, got {len(sampled)}")
         finished: list[Sequence] = list(out.finished)
         tokens = iter(sampled)
+        bm = self.block_manager
         for item in out.scheduled:
             seq = item.seq
             if seq.status is not SequenceStatus.RUNNING:
                 if item.sample:
                     next(tokens)
                 continue  # aborted between schedule and postprocess
-            seq.num_computed_tokens = item.start + item.num_tokens
-            self.block_manager.commit(seq)
             if not item.sample:
+                seq.num_computed_tokens = item.start + item.num_tokens
+                bm.commit(seq)
                 continue
-            entry = next(tokens)
-            token, logprob = entry if isinstance(entry, tuple) else (entry, None)
-            seq.append_token(token, logprob)
-            reason = self.check_stop(seq)
+            entries = next(tokens)
+            entries = entries if isinstance(entries, list) else [entries]
+            accepted = len(entries) - 1  # kept drafts; the last entry is the step's own token
+            if not 0 <= accepted <= len(item.drafts):
+                raise ValueError(f"sequence {seq.seq_id}: {len(entries)} tokens for {len(item.drafts)} drafts")
+            for j in range(len(item.drafts)):
+                self.spec_drafted[j] += 1
+                self.spec_accepted[j] += j < accepted
+            reason = None
+            for entry in entries:
+                token, logprob = entry if isinstance(entry, tuple) else (entry, None)
+                seq.append_token(token, logprob)
+                reason = self.check_stop(seq)
+                if reason is not None:
+                    break
+            # computed: the chunk's own tokens and the kept drafts, never the newest token
+            seq.num_computed_tokens = min(item.start + item.num_tokens - len(item.drafts) + accepted,
+                                          seq.num_tokens - 1)
+            bm.commit(seq)
+            bm.trim(seq, seq.num_computed_tokens)
             if reason is not None:
                 self.running.remove(seq)
                 self._finish(seq, reason)
@@ -224,6 +288,7 @@ class Scheduler:
 
     # ---- internals --------------------------------------------------------------------------
     def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.draft_token_ids = []
         if seq.block_table:
             self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
@@ -231,6 +296,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
+        seq.draft_token_ids = []  # its prefill, recomputed, drafts again
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1

@@ -56,6 +56,8 @@ class Sequence:
         self.num_preemptions = 0
         self.output_logprobs: list[TokenLogprob] = []
         self.generator = None  # torch.Generator of a seeded request, made by the model runner
+        # speculative decoding: the MTP module's guesses for the tokens after the last one, checked next step
+        self.draft_token_ids: list[int] = []
 
     # ---- tokens -----------------------------------------------------------------------------
     @property

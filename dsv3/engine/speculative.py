@@ -1,116 +1,161 @@
-"""Greedy decoding with the MTP module as a one-token draft (self-speculative decoding), batch 1.
+"""MTP speculative decoding: the drafter that runs the model's MTP module(s) inside the engine.
 
-Each step feeds two tokens to the main model: the token it chose last (`t`) and the MTP module's guess for
-the token after it (`d`). If the main model's choice after `t` equals `d`, both are kept and its choice after
-`d` is the next token for free; otherwise only `t` is kept. The output is exactly greedy decoding's (up to
-float rounding between a one-token and a two-token forward); the gain is that an accepted draft yields two
-tokens per main-model pass, which is nearly free when decoding is bound by reading the weights.
+Speculation is one path through the engine (`LLM(speculative="mtp", num_draft_tokens=k)`): the scheduler gives
+each decoding sequence its last token plus the drafts left in `seq.draft_token_ids`, the model runner verifies
+all drafts of all sequences in one main-model forward (each of a sequence's `1 + k` tokens is a decode row over
+the paged cache, attending up to its own position), `dsv3.engine.rejection.verify` keeps the accepted drafts and
+one token more, and then `MTPDrafter.propose` (here) drafts the next step's guesses.
 
-Cache: one sequence on the engine's paged PyTorch backend (`dsv3.engine.attention.PagedAttention`, a single
-block as long as the sequence), the MTP module's latents after the main layers'; every pass is the model's
-one forward (`Transformer.hidden` / `mtp_hidden`). A rejected draft leaves its latents past the kept length;
-they are overwritten later and never attended to, since attention reads only up to the current position.
+The MTP module at position t reads the main model's final-normed hidden state `h(t)` and the embedding of token
+t + 1, and predicts token t + 2. Its latents live in the same paged cache, in the layer after the main layers,
+so preemption, prefix sharing and block bookkeeping are the main layers'. Per step, `propose`:
+1. catches up: runs MTP module 0 over every position whose main hidden state the step computed and kept (a
+   prefill chunk's tokens, or a verified sequence's first token and its accepted drafts), each with the token
+   after it. This writes the module's latents there (rows of rejected drafts are never written: the main
+   model's rows past the accepted ones are left out), and its last row's output is the first draft;
+2. chains: for k > 1 it drafts again from its own output (the hidden state after `shared_head.norm`) and its own
+   last guess, one position further each time, with MTP module min(i, D - 1) for draft i + 1 (the last module
+   chained on its own output, as SGLang's NextN does). Those latents are provisional: the next step's catch-up
+   rewrites every position from the first unverified one before anything reads them as settled.
+No hidden state is carried between steps: the catch-up starts from the main model's rows of the same step.
+Chained drafts stop where the sequence's cache slots or `max_seq_len` end (the scheduler reserves k - 1 slots
+when it can). With D > 1 modules, modules past the first only see the latents they wrote while chaining.
+
+A latent of the last position of a block shared through the prefix cache was written with the token that
+followed it in the sequence that computed it; another sequence sharing the block may continue differently,
+which can only change its drafts (and so its acceptance), never its output.
+
+Steps where every row is one token replay CUDA graphs of the MTP module when the runner captured them
+(`dsv3.engine.cuda_graphs.DecodeGraphs` with `mtp=` the module index).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
 from dsv3.engine.attention import Chunk, PagedAttention
+from dsv3.engine.cuda_graphs import DecodeGraphs
+from dsv3.engine.sequence import Sequence
 from dsv3.model import Transformer
 from dsv3.model.attention import AttentionMeta
 
 
 @dataclass
-class SpeculativeResult:
-    token_ids: list[int]
-    main_passes: int = 0  # forward passes of the main model after the prefill
-    drafts: int = 0
-    accepted: int = 0
-    seconds: float = 0.0
-    finish_reason: str = "length"
+class DraftJob:
+    """One scheduled sequence's part of the catch-up: positions `start .. start + len(next_tokens) - 1`, whose
+    main hidden states are rows `rows` of the step, each paired with the token after it. `single`: run them as
+    one-token rows (decode-shaped); `draft`: the sequence samples this step and wants new drafts."""
+
+    seq: Sequence
+    start: int
+    rows: list[int]
+    next_tokens: list[int]
+    single: bool
+    draft: bool
+
+
+class MTPDrafter:
+    """Drafts `num_draft_tokens` tokens per sequence with the MTP module(s), on the runner's backend."""
+
+    def __init__(self, model: Transformer, backend: PagedAttention, num_draft_tokens: int, block_size: int) -> None:
+        if not len(model.mtp):
+            raise ValueError("speculative='mtp' needs a model with an MTP module (num_nextn_predict_layers >= 1)")
+        if num_draft_tokens < 1:
+            raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
+        self.model = model
+        self.backend = backend
+        self.k = num_draft_tokens
+        self.block_size = block_size
+        self.max_seq_len = model.args.max_seq_len
+        self.device = model.embed_tokens.weight.device
+        self.graphs: dict[int, DecodeGraphs] = {}  # per MTP module index, set by the runner
+        self.graph_steps = 0
 
     @property
-    def acceptance(self) -> float:
-        return self.accepted / max(self.drafts, 1)
+    def modules_used(self) -> list[int]:
+        """Indices of the MTP modules the drafts run through."""
+        return list(range(min(self.k, len(self.model.mtp))))
 
+    def _run(self, module: int, tokens: torch.Tensor, h_prev: torch.Tensor, positions: list[int],
+             chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP module `module` over flat rows (tokens `[N]` on the device) -> (normed hidden `[N, D]`, greedy next
+        tokens `[N]`), from a CUDA graph when every row is one token and one was captured for the module."""
+        dev = self.device
+        graphs = self.graphs.get(module)
+        if graphs is not None and all(c.num_tokens == 1 for c in chunks) and len(chunks) <= graphs.sizes[-1]:
+            bs = self.block_size
+            tables = [c.block_table[: c.start // bs + 1] for c in chunks]
+            width = max(len(t) for t in tables)
+            if width <= graphs.max_blocks:
+                slots = [t[-1] * bs + c.start % bs for t, c in zip(tables, chunks)]
+                flat = positions + slots
+                for t in tables:
+                    flat += t + [0] * (width - len(t))
+                n = len(chunks)
+                packed = torch.tensor(flat, dtype=torch.long).to(dev, non_blocking=True)
+                pos, slot = packed[: 2 * n].view(2, n)
+                _, greedy, hidden = graphs.run(tokens, pos, slot, packed[2 * n:].view(n, width), pos + 1,
+                                               h_prev=h_prev, hidden=True)
+                self.graph_steps += 1
+                return hidden, greedy
+        step = self.backend.prepare(chunks)
+        h = self.model.mtp_hidden(module, tokens, h_prev, torch.tensor(positions, device=dev),
+                                  AttentionMeta(self.backend, step=step))
+        return h, self.model.lm_head(h).argmax(dim=-1)
 
-class SequenceCache:
-    """A paged cache for one sequence of up to `max_len` tokens, main layers and MTP modules."""
-
-    def __init__(self, model: Transformer, max_len: int) -> None:
-        args = model.args
-        weight = model.embed_tokens.weight
-        cache = torch.zeros(args.n_layers + len(model.mtp), max_len, args.kv_lora_rank + args.qk_rope_head_dim,
-                            device=weight.device, dtype=weight.dtype)  # [layers, slots, C + R]
-        self.model = model
-        self.device = weight.device
-        self.backend = PagedAttention(cache, block_size=max_len, max_seq_len=args.max_seq_len)
-
-    def _meta(self, start: int, n: int) -> tuple[torch.Tensor, AttentionMeta]:
-        positions = torch.arange(start, start + n, device=self.device)
-        return positions, AttentionMeta(self.backend, step=self.backend.prepare([Chunk([0], start, n)]))
-
-    def hidden(self, tokens: list[int], start: int) -> torch.Tensor:
-        """The main model over `tokens` at positions `start...` -> hidden `[n, D]`."""
-        positions, meta = self._meta(start, len(tokens))
-        return self.model.hidden(torch.tensor(tokens, device=self.device), positions, meta)
-
-    def draft(self, next_tokens: list[int], h: torch.Tensor, start: int) -> int:
-        """MTP depth 1 over positions `start...` (hidden `h [n, D]`, the tokens one ahead): its guess after the
-        last one."""
-        positions, meta = self._meta(start, len(next_tokens))
-        h = self.model.mtp_hidden(0, torch.tensor(next_tokens, device=self.device), h, positions, meta)
-        return int(self.model.lm_head(h[-1]).argmax())
-
-
-@torch.inference_mode()
-def speculative_greedy(model: Transformer, prompt: list[int], max_new_tokens: int,
-                       eos_ids: Iterable[int] = ()) -> SpeculativeResult:
-    """Greedy continuation of `prompt` drafted by MTP depth 1. Needs a model with an MTP module."""
-    if not len(model.mtp):
-        raise ValueError("speculative decoding needs an MTP module (num_nextn_predict_layers >= 1)")
-    if not prompt:
-        raise ValueError("prompt must hold at least one token")
-    total = len(prompt) + max_new_tokens + 2
-    if total > model.args.max_seq_len:
-        raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len "
-                         f"({model.args.max_seq_len})")
-    eos = set(eos_ids)
-    start = time.perf_counter()
-    seq = SequenceCache(model, total)
-    h = seq.hidden(prompt, 0)  # [P, D]
-    nxt = int(model.lm_head(h[-1]).argmax())
-    pos = len(prompt) - 1  # position of the last token fed to the main model
-    # one MTP pass per step: position t pairs h_t with the embedding of token t + 1; the last one drafts
-    draft = seq.draft(prompt[1:] + [nxt], h, 0)
-    out: list[int] = []
-    result = SpeculativeResult(out)
-    while len(out) < max_new_tokens:
-        out.append(nxt)
-        if nxt in eos:
-            result.finish_reason = "stop"
-            break
-        if len(out) == max_new_tokens:
-            break
-        h2 = seq.hidden([nxt, draft], pos + 1)  # [2, D]
-        choice = model.lm_head(h2).argmax(-1).tolist()  # greedy after nxt, after draft
-        result.main_passes += 1
-        result.drafts += 1
-        if choice[0] == draft:
-            result.accepted += 1
-            out.append(draft)
-            if draft in eos:
-                result.finish_reason = "stop"
+    @torch.inference_mode()
+    def propose(self, jobs: list[DraftJob], h: torch.Tensor) -> None:
+        """Catch the MTP cache up over the jobs' kept positions (main hidden states `h [N, D]`) and set
+        `seq.draft_token_ids` of the jobs that draft."""
+        if not jobs:
+            return
+        tokens: list[int] = []
+        positions: list[int] = []
+        rows: list[int] = []
+        chunks: list[Chunk] = []
+        last: list[int] = []  # per drafting job: its last catch-up row
+        for job in jobs:
+            n = len(job.next_tokens)
+            tokens += job.next_tokens
+            positions += range(job.start, job.start + n)
+            rows += job.rows
+            table = job.seq.block_table
+            chunks += [Chunk(table, p, 1) for p in range(job.start, job.start + n)] if job.single else \
+                [Chunk(table, job.start, n)]
+            if job.draft:
+                last.append(len(tokens) - 1)
+        dev = self.device
+        h_rows = h[torch.tensor(rows, device=dev)] if len(rows) < h.shape[0] or rows != list(range(len(rows))) else h
+        hidden, greedy = self._run(0, torch.tensor(tokens, device=dev), h_rows, positions, chunks)
+        drafting = [job for job in jobs if job.draft]
+        if not drafting:
+            return
+        pick = torch.tensor(last, device=dev)
+        hidden, guess = hidden[pick], greedy[pick]  # [J, D], [J]
+        guesses = [guess]  # per chain step: the guesses of the jobs in `members` of that step
+        members = [list(range(len(drafting)))]
+        pos = [job.start + len(job.next_tokens) - 1 for job in drafting]  # the position the first draft came from
+        for i in range(1, self.k):  # chain: one position further, while the sequence has a cache slot there
+            alive = members[-1]
+            room = [j for j in alive if pos[j] + i < min(len(drafting[j].seq.block_table) * self.block_size,
+                                                        self.max_seq_len)]
+            if not room:
                 break
-            nxt, draft = choice[1], seq.draft([draft, choice[1]], h2, pos + 1)
-            pos += 2
-        else:
-            nxt, draft = choice[0], seq.draft([choice[0]], h2[:1], pos + 1)
-            pos += 1
-    result.seconds = time.perf_counter() - start
-    return result
+            if len(room) < len(alive):
+                keep = torch.tensor([alive.index(j) for j in room], device=dev)
+                hidden, guess = hidden[keep], guess[keep]
+            module = min(i, len(self.model.mtp) - 1)
+            chunks = [Chunk(drafting[j].seq.block_table, pos[j] + i, 1) for j in room]
+            hidden, guess = self._run(module, guess, hidden, [pos[j] + i for j in room], chunks)
+            guesses.append(guess)
+            members.append(room)
+        flat = torch.cat(guesses).tolist() if len(guesses) > 1 else guesses[0].tolist()  # the one host sync
+        for job in drafting:
+            job.seq.draft_token_ids = []
+        at = 0
+        for room in members:
+            for j in room:
+                drafting[j].seq.draft_token_ids.append(flat[at])
+                at += 1

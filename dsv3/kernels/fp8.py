@@ -18,6 +18,7 @@ temporary is much larger than `_CHUNK_ELEMS` float32 numbers (the checkpoint too
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import torch
@@ -219,16 +220,11 @@ def _triton_kernels():
     return fp8_triton if fp8_triton.available() else None
 
 
-@functools.cache
-def _fp8_capable(device_index: int) -> bool:
-    """Triton's e4m3 type and FP8 tensor-core dots need sm89 (Ada) or newer."""
-    return torch.cuda.get_device_capability(device_index) >= (8, 9)
-
-
 def _use_triton(t: torch.Tensor, block: int) -> bool:
+    """Triton's e4m3 type and FP8 tensor-core dots need sm89 (Ada) or newer."""
     if not t.is_cuda or block != 128 or _triton_kernels() is None:
         return False
-    return _fp8_capable(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return _capability(t.device) >= (8, 9)
 
 
 def quantize_act(
@@ -266,67 +262,78 @@ def scaled_mm_block(
     return (out[:m] if pad else out).view(*a_fp8.shape[:-1], n)
 
 
-_SCALED_MM_MIN_M = 65  # below: our Triton decode kernels (split-K) beat cuBLAS' block-scaled GEMM
-# (device index, out dtype, N, K) -> whether block-scaled `_scaled_mm` ran and matched the reference there
-_scaled_mm_ok: dict[tuple[int, torch.dtype, int, int], bool] = {}
-scaled_mm_errors: dict[tuple[int, torch.dtype, int, int], str] = {}  # why a shape was refused (diagnostics)
+_SCALED_MM_MIN_M = 65  # below: our Triton kernels (split-K) beat cuBLAS' block-scaled GEMM at decode sizes
+GEMM_BACKENDS = ("auto", "scaled_mm", "triton", "ref")
 
 
 def cublas_block_shape(n: int, k: int) -> bool:
     """Weight shapes for which cuBLAS' block-scaled GEMM gave right answers on the H200 (torch 2.11, CUDA 13):
     N a multiple of 128 and K a multiple of 512, i.e. a whole number of 16-byte rows of K/128 fp32 scales
     (K = 512, 1024, 1536, 2048, 7168 all right for every M from 16 to 1000). With K = 256, 384, 640 or 1152 it
-    returned garbage (relative errors 0.2 to inf, depending on M) without raising: those stay on Triton."""
+    returned garbage (relative errors 0.2 to inf, depending on M) without raising: those stay on Triton.
+    Rows are padded to a multiple of 16 by `scaled_mm_block` (cuBLAS refuses other row counts)."""
     return n % 128 == 0 and k % 512 == 0
 
 
 @functools.cache
-def _hopper(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) >= (9, 0)
+def device_capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
 
 
-def _cublas_key(a_fp8: torch.Tensor, w_fp8: torch.Tensor, out_dtype: torch.dtype) -> tuple[int, torch.dtype, int, int]:
-    """(device index, out dtype, N, K): what `_scaled_mm_ok` remembers a cuBLAS check under."""
-    index = a_fp8.device.index if a_fp8.device.index is not None else torch.cuda.current_device()
-    return (index, out_dtype, *w_fp8.shape)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return device_capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _scaled_mm_applies(a_fp8: torch.Tensor, w_fp8: torch.Tensor, out_dtype: torch.dtype, block: int) -> bool:
-    """Shape and build checks for cuBLAS; a (device, dtype, N, K) never tried yet counts as applicable (the
-    first call tries it and checks it, see `_scaled_mm_checked`) except during CUDA-graph capture."""
-    n, k = w_fp8.shape
-    m = a_fp8.numel() // max(1, k)
-    if block != 128 or m < _SCALED_MM_MIN_M or not cublas_block_shape(n, k) or w_fp8.stride(-1) != 1:
-        return False
-    if out_dtype not in (torch.bfloat16, torch.float32) or not hasattr(torch, "_scaled_mm"):
-        return False
-    key = _cublas_key(a_fp8, w_fp8, out_dtype)
-    if not _hopper(key[0]):
-        return False
-    return _scaled_mm_ok.get(key, not torch.cuda.is_current_stream_capturing())
+def gemm_backend(m: int, n: int, k: int, device: torch.device, out_dtype: torch.dtype = torch.bfloat16,
+                 capability: tuple[int, int] | None = None) -> str:
+    """Which `fp8_gemm` backend runs an `[m, k] x [n, k]^T` block-scaled product, decided from the shape and
+    the device alone (no trial run, no output check): cuBLAS' block-scaled `torch._scaled_mm` on sm90+ for
+    m > 64 on `cublas_block_shape` shapes with bf16/fp32 output; our Triton kernel on sm89+ otherwise; the
+    PyTorch reference on CPU and older GPUs. `capability` overrides the device's (tests)."""
+    if device.type != "cuda":
+        return "ref"
+    cap = capability or _capability(device)
+    if (cap >= (9, 0) and m >= _SCALED_MM_MIN_M and cublas_block_shape(n, k)
+            and out_dtype in (torch.bfloat16, torch.float32) and hasattr(torch, "_scaled_mm")):
+        return "scaled_mm"
+    if cap >= (8, 9) and _triton_kernels() is not None:
+        return "triton"
+    return "ref"
 
 
-def _scaled_mm_checked(a_fp8, a_scale, w_fp8, w_scale, out_dtype) -> torch.Tensor | None:
-    """`scaled_mm_block`, the first time per (device, dtype, N, K) checked against the reference on up to
-    128 rows; None (and that shape remembered as refused) when cuBLAS refuses it or disagrees."""
-    key = _cublas_key(a_fp8, w_fp8, out_dtype)
-    if _scaled_mm_ok.get(key):
-        return scaled_mm_block(a_fp8, a_scale, w_fp8, w_scale, out_dtype)
-    n, k = w_fp8.shape
-    try:
-        out = scaled_mm_block(a_fp8, a_scale, w_fp8, w_scale, out_dtype)
-        rows = min(128, a_fp8.numel() // k)
-        ref = fp8_gemm_ref(a_fp8.reshape(-1, k)[:rows], a_scale.reshape(-1, a_scale.shape[-1])[:rows], w_fp8,
-                           w_scale, torch.float32)
-        err = float((out.reshape(-1, n)[:rows].float() - ref).norm() / ref.norm().clamp_min(1e-30))
-        ok = err < 1e-2
-        if not ok:
-            scaled_mm_errors[key] = f"relative error {err:.3g} against the reference"
-    except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:
-        ok, out = False, None
-        scaled_mm_errors[key] = f"{type(e).__name__}: {e}"[:300]
-    _scaled_mm_ok[key] = ok
-    return out if ok else None
+# ---- the activation policy of FP8 weights ---------------------------------------------------------
+FP8_POLICIES = ("auto", "w8a16", "w8a8")
+AUTO_W8A8_MIN_ROWS = 64  # `auto`: W8A8 from this many rows of activations (prefill), W8A16 below (decode)
+_said_no_fp8_mma: set[str] = set()
+
+
+def fp8_mma_available(device: torch.device) -> bool:
+    """FP8 tensor-core MMA through our kernels: a CUDA device of sm89 (Ada) or newer, with Triton."""
+    return device.type == "cuda" and _triton_kernels() is not None and _capability(device) >= (8, 9)
+
+
+def resolve_policy(policy: str, device: torch.device, rows: int) -> str:
+    """How a product with FP8 weights runs for `rows` rows of activations: "w8a16" (the weight dequantized
+    in registers, activations stay BF16: the official demo's way, the fastest for decode) or "w8a8"
+    (activations quantized per 1x128 tile, FP8 MMA: the report's inference, the fastest for prefill).
+
+    `policy`: "w8a16", "w8a8", or "auto" (W8A8 from `AUTO_W8A8_MIN_ROWS` rows on GPUs with FP8 MMA, else
+    W8A16). On CPU "w8a8" runs the reference GEMM on quantized operands (same numbers as the GPU, slowly) and
+    "auto" is W8A16; on a GPU without FP8 MMA (before sm89) everything is W8A16, said once in the log."""
+    if policy not in FP8_POLICIES:
+        raise ValueError(f"FP8 policy must be one of {FP8_POLICIES}, got {policy!r}")
+    if device.type != "cuda":
+        return "w8a8" if policy == "w8a8" else "w8a16"
+    if not fp8_mma_available(device):
+        name = torch.cuda.get_device_name(device)
+        if policy != "w8a16" and name not in _said_no_fp8_mma:
+            _said_no_fp8_mma.add(name)
+            logging.getLogger("dsv3").warning(
+                "%s has no FP8 tensor cores (needs sm89+): FP8 weights are dequantized in registers (w8a16)", name)
+        return "w8a16"
+    if policy == "auto":
+        return "w8a8" if rows >= AUTO_W8A8_MIN_ROWS else "w8a16"
+    return policy
 
 
 def fp8_gemm(
@@ -342,20 +349,18 @@ def fp8_gemm(
 
     `a_scale` is `[..., ceil(K/block)]` (from `quantize_act`), `w_scale` is
     `[ceil(N/block), ceil(K/block)]` (from `quantize_weight`). Accumulation is fp32.
-    `backend="auto"` on CUDA (sm89+): cuBLAS block-scaled `torch._scaled_mm` for M > 64 on the shapes of
-    `cublas_block_shape`, checked on the first call per shape (1.26-1.31x our Triton kernel at M = 128 and
-    4096, benchmarks/fp8_gemm.py), else our Triton kernel (split-K, faster at decode sizes); elsewhere the
-    PyTorch reference. `"triton"`, `"scaled_mm"` and `"ref"` force one.
+    `backend="auto"` takes `gemm_backend`'s choice (cuBLAS for large M on whole-block shapes, 1.26-1.31x our
+    Triton kernel at M = 128 and 4096 in benchmarks/fp8_gemm.py; Triton, split-K, at decode sizes; the
+    reference off FP8 hardware); `"scaled_mm"`, `"triton"` and `"ref"` force one. A backend that fails raises.
     """
     _check_gemm_shapes(a_fp8, a_scale, w_fp8, w_scale, block)
-    if backend not in ("auto", "triton", "scaled_mm", "ref"):
-        raise ValueError(f"fp8_gemm: backend must be auto, triton, scaled_mm or ref, got {backend!r}")
+    if backend not in GEMM_BACKENDS:
+        raise ValueError(f"fp8_gemm: backend must be one of {GEMM_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        n, k = w_fp8.shape
+        backend = gemm_backend(a_fp8.numel() // max(1, k), n, k, a_fp8.device, out_dtype) if block == 128 else "ref"
     if backend == "scaled_mm":
-        return scaled_mm_block(a_fp8, a_scale, w_fp8, w_scale, out_dtype)
-    if backend == "auto" and a_fp8.is_cuda and _scaled_mm_applies(a_fp8, w_fp8, out_dtype, block):
-        out = _scaled_mm_checked(a_fp8, a_scale, w_fp8, w_scale, out_dtype)
-        if out is not None:
-            return out
-    if backend == "triton" or (backend == "auto" and _use_triton(a_fp8, block)):
+        return scaled_mm_block(a_fp8, a_scale, w_fp8.contiguous(), w_scale, out_dtype)
+    if backend == "triton":
         return _triton_kernels().fp8_gemm(a_fp8, a_scale, w_fp8, w_scale, out_dtype)
     return fp8_gemm_ref(a_fp8, a_scale, w_fp8, w_scale, out_dtype, block)

@@ -26,7 +26,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from dsv3.kernels.fp8 import FP8_DTYPE, dequantize_weight
+from dsv3.kernels.fp8 import FP8_DTYPE, dequantize_weight, fp8_gemm_ref, quantize_act_ref
 
 SCORE_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
@@ -112,15 +112,23 @@ def _weight(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> 
 
 def fused_moe_ref(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate: torch.Tensor,
                   w_up: torch.Tensor, w_down: torch.Tensor, s_gate: torch.Tensor | None = None,
-                  s_up: torch.Tensor | None = None, s_down: torch.Tensor | None = None) -> torch.Tensor:
-    """PyTorch reference of `fused_moe`: loop over the experts that received tokens (host sync)."""
+                  s_up: torch.Tensor | None = None, s_down: torch.Tensor | None = None, a8: bool = False
+                  ) -> torch.Tensor:
+    """PyTorch reference of `fused_moe`: loop over the experts that received tokens (host sync). `a8`: the
+    W8A8 products (activations quantized per 1x128 tile, the reference block-scaled GEMM)."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+
+    def proj(a: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+        if a8:
+            return fp8_gemm_ref(*quantize_act_ref(a), w, s, out_dtype=x.dtype)
+        return F.linear(a, _weight(w, s, x.dtype))
+
     for e in torch.unique(ids).tolist():
         token, slot = torch.where(ids == e)
         xe = x[token]
-        g = F.linear(xe, _weight(w_gate[e], None if s_gate is None else s_gate[e], x.dtype))
-        u = F.linear(xe, _weight(w_up[e], None if s_up is None else s_up[e], x.dtype))
-        y = F.linear(F.silu(g) * u, _weight(w_down[e], None if s_down is None else s_down[e], x.dtype))
+        g = proj(xe, w_gate[e], None if s_gate is None else s_gate[e])
+        u = proj(xe, w_up[e], None if s_up is None else s_up[e])
+        y = proj(F.silu(g) * u, w_down[e], None if s_down is None else s_down[e])
         out.index_add_(0, token, y * weights[token, slot, None])
     return out.to(x.dtype)
 
@@ -146,17 +154,19 @@ def _check_experts(x, ids, weights, w_gate, w_up, w_down, s_gate, s_up, s_down) 
 def fused_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate: torch.Tensor,
               w_up: torch.Tensor, w_down: torch.Tensor, s_gate: torch.Tensor | None = None,
               s_up: torch.Tensor | None = None, s_down: torch.Tensor | None = None,
-              stats: torch.Tensor | None = None) -> torch.Tensor:
+              stats: torch.Tensor | None = None, a8: bool = False) -> torch.Tensor:
     """`out[n] = sum_k weights[n, k] * down_e(silu(gate_e(x[n])) * up_e(x[n]))`, `e = ids[n, k]`.
 
     x `[N, D]`; ids `[N, K]` (int, each row without repeats); weights `[N, K]` fp32; stacked expert
     weights as in the module docstring. `stats` (int32 `[1]`, CUDA only) receives the number of experts
-    that got tokens, on the device."""
+    that got tokens, on the device. `a8` (FP8 weights only): W8A8, FP8 x FP8 products with the activations
+    quantized per 1x128 tile; otherwise FP8 weights are dequantized in registers (W8A16)."""
     _check_experts(x, ids, weights, w_gate, w_up, w_down, s_gate, s_up, s_down)
+    a8 = a8 and s_gate is not None
     if _use_triton(x):
         return _triton().fused_moe(x, ids.to(torch.int32), weights.float(), w_gate, w_up, w_down,
-                                   s_gate, s_up, s_down, stats)
-    return fused_moe_ref(x, ids.long(), weights.float(), w_gate, w_up, w_down, s_gate, s_up, s_down)
+                                   s_gate, s_up, s_down, stats, a8=a8)
+    return fused_moe_ref(x, ids.long(), weights.float(), w_gate, w_up, w_down, s_gate, s_up, s_down, a8=a8)
 
 
 def swiglu_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, s_gate: torch.Tensor | None = None,

@@ -19,8 +19,10 @@ token; shared expert s is expert `E + s`, always chosen with weight 1):
 5. `combine`: `out[n] = sum_k y[n*KS + k]` in fp32.
 
 Weights are `[E', out, in]` (BF16/FP32) or `float8_e4m3fn` with a `[E', ceil(out/128), ceil(in/128)]`
-block scale (weight-only FP8: the tile is widened to BF16 in registers and each 128-deep partial
-product is scaled, so a decode step reads one byte per weight). Intermediate roundings follow the
+block scale. FP8 weights run in one of two ways: weight-only (W8A16: the tile is widened to BF16 in
+registers and each 128-deep partial product is scaled, so a decode step reads one byte per weight), or
+`a8` (W8A8: the activations are quantized per 1x128 tile and each 128-deep slice is one FP8 x FP8
+tensor-core dot scaled by both scales, for prefill). Intermediate roundings follow the
 reference (`gate`, `silu`, `up` and the product are rounded to the activation dtype).
 """
 
@@ -29,6 +31,8 @@ from __future__ import annotations
 import os
 
 import torch
+
+from dsv3.kernels.fp8 import quantize_act as act_quant  # Triton on CUDA; the reference, bit-exact, elsewhere
 
 try:
     import triton
@@ -154,10 +158,10 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["N", "KS"])
     def _ffn1_kernel(
-        x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, act_ptr, slots_ptr, counts_ptr, active_ptr, n_active_ptr,
+        x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, act_ptr, slots_ptr, counts_ptr, active_ptr, n_active_ptr, xs_ptr,
         N, D, I, KS,
-        stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_am,
-        ROUTED: tl.constexpr, FP8: tl.constexpr, PREC: tl.constexpr, EVEN_K: tl.constexpr,
+        stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_am, stride_xsm, stride_xsk,
+        ROUTED: tl.constexpr, FP8: tl.constexpr, A8: tl.constexpr, PREC: tl.constexpr, EVEN_K: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, M_SPLIT: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -188,9 +192,14 @@ if triton is not None:
                             mask=r_mask[:, None] & (offs_k[None, :] < D), other=0.0)
                 wg, s_g = _weight_tile(wg_base, sg_base, offs_k, offs_n, k0, D, I, stride_wn, stride_sn, FP8, EVEN_K)
                 wu, s_u = _weight_tile(wu_base, su_base, offs_k, offs_n, k0, D, I, stride_wn, stride_sn, FP8, EVEN_K)
-                if FP8:
-                    acc_g += tl.dot(a, wg.to(a.dtype)) * s_g[None, :]
-                    acc_u += tl.dot(a, wu.to(a.dtype)) * s_u[None, :]
+                if A8:  # FP8 x FP8 MMA, both 1x128 / 128x128 scales applied per 128-deep slice
+                    a_s = tl.load(xs_ptr + tok.to(tl.int64) * stride_xsm + (k0 // 128) * stride_xsk,
+                                  mask=r_mask, other=0.0)
+                    acc_g += tl.dot(a, wg) * (a_s[:, None] * s_g[None, :])
+                    acc_u += tl.dot(a, wu) * (a_s[:, None] * s_u[None, :])
+                elif FP8:
+                    acc_g += tl.dot(a, wg.to(a.dtype), input_precision=PREC) * s_g[None, :]
+                    acc_u += tl.dot(a, wu.to(a.dtype), input_precision=PREC) * s_u[None, :]
                 else:
                     acc_g = tl.dot(a, wg, acc_g, input_precision=PREC)
                     acc_u = tl.dot(a, wu, acc_u, input_precision=PREC)
@@ -203,10 +212,10 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["N", "KS"])
     def _ffn2_kernel(
-        a_ptr, w_ptr, s_ptr, out_ptr, rw_ptr, slots_ptr, counts_ptr, active_ptr, n_active_ptr,
+        a_ptr, w_ptr, s_ptr, out_ptr, rw_ptr, slots_ptr, counts_ptr, active_ptr, n_active_ptr, as_ptr,
         N, K, NOUT, KS,
-        stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_om,
-        ROUTED: tl.constexpr, FP8: tl.constexpr, PREC: tl.constexpr, EVEN_K: tl.constexpr,
+        stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_om, stride_asm, stride_ask,
+        ROUTED: tl.constexpr, FP8: tl.constexpr, A8: tl.constexpr, PREC: tl.constexpr, EVEN_K: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, M_SPLIT: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -233,8 +242,12 @@ if triton is not None:
                 a = tl.load(a_ptr + pair[:, None].to(tl.int64) * stride_am + offs_k[None, :],
                             mask=r_mask[:, None] & (offs_k[None, :] < K), other=0.0)
                 w, s = _weight_tile(w_base, s_base, offs_k, offs_n, k0, K, NOUT, stride_wn, stride_sn, FP8, EVEN_K)
-                if FP8:
-                    acc += tl.dot(a, w.to(a.dtype)) * s[None, :]
+                if A8:
+                    a_s = tl.load(as_ptr + pair.to(tl.int64) * stride_asm + (k0 // 128) * stride_ask,
+                                  mask=r_mask, other=0.0)
+                    acc += tl.dot(a, w) * (a_s[:, None] * s[None, :])
+                elif FP8:
+                    acc += tl.dot(a, w.to(a.dtype), input_precision=PREC) * s[None, :]
                 else:
                     acc = tl.dot(a, w, acc, input_precision=PREC)
             dt = out_ptr.dtype.element_ty
@@ -258,11 +271,16 @@ if triton is not None:
 
 
 # ---- launch configuration ---------------------------------------------------------------------
-def _config(rows_per_expert: float, n_rows: int, routed: bool = True) -> dict:
+def _config(rows_per_expert: float, n_rows: int, routed: bool = True, a8: bool = False) -> dict:
     """Tile sizes from the expected rows per expert, and how many programs share one expert's row chunks
-    (`M_SPLIT`, sized for the busiest expert: `n_rows`). Static for a given token count: graph-safe."""
+    (`M_SPLIT`, sized for the busiest expert: `n_rows`). Static for a given token count: graph-safe.
+    `a8`: FP8 x FP8 tiles (128-deep K steps, wide M for the tensor cores)."""
     if _INTERPRET:
         return dict(BM=16, BN=16, BK=32, M_SPLIT=2, num_warps=4, num_stages=1)
+    if a8 and rows_per_expert > 24:
+        cfg = dict(BM=64 if rows_per_expert <= 128 else 128, BN=128, BK=128, num_warps=8, num_stages=3)
+        cfg["M_SPLIT"] = max(1, min(8, triton.cdiv(n_rows, cfg["BM"]) // (4 if routed else 1)))
+        return cfg
     # one row chunk should cover a typical expert: every extra chunk streams the expert's weights again
     if rows_per_expert <= 6:
         cfg = dict(BM=16, BN=32, BK=128, num_warps=4, num_stages=4)
@@ -317,9 +335,11 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, topk: int, n_shared: 
 
 def fused_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate: torch.Tensor,
               w_up: torch.Tensor, w_down: torch.Tensor, s_gate: torch.Tensor | None, s_up: torch.Tensor | None,
-              s_down: torch.Tensor | None, stats: torch.Tensor | None = None) -> torch.Tensor:
+              s_down: torch.Tensor | None, stats: torch.Tensor | None = None, a8: bool = False) -> torch.Tensor:
     """x `[N, D]`, ids/weights `[N, KS]` -> `[N, D]`. `stats` (int32 `[1]`), if given, receives the number
-    of experts that got tokens (the device-side counter itself, no sync)."""
+    of experts that got tokens (the device-side counter itself, no sync). `a8` (FP8 weights only): the
+    activations are quantized per 1x128 tile (x before ffn1, the SwiGLU output before ffn2) and both GEMMs
+    run FP8 x FP8 MMA."""
     n, d = x.shape
     ks = ids.shape[1]
     n_exp, inter = w_gate.shape[0], w_gate.shape[1]
@@ -339,10 +359,15 @@ def fused_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate:
     _align_kernel[(n_exp,)](ids, slots, counts, active, n_active, nk, n,
                             BLOCK=min(4096, max(16, triton.next_power_of_2(nk))), num_warps=4)
     max_active = min(n_exp, nk)
-    cfg = _config(nk / n_exp, n)
+    a8 = a8 and fp8
+    cfg = _config(nk / n_exp, n, a8=a8)
     x = x if x.stride(-1) == 1 else x.contiguous()
     act = torch.empty(nk, inter, dtype=x.dtype, device=dev)
     y = torch.empty(nk, d, dtype=x.dtype, device=dev)
+    xs, xs_m, xs_k = weights, 0, 0
+    if a8:
+        x, xs = act_quant(x)  # [N, D] e4m3, [N, D/128] fp32
+        xs_m, xs_k = xs.stride()
     meta = dict(BM=cfg["BM"], BN=cfg["BN"], M_SPLIT=cfg["M_SPLIT"], num_warps=cfg["num_warps"],
                 num_stages=cfg["num_stages"])
     sg, se, ssn = _scale_args(s_gate, weights)
@@ -350,17 +375,21 @@ def fused_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate:
     bk1 = _bk(cfg, d, fp8)
     grid1 = (max_active * triton.cdiv(inter, cfg["BN"]), cfg["M_SPLIT"])
     _ffn1_kernel[grid1](
-        x, w_gate, w_up, sg, su, act, slots, counts, active, n_active, n, d, inter, ks,
-        x.stride(0), w_gate.stride(0), w_gate.stride(1), se, ssn, act.stride(0),
-        ROUTED=True, FP8=fp8, PREC=_prec(x), EVEN_K=d % bk1 == 0, BK=bk1, **meta,
+        x, w_gate, w_up, sg, su, act, slots, counts, active, n_active, xs, n, d, inter, ks,
+        x.stride(0), w_gate.stride(0), w_gate.stride(1), se, ssn, act.stride(0), xs_m, xs_k,
+        ROUTED=True, FP8=fp8, A8=a8, PREC=_prec(act), EVEN_K=d % bk1 == 0, BK=bk1, **meta,
     )
+    acts, as_m, as_k = weights, 0, 0
+    if a8:
+        act, acts = act_quant(act)  # [N*KS, I] e4m3, [N*KS, I/128]
+        as_m, as_k = acts.stride()
     sd, sde, sdn = _scale_args(s_down, weights)
     bk2 = _bk(cfg, inter, fp8)
     grid2 = (max_active * triton.cdiv(d, cfg["BN"]), cfg["M_SPLIT"])
     _ffn2_kernel[grid2](
-        act, w_down, sd, y, weights, slots, counts, active, n_active, n, inter, d, ks,
-        act.stride(0), w_down.stride(0), w_down.stride(1), sde, sdn, y.stride(0),
-        ROUTED=True, FP8=fp8, PREC=_prec(x), EVEN_K=inter % bk2 == 0, BK=bk2, **meta,
+        act, w_down, sd, y, weights, slots, counts, active, n_active, acts, n, inter, d, ks,
+        act.stride(0), w_down.stride(0), w_down.stride(1), sde, sdn, y.stride(0), as_m, as_k,
+        ROUTED=True, FP8=fp8, A8=a8, PREC=_prec(y), EVEN_K=inter % bk2 == 0, BK=bk2, **meta,
     )
     bd = min(1024, triton.next_power_of_2(d))
     _combine_kernel[(n, triton.cdiv(d, bd))](y, out, d, KS=ks, BD=bd, num_warps=4)
@@ -384,9 +413,9 @@ def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, s_gate: to
     dummy = act  # unused pointers in dense mode
     grid = (triton.cdiv(inter, cfg["BN"]), cfg["M_SPLIT"])
     _ffn1_kernel[grid](
-        x, w_gate, w_up, sg, su, act, dummy, dummy, dummy, dummy, m, d, inter, 1,
-        x.stride(0), 0, w_gate.stride(0), 0, ssn, act.stride(0),
-        ROUTED=False, FP8=fp8, PREC=_prec(x), EVEN_K=d % bk == 0, BK=bk,
+        x, w_gate, w_up, sg, su, act, dummy, dummy, dummy, dummy, dummy, m, d, inter, 1,
+        x.stride(0), 0, w_gate.stride(0), 0, ssn, act.stride(0), 0, 0,
+        ROUTED=False, FP8=fp8, A8=False, PREC=_prec(x), EVEN_K=d % bk == 0, BK=bk,
         BM=cfg["BM"], BN=cfg["BN"], M_SPLIT=cfg["M_SPLIT"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return act
@@ -407,9 +436,9 @@ def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torc
     dummy = out
     grid = (triton.cdiv(nout, cfg["BN"]), cfg["M_SPLIT"])
     _ffn2_kernel[grid](
-        x, w, s, out, dummy, dummy, dummy, dummy, dummy, m, k, nout, 1,
-        x.stride(0), 0, w.stride(0), 0, ssn, out.stride(0),
-        ROUTED=False, FP8=fp8, PREC=_prec(x), EVEN_K=k % bk == 0, BK=bk,
+        x, w, s, out, dummy, dummy, dummy, dummy, dummy, dummy, m, k, nout, 1,
+        x.stride(0), 0, w.stride(0), 0, ssn, out.stride(0), 0, 0,
+        ROUTED=False, FP8=fp8, A8=False, PREC=_prec(x), EVEN_K=k % bk == 0, BK=bk,
         BM=cfg["BM"], BN=cfg["BN"], M_SPLIT=cfg["M_SPLIT"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

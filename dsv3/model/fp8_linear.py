@@ -1,13 +1,20 @@
-"""A Linear layer whose weight stays FP8 in memory: the DeepSeek-V3 checkpoint layout, half the bytes.
+"""The one FP8 weight format of inference: `FP8Linear`, the DeepSeek-V3 checkpoint layout, half the bytes.
 
 `FP8Linear` holds `weight` (`float8_e4m3fn`, `[out, in]`) and `weight_scale_inv` (float32,
 `[ceil(out/128), ceil(in/128)]`, dequantized block = FP8 block × scale), so its state-dict keys are the
-HF names and a checkpoint's FP8 tensors copy straight in. Forward:
+HF names and a checkpoint's FP8 tensors copy straight in. The same tensors, stacked per expert, feed the
+fused MoE kernels (`dsv3.model.fused.stack_experts`). Forward follows the module's activation policy
+(`policy`, set by `set_fp8_policy`; `dsv3.kernels.fp8.resolve_policy` says what each one means):
 
-- CUDA on Hopper or newer (sm90+) with Triton: quantize the activations per 1×128 tile and run the
-  block-scaled FP8 GEMM (`dsv3.kernels.fp8.fp8_gemm`).
-- anywhere else (CPU, older GPUs), or when `x` needs a gradient: dequantize the weight a slab of output
-  rows at a time to `x.dtype` and matmul, so no full-size high-precision copy of the weight exists.
+- `w8a16`: activations stay in their dtype, the weight is dequantized: in registers by the Triton
+  weight-only GEMM on CUDA (`dsv3.kernels.moe.linear`), a slab of output rows at a time elsewhere, so no
+  full-size high-precision copy of the weight exists. Equal to the dequantized BF16 model up to the
+  rounding of each product.
+- `w8a8`: activations quantized per 1×128 tile and the block-scaled FP8 GEMM (`dsv3.kernels.fp8.fp8_gemm`:
+  cuBLAS or Triton on the GPU, the reference on CPU), as the report's inference does.
+- `auto` (default): W8A8 for 64 rows or more on GPUs with FP8 tensor cores, W8A16 otherwise.
+
+While `x` needs a gradient the slab-wise dequantized matmul runs (autograd flows to `x`).
 
 `convert_linears_to_fp8(model)` swaps `nn.Linear` modules for `FP8Linear`, keeping BF16 the layers the
 official checkpoint keeps BF16 (`keep_bf16`): the output head, the MoE router (`mlp.gate`, not an
@@ -16,7 +23,6 @@ official checkpoint keeps BF16 (`keep_bf16`): the output head, the MoE router (`
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 
@@ -24,14 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv3.kernels import moe as moe_ops
 from dsv3.kernels.fp8 import (
     FP8_DTYPE,
+    FP8_POLICIES,
     _CHUNK_ELEMS,
-    _triton_kernels,
     dequantize_weight,
     fp8_gemm,
     quantize_act,
     quantize_weight,
+    resolve_policy,
     scale_shape,
 )
 
@@ -43,11 +51,6 @@ def keep_bf16(name: str) -> bool:
     """True for a module name the official DeepSeek-V3 FP8 checkpoint stores in BF16."""
     name = name.removeprefix("model.")
     return any(name == s or name.endswith("." + s) for s in BF16_LINEAR_SUFFIXES)
-
-
-@functools.cache
-def _fp8_gemm_capable(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) >= (9, 0) and _triton_kernels() is not None
 
 
 class FP8Linear(nn.Module):
@@ -66,6 +69,7 @@ class FP8Linear(nn.Module):
         if in_features < 1 or out_features < 1:
             raise ValueError(f"FP8Linear needs positive sizes, got in={in_features}, out={out_features}")
         self.in_features, self.out_features, self.block_size = in_features, out_features, block_size
+        self.policy = "auto"  # the activation policy (module docstring); `set_fp8_policy` changes it
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device), requires_grad=False
         )
@@ -92,21 +96,33 @@ class FP8Linear(nn.Module):
                 new.bias.data.copy_(linear.bias.detach())
         return new
 
+    @classmethod
+    def from_tensors(cls, weight: torch.Tensor, scale: torch.Tensor) -> FP8Linear:
+        """A bias-free FP8Linear over existing tensors (no copy: views into stacked experts stay views)."""
+        new = cls(weight.shape[1], weight.shape[0], device="meta")
+        new.weight = nn.Parameter(weight, requires_grad=False)
+        new.weight_scale_inv = nn.Parameter(scale, requires_grad=False)
+        return new
+
     def dequantized_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The full `[out, in]` weight in `dtype` (allocates it; forward does not)."""
         return dequantize_weight(self.weight, self.weight_scale_inv, self.block_size, dtype)
 
-    def _use_fp8_gemm(self, x: torch.Tensor) -> bool:
-        if not x.is_cuda or self.block_size != 128 or (x.requires_grad and torch.is_grad_enabled()):
-            return False
-        return _fp8_gemm_capable(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    def mode(self, x: torch.Tensor) -> str:
+        """"w8a16" or "w8a8": how `forward(x)` runs (gradients and other block sizes: always w8a16)."""
+        if self.block_size != 128 or (x.requires_grad and torch.is_grad_enabled()):
+            return "w8a16"
+        return resolve_policy(self.policy, x.device, x.numel() // max(1, x.shape[-1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"FP8Linear expects {self.in_features} input features, got shape {tuple(x.shape)}")
-        if self._use_fp8_gemm(x):
+        mode = self.mode(x)
+        if mode == "w8a8":
             x_q, x_s = quantize_act(x, self.block_size)  # [..., K] e4m3, [..., K/128]
             y = fp8_gemm(x_q, x_s, self.weight, self.weight_scale_inv, out_dtype=x.dtype)
+        elif x.is_cuda and not torch.is_grad_enabled():
+            y = moe_ops.linear(x, self.weight, self.weight_scale_inv)  # dequantized in registers
         else:
             y = self._dequant_matmul(x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
@@ -142,7 +158,24 @@ class FP8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, block_size={self.block_size}")
+                f"bias={self.bias is not None}, block_size={self.block_size}, policy={self.policy}")
+
+
+def set_fp8_policy(model: nn.Module, policy: str) -> int:
+    """Set the activation policy of every FP8 module of `model` (FP8Linears and FP8 stacked experts);
+    returns how many modules hold FP8 weights."""
+    if policy not in FP8_POLICIES:
+        raise ValueError(f"FP8 policy must be one of {FP8_POLICIES}, got {policy!r}")
+    count = 0
+    for module in model.modules():
+        if isinstance(module, FP8Linear) or getattr(module, "fp8", False):
+            module.policy = policy
+            count += 1
+    return count
+
+
+def has_fp8_weights(model: nn.Module) -> bool:
+    return any(p.dtype == FP8_DTYPE for p in model.parameters())
 
 
 def convert_linears_to_fp8(

@@ -85,7 +85,8 @@ class MLP(nn.Module):
         self.down_proj = linear(inter_dim, dim, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and x.is_cuda and not torch.is_grad_enabled():
+        w8a8 = getattr(self.gate_proj, "mode", None)  # FP8Linear: W8A8 runs through its own GEMMs
+        if self.fused and x.is_cuda and not torch.is_grad_enabled() and (w8a8 is None or w8a8(x) != "w8a8"):
             x2 = x.reshape(-1, x.shape[-1])
             (wg, sg), (wu, su) = weight_and_scale(self.gate_proj), weight_and_scale(self.up_proj)
             h = moe_ops.swiglu(x2, wg, wu, sg, su)

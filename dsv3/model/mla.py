@@ -65,6 +65,8 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, args.rms_norm_eps, dtype)
         self.kv_b_proj = linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), dtype)
         self.o_proj = linear(self.n_heads * self.v_dim, args.dim, dtype)
+        # `kv_b_proj`'s weight dequantized once, for FP8 weights on the fused path (`fuse_for_inference`)
+        self.register_buffer("kv_b_dense", None, persistent=False)
 
     def extra_repr(self) -> str:
         return f"layer_id={self.layer_id}, heads={self.n_heads}, fused={self.fused}"
@@ -93,7 +95,9 @@ class MLA(nn.Module):
 
     def kv_b_halves(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """`kv_b_proj` as per-head `W_uk [H, nope, C]` and `W_uv^T [H, C, v]` (views; FP8 dequantized)."""
-        w = dense_weight(self.kv_b_proj, dtype).unflatten(0, (self.n_heads, self.nope_dim + self.v_dim))
+        w = self.kv_b_dense if self.kv_b_dense is not None and self.kv_b_dense.dtype == dtype else \
+            dense_weight(self.kv_b_proj, dtype)
+        w = w.unflatten(0, (self.n_heads, self.nope_dim + self.v_dim))
         return w[:, : self.nope_dim], w[:, self.nope_dim:].transpose(1, 2)
 
     def absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:

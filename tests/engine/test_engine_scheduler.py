@@ -249,3 +249,91 @@ def test_abort_waiting_and_running_frees_blocks():
 def test_budget_must_cover_max_num_seqs():
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         Scheduler(BlockManager(4, 4), max_num_seqs=8, max_num_batched_tokens=4)
+
+
+class FakeSpecEngine(FakeEngine):
+    """Speculative decoding with the fake model: a fake drafter guesses the next k tokens (right with
+    probability 0.7 each), verification keeps drafts while they equal the model's choice, then one more token."""
+
+    def __init__(self, *args, k=3, seed=0, **kw):
+        super().__init__(*args, num_draft_tokens=k, **kw)
+        self.k = k
+        self.rng = random.Random(seed)
+        self.limits = []  # (drafts, tokens still allowed) of each verified sequence
+
+    def guess(self, tokens):
+        out = []
+        for _ in range(self.k):
+            t = self.fn(tokens + out)
+            out.append(t if self.rng.random() < 0.7 else 1 + (t % (VOCAB - 1)))
+        return out
+
+    def step(self):
+        out = self.sched.schedule()
+        self.steps.append(out)
+        assert out.num_batched_tokens <= self.sched.max_num_batched_tokens
+        sampled = []
+        for item in out.scheduled:
+            s = item.seq
+            if item.drafts:
+                self.limits.append((len(item.drafts), s.params.max_tokens - s.num_output_tokens))
+            n_own = item.num_tokens - len(item.drafts)
+            assert len(s.block_table) * self.bm.block_size >= item.start + item.num_tokens  # slots for the drafts
+            tokens = s.token_slice(item.start, item.start + n_own) + item.drafts
+            for pos, t in zip(range(item.start, item.start + item.num_tokens), tokens):
+                self.cache[self.slot(s, pos)] = (pos, t)
+            if item.sample:
+                end = item.start + n_own
+                seen = [self.cache.get(self.slot(s, p)) for p in range(end)]
+                assert seen == [(p, s.token_id_at(p)) for p in range(end)], f"cache of {s} is wrong"
+                keep, history = [], s.token_ids
+                for d in item.drafts + [None]:
+                    t = self.fn(history + keep)
+                    keep.append(t)
+                    if t != d:
+                        break
+                sampled.append(keep)
+                s.draft_token_ids = self.guess(s.token_ids + keep)
+        finished = self.sched.postprocess(out, sampled)
+        for item in out.scheduled:  # rollback: only the kept tokens hold blocks once the step is done
+            s = item.seq
+            if item.sample and not s.is_finished:
+                assert len(s.block_table) == s.num_blocks_needed(self.bm.block_size, s.num_computed_tokens)
+                assert s.num_computed_tokens == s.num_tokens - 1
+        return finished
+
+
+@pytest.mark.parametrize("num_blocks", [64, 9])  # 9: preemption
+def test_speculative_steps_keep_outputs_blocks_and_hashes(num_blocks):
+    rng = random.Random(3)
+    requests = [([rng.randrange(1, VOCAB) for _ in range(rng.randrange(1, 12))], rng.randrange(1, 20))
+                for _ in range(8)]
+    arrivals = {}
+    for i, (prompt, n) in enumerate(requests):
+        arrivals.setdefault(i // 2 * 3, []).append((prompt, {"max_tokens": n}))
+    plain = FakeEngine(num_blocks=num_blocks, block_size=4, max_num_seqs=4, max_num_batched_tokens=16)
+    spec = FakeSpecEngine(num_blocks=num_blocks, block_size=4, max_num_seqs=4, max_num_batched_tokens=16)
+    done = {}
+    for eng in (plain, spec):
+        done[eng] = sorted(eng.run(arrivals=arrivals), key=lambda s: s.seq_id)
+        assert eng.bm.num_free_blocks == num_blocks
+    for a, b in zip(done[plain], done[spec]):
+        assert b.output_token_ids == a.output_token_ids == reference(a.prompt_token_ids, a.params.max_tokens)
+    assert set(spec.bm.hash_to_block) == set(plain.bm.hash_to_block)
+    drafted, accepted = spec.sched.spec_drafted, spec.sched.spec_accepted
+    assert drafted[0] > 0 and 0 < accepted[0] < drafted[0] and drafted == sorted(drafted, reverse=True)
+    assert len(spec.steps) < len(plain.steps)  # accepted drafts save steps
+    if num_blocks == 9:
+        assert spec.sched.num_preemptions > 0
+    drafts_per_step = [len(x.drafts) for out in spec.steps for x in out.scheduled]
+    assert max(drafts_per_step) == 3
+
+
+def test_drafts_respect_max_tokens_and_the_budget():
+    eng = FakeSpecEngine(num_blocks=64, block_size=4, max_num_seqs=4, max_num_batched_tokens=4, k=3)
+    a = eng.add([1, 2, 3], max_tokens=3)
+    b = eng.add([4, 5], max_tokens=30)
+    eng.run()
+    assert a.output_token_ids == reference([1, 2, 3], 3) and b.output_token_ids == reference([4, 5], 30)
+    assert eng.limits and all(n < left for n, left in eng.limits)  # a kept draft never passes max_tokens
+    assert all(out.num_batched_tokens <= 4 for out in eng.steps)
