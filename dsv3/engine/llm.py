@@ -34,6 +34,7 @@ from dsv3.engine.sampling import SamplingParams
 from dsv3.engine.scheduler import Scheduler
 from dsv3.engine.sequence import Sequence, TokenLogprob
 from dsv3.model import Transformer
+from dsv3.model.fp8_linear import set_fp8_policy
 
 Prompt = str | list[int]
 
@@ -71,10 +72,8 @@ class _Request:
 
 
 def _fast_applies(model: Transformer) -> bool:
-    """The default of `LLM(fast=None)`: the model sits on CUDA and holds no FP8 weights."""
-    if not model.embed_tokens.weight.is_cuda:
-        return False
-    return not any(p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for p in model.parameters())
+    """The default of `LLM(fast=None)`: the model sits on CUDA (BF16 or FP8 weights alike)."""
+    return model.embed_tokens.weight.is_cuda
 
 
 class LLM:
@@ -94,8 +93,8 @@ class LLM:
         kernel over the paged cache; fused MoE, norms and SwiGLU) and CUDA graphs for decode steps, captured
         here for decode batches up to `max_num_seqs` (`dsv3.engine.model_runner`). It readies the model in
         place (`dsv3.model.fused.fuse_for_inference`: stacked experts), so a `Transformer` passed in is
-        changed; it needs BF16/FP16/FP32 weights. None (default): on when the model is on CUDA with non-FP8
-        weights, else off. True off CUDA raises ValueError.
+        changed. BF16/FP16/FP32 and FP8 weights (`FP8Linear`) alike; FP8 follows `fp8_policy`. None (default):
+        on when the model is on CUDA, else off. True off CUDA raises ValueError.
         `speculative="mtp"`: the model's MTP module drafts `num_draft_tokens` tokens per sequence and step and
         the main model verifies them all in one forward (`dsv3.engine.speculative`); outputs keep the
         distribution of decoding without it (greedy: the same tokens). Acceptance per draft position is in
@@ -116,9 +115,11 @@ class LLM:
         elif isinstance(model, (str, Path)):
             from dsv3.checkpoint import load_model
             folder = Path(model)
-            self.model = load_model(folder, device=device, dtype=dtype)
+            self.model = load_model(folder, device=device, dtype=dtype, weights=config.weights)
         else:
             raise ValueError(f"model must be a checkpoint folder or a Transformer, got {type(model).__name__}")
+        if config.fp8_policy is not None:
+            set_fp8_policy(self.model, config.fp8_policy)
         if fast is None:
             fast = _fast_applies(self.model)
         self.tokenizer = self._load_tokenizer(tokenizer, folder)

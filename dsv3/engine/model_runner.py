@@ -32,7 +32,6 @@ pass the plan in their `AttentionMeta`, so the forward's attention and FFN run f
 
 from __future__ import annotations
 
-import itertools
 
 
 import torch
@@ -51,7 +50,6 @@ from dsv3.model.fused import fuse_for_inference
 
 DEFAULT_CPU_CACHE_BYTES = 512 * 2**20
 DEFAULT_GPU_MEMORY_FRACTION = 0.8  # of the free memory after loading the model
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def cache_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype | None = None,
@@ -61,14 +59,6 @@ def cache_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtyp
     dtype = dtype or model.embed_tokens.weight.dtype
     elem = torch.empty((), dtype=dtype).element_size()
     return block_size * (args.n_layers + mtp_layers) * (args.kv_lora_rank + args.qk_rope_head_dim) * elem
-
-
-def check_fusable(model: Transformer) -> None:
-    """`fast=True` needs BF16/FP16/FP32 weights (the FP8 checkpoint format is not on the fast path yet)."""
-    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
-        if tensor.dtype in FP8_DTYPES and "stacked" not in name:
-            raise ValueError(f"fast=True needs BF16/FP16/FP32 weights, but {name} is {tensor.dtype} "
-                             "(load the checkpoint with weights='bf16')")
 
 
 class ModelRunner:
@@ -101,7 +91,6 @@ class ModelRunner:
         mtp_layers = min(num_draft_tokens, len(model.mtp))  # the modules the drafts run through
         if fast:
             capture_sizes(max_num_seqs)  # checks max_num_seqs before any work
-            check_fusable(model)
             fuse_for_inference(model)  # stacking the experts needs memory the cache would otherwise take
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
