@@ -185,11 +185,13 @@ class BatchStats:
     mean_ttft_s: float = 0.0
     decode_tokens_per_s: float = 0.0
     interrupted: bool = False
+    speculative: str = ""  # with speculative decoding: acceptance per draft position (`SpeculativeStats.summary`)
 
     def line(self) -> str:
+        spec = f", {self.speculative}" if self.speculative else ""
         return (f"[{self.requests} requests, {self.prompt_tokens} prompt tokens, {self.output_tokens} output tokens, "
                 f"{self.wall_s:.2f} s, time to first token {self.mean_ttft_s:.3f} s (mean), "
-                f"decode {self.decode_tokens_per_s:.1f} tokens/s]")
+                f"decode {self.decode_tokens_per_s:.1f} tokens/s{spec}]")
 
 
 def run_batch(llm: "LLM", tok: "Tokenizer", prompts: dict[int, list[int]], params: "SamplingParams",
@@ -226,6 +228,8 @@ def run_batch(llm: "LLM", tok: "Tokenizer", prompts: dict[int, list[int]], param
                     bar.update(1)
     end = time.perf_counter()
     stats.wall_s = end - start
+    spec = getattr(llm, "speculative_stats", None)
+    stats.speculative = spec.summary() if spec is not None else ""
     if first:
         stats.mean_ttft_s = sum(t - start for t in first.values()) / len(first)
         decoded = stats.output_tokens - stats.requests

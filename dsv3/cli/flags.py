@@ -20,7 +20,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dsv3.engine.config import DTYPES, EngineConfig
+from dsv3.engine.config import DTYPES, MAX_DRAFT_TOKENS, EngineConfig
 
 if TYPE_CHECKING:
     from dsv3.engine.sampling import SamplingParams
@@ -215,6 +215,14 @@ def add_engine(p: argparse.ArgumentParser, max_model_len: bool = True) -> None:
     g.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction,
                    default=_ENGINE_DEFAULTS["enable_prefix_caching"],
                    help="reuse the cached blocks of equal prompt prefixes (default: on)")
+    g.add_argument("--speculative", choices=["mtp"], default=None,
+                   help="speculative decoding: mtp = the model's MTP module drafts tokens and the model verifies them "
+                        "all in one step; the same outputs (greedy) or the same distribution (sampling), in fewer "
+                        "steps (default: off)")
+    g.add_argument("--num-draft-tokens", type=positive_int, default=None, metavar="K",
+                   help=f"with --speculative mtp: drafts per sequence and step, 1-{MAX_DRAFT_TOKENS}; past the "
+                        f"model's MTP depths the last module drafts again from its own guess "
+                        f"(default: {_ENGINE_DEFAULTS['num_draft_tokens']})")
     g.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
                    help="fused MoE/MLA kernels and CUDA graphs for decode steps, GPU only (default: on with a "
                         "CUDA device and BF16 weights, off otherwise; --no-fast forces the plain PyTorch path)")
@@ -280,13 +288,20 @@ def engine_config(args: argparse.Namespace, device: str) -> EngineConfig:
     """The `EngineConfig` of the parsed flags (device already resolved): the one place flags meet the engine."""
     if args.fast and not device.startswith("cuda"):
         raise UsageError(f"--fast needs a CUDA device (--device cuda), got --device {device}")
+    drafts = getattr(args, "num_draft_tokens", None)
+    if drafts is not None and getattr(args, "speculative", None) is None:
+        raise UsageError("--num-draft-tokens needs --speculative mtp")
+    speculative = {"speculative": getattr(args, "speculative", None)}
+    if drafts is not None:
+        speculative["num_draft_tokens"] = drafts
     try:
         return EngineConfig(device=device, dtype=args.dtype, num_blocks=args.num_blocks, cache_memory=args.cache_memory,
                             block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                             max_num_batched_tokens=args.max_num_batched_tokens,
                             max_model_len=getattr(args, "max_model_len", None),
                             enable_prefix_caching=args.prefix_caching, fast=args.fast,
-                            weights=getattr(args, "weights", "auto"), fp8_policy=getattr(args, "fp8_policy", None))
+                            weights=getattr(args, "weights", "auto"), fp8_policy=getattr(args, "fp8_policy", None),
+                            **speculative)
     except ValueError as e:  # settings that conflict with each other
         raise UsageError(str(e)) from None
 

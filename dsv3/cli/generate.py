@@ -192,7 +192,8 @@ def _one(llm, tok, prompt: str, ids: list[int], params, out_file) -> int:
     _write("\n")
     elapsed = time.perf_counter() - start
     n = len(answer.token_ids)
-    print(f"[{n} tokens, {n / max(elapsed, 1e-9):.1f} tokens/s, finish: {answer.finish_reason}]", file=sys.stderr)
+    spec = f", {llm.speculative_stats.summary()}" if llm.speculative_stats is not None else ""
+    print(f"[{n} tokens, {n / max(elapsed, 1e-9):.1f} tokens/s, finish: {answer.finish_reason}{spec}]", file=sys.stderr)
     if out_file:
         out_file.write(json.dumps(asdict(Completion.of(0, prompt, ids, answer)), ensure_ascii=False) + "\n")
     return 130 if answer.finish_reason == "interrupted" else 0

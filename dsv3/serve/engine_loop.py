@@ -28,7 +28,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-from dsv3.serve.metrics import ServerMetrics
+from dsv3.serve.metrics import ServerMetrics, speculative_counts
 
 
 class QueueFull(Exception):
@@ -309,6 +309,7 @@ class EngineLoop:
             "preemptions": float(getattr(engine, "num_preemptions", 0) or 0),
             "prefix_hits": float(getattr(engine, "prefix_cache_hit_tokens", 0) or 0),
             "steps": float(self.num_steps),
+            **speculative_counts(engine),
         }
         stats["cache_usage"] = stats["blocks_used"] / stats["blocks_total"] if stats["blocks_total"] else 0.0
         with self._cv:

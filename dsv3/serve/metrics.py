@@ -127,6 +127,36 @@ class Histogram(_Metric):
         return lines
 
 
+class PositionCounter(_Metric):
+    """A counter per draft position, read from the stats keys `{key}.{position}` at scrape time (speculative
+    decoding: drafts verified and accepted at each position of a step's drafts)."""
+
+    kind = "counter"
+
+    def __init__(self, name: str, help_: str, key: str, read: Callable[[], dict[str, float]]) -> None:
+        super().__init__(name, help_, ("position",))
+        self._key = key
+        self._read = read
+
+    def values(self) -> dict[int, float]:
+        prefix = self._key + "."
+        return {int(k[len(prefix):]): v for k, v in self._read().items() if k.startswith(prefix)}
+
+    def render(self) -> list[str]:
+        return self.header() + [f'{self.name}{{position="{i}"}} {_fmt(v)}' for i, v in sorted(self.values().items())]
+
+
+def speculative_counts(engine: object) -> dict[str, float]:
+    """The stats keys `PositionCounter` reads: `spec_drafted.{i}` and `spec_accepted.{i}` of an engine with
+    speculative decoding (`LLM.speculative_stats`), none without it."""
+    stats = getattr(engine, "speculative_stats", None)
+    if stats is None:
+        return {}
+    out = {f"spec_drafted.{i}": float(n) for i, n in enumerate(stats.drafted)}
+    out.update({f"spec_accepted.{i}": float(n) for i, n in enumerate(stats.accepted)})
+    return out
+
+
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                     10.0, 20.0, 40.0, 80.0)
 
@@ -161,9 +191,14 @@ class ServerMetrics:
                               "Mean time between output tokens of a finished sequence.", _LATENCY_BUCKETS)
         self.e2e = Histogram(f"{p}_e2e_request_latency_seconds", "Time from arrival to the last token.",
                              _LATENCY_BUCKETS)
+        self.spec_drafts = PositionCounter(f"{p}_spec_decode_num_draft_tokens_total",
+                                           "Speculative drafts verified, per draft position.", "spec_drafted", stats)
+        self.spec_accepted = PositionCounter(f"{p}_spec_decode_num_accepted_tokens_total",
+                                             "Speculative drafts accepted, per draft position.", "spec_accepted", stats)
         self._all = [self.num_running, self.num_waiting, self.cache_usage, self.cache_blocks_used,
                      self.cache_blocks_total, self.prompt_tokens, self.generation_tokens, self.engine_steps,
-                     self.preemptions, self.prefix_hits, self.requests, self.http_errors, self.ttft, self.tpot, self.e2e]
+                     self.preemptions, self.prefix_hits, self.requests, self.http_errors, self.ttft, self.tpot, self.e2e,
+                     self.spec_drafts, self.spec_accepted]
 
     def render(self) -> str:
         lines: list[str] = []

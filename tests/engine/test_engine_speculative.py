@@ -162,6 +162,41 @@ def test_checks_its_settings(model, tmp_path):
     assert off.speculative_stats is None and off.runner.drafter is None
 
 
+def test_cli_flags_summary_line_and_metrics(model, tmp_path, capsys):
+    """`--speculative mtp --num-draft-tokens K` on generate (same answers, acceptance in the summary line),
+    bad combinations refused in one line, and the per-position counters on /metrics."""
+    import json
+
+    from dsv3.cli import main
+    from dsv3.serve.metrics import ServerMetrics, parse_text, speculative_counts
+    src = tmp_path / "prompts.txt"
+    src.write_text("The Linux kernel\nIt is a truth universally\n")
+    answers = {}
+    for extra in ([], ["--speculative", "mtp", "--num-draft-tokens", "2"]):
+        out = tmp_path / f"out{len(extra)}.jsonl"
+        assert main(["generate", "--input-file", str(src), "--output", str(out), "--max-new-tokens", "12",
+                     "--temperature", "0", "--device", "cpu", *extra]) == 0
+        answers[len(extra)] = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+        summary = capsys.readouterr().err.strip().splitlines()[-1]
+        assert ("acceptance per draft position" in summary) == bool(extra), summary
+    assert answers[0] == answers[4]
+    assert main(["generate", "--prompt", "x", "--num-draft-tokens", "2", "--device", "cpu"]) == 2
+    assert "--num-draft-tokens needs --speculative mtp" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "x", "--speculative", "mtp", "--num-draft-tokens", "9",
+                 "--device", "cpu"]) == 2
+    assert "num_draft_tokens must be <= 8" in capsys.readouterr().err
+
+    llm = LLM(model, num_blocks=32, block_size=4, speculative="mtp", num_draft_tokens=2)
+    llm.generate(prompts_of([6]), greedy(10), use_tqdm=False)
+    samples = parse_text(ServerMetrics(lambda: speculative_counts(llm)).render())
+    stats = llm.speculative_stats
+    for i in range(2):
+        assert samples[f'dsv3_spec_decode_num_draft_tokens_total{{position="{i}"}}'] == stats.drafted[i]
+        assert samples[f'dsv3_spec_decode_num_accepted_tokens_total{{position="{i}"}}'] == stats.accepted[i]
+    assert not any("spec_decode" in k for k in parse_text(ServerMetrics(lambda: speculative_counts(
+        LLM(model, num_blocks=8))).render()))
+
+
 # ---- GPU -------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("k", [1, 2])
