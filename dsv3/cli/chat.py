@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from dsv3.cli.generate import check_text, start_line
 
     check_text("--system", args.system)
-    path = flags.resolve_model(args.model)
+    path = flags.resolve_model(args.model, chat=True)
     params = flags.sampling_params(args)
     config = flags.engine_config(args, flags.resolve_device(args.device))
     tok = load_tokenizer(path)
@@ -55,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
     print(start_line("chat", path, model, config, args.threads), file=sys.stderr)
     context = min(model.args.max_seq_len, args.max_model_len or model.args.max_seq_len)
     llm = LLM(model, tokenizer=tok, config=flags.fit_cpu_cache(config, model, [context]))  # one conversation
+    if not llm.is_driver:  # under torchrun: rank 0 talks to the user, the other ranks run its steps
+        llm.run_worker()
+        return 0
     session = ChatSession(llm, tok, args.system)
     print(f"dsv3 chat: {path.name} ({llm.max_model_len} tokens of context). {COMMANDS}", file=sys.stderr)
     if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach `repl` as surrogates, reported there

@@ -72,13 +72,14 @@ def check_text(flag: str, text: str | None) -> None:
 
 def start_line(verb: str, path: Path, model: Any, config: Any, threads: int | None) -> str:
     """Sets the torch threads (`--threads` or the default policy) and says what was loaded: the model folder,
-    its parameter count and weight format, the device, dtype and threads."""
-    from dsv3.generate import weight_format
+    its parameter count, the weight format of its checkpoint and in memory, the device, dtype and threads."""
+    from dsv3.generate import memory_format, weight_format
 
     num_params = sum(p.numel() for p in model.parameters())
     used = flags.set_threads(threads, config.device, num_params)
-    return (f"[dsv3 {verb}: model {path} ({num_params / 1e6:,.1f}M parameters, {weight_format(path)} weights), "
-            f"device {config.device}, dtype {str(config.torch_dtype).removeprefix('torch.')}, {used} thread(s)]")
+    return (f"[dsv3 {verb}: model {path} ({num_params / 1e6:,.1f}M parameters; {weight_format(path)} checkpoint, "
+            f"{memory_format(model)} in memory), device {config.device}, "
+            f"dtype {str(config.torch_dtype).removeprefix('torch.')}, {used} thread(s)]")
 
 
 def _write(text: str) -> None:
@@ -121,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--system needs --chat (it is the system turn of the chat template)")
     if args.resume and (args.input_file is None or args.output is None):
         raise UsageError("--resume needs --input-file and --output (it skips the prompts already answered there)")
-    path = flags.resolve_model(args.model)
+    path = flags.resolve_model(args.model, chat=args.chat)
     if args.input_file is not None and not Path(args.input_file).is_file():
         raise UsageError(f"--input-file: file not found: {args.input_file}")
     params = flags.sampling_params(args)
@@ -152,6 +153,9 @@ def run(args: argparse.Namespace) -> int:
         print(start_line("generate", path, model, config, args.threads), file=sys.stderr)
         lengths = [min(len(ids) + args.max_new_tokens, context) for ids in encoded.values()]
         llm = LLM(model, tokenizer=tok, config=flags.fit_cpu_cache(config, model, lengths))
+        if not llm.is_driver:  # under torchrun: rank 0 answers, the other ranks run its steps
+            llm.run_worker()
+            return 0
         if args.prompt is not None:
             return _one(llm, tok, args.prompt, encoded[0], params, out_file)
         sink = out_file if out_file else sys.stdout

@@ -19,6 +19,7 @@ ends just before it.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +29,14 @@ import torch
 from tqdm.auto import tqdm
 
 from dsv3.engine.block_manager import BlockManager
+from dsv3.engine.distributed import Link, agreed_num_blocks, prepare_runner_args
 from dsv3.engine.config import EngineConfig, with_overrides
 from dsv3.engine.model_runner import ModelRunner
 from dsv3.engine.sampling import SamplingParams
 from dsv3.engine.scheduler import Scheduler
 from dsv3.engine.sequence import Sequence, TokenLogprob
 from dsv3.model import Transformer
-from dsv3.model.fp8_linear import set_fp8_policy
+from dsv3.parallel import ParallelContext
 
 Prompt = str | list[int]
 
@@ -72,8 +74,10 @@ class _Request:
 
 
 def _fast_applies(model: Transformer) -> bool:
-    """The default of `LLM(fast=None)`: the model sits on CUDA (BF16 or FP8 weights alike)."""
-    return model.embed_tokens.weight.is_cuda
+    """The default of `LLM(fast=None)`: the model sits on CUDA and holds no FP8 weights."""
+    if not model.embed_tokens.weight.is_cuda:
+        return False
+    return not any(p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for p in model.parameters())
 
 
 class LLM:
@@ -93,12 +97,8 @@ class LLM:
         kernel over the paged cache; fused MoE, norms and SwiGLU) and CUDA graphs for decode steps, captured
         here for decode batches up to `max_num_seqs` (`dsv3.engine.model_runner`). It readies the model in
         place (`dsv3.model.fused.fuse_for_inference`: stacked experts), so a `Transformer` passed in is
-        changed. BF16/FP16/FP32 and FP8 weights (`FP8Linear`) alike; FP8 follows `fp8_policy`. None (default):
-        on when the model is on CUDA, else off. True off CUDA raises ValueError.
-        `speculative="mtp"`: the model's MTP module drafts `num_draft_tokens` tokens per sequence and step and
-        the main model verifies them all in one forward (`dsv3.engine.speculative`); outputs keep the
-        distribution of decoding without it (greedy: the same tokens). Acceptance per draft position is in
-        `speculative_stats`."""
+        changed; it needs BF16/FP16/FP32 weights. None (default): on when the model is on CUDA with non-FP8
+        weights, else off. True off CUDA raises ValueError."""
         config = with_overrides(config, overrides)
         self.config = config
         device, dtype = config.device, config.torch_dtype
@@ -115,21 +115,21 @@ class LLM:
         elif isinstance(model, (str, Path)):
             from dsv3.checkpoint import load_model
             folder = Path(model)
-            self.model = load_model(folder, device=device, dtype=dtype, weights=config.weights)
+            self.model = load_model(folder, device=device, dtype=dtype, tp=config.tensor_parallel_size,
+                                    ep=config.expert_parallel_size, moe=config.expert_exchange)
         else:
             raise ValueError(f"model must be a checkpoint folder or a Transformer, got {type(model).__name__}")
-        if config.fp8_policy is not None:
-            set_fp8_policy(self.model, config.fp8_policy)
+        fast = prepare_runner_args(self.model, fast)  # split over ranks: see dsv3.engine.distributed
         if fast is None:
             fast = _fast_applies(self.model)
         self.tokenizer = self._load_tokenizer(tokenizer, folder)
-        num_draft_tokens = config.num_draft_tokens if config.speculative == "mtp" else 0
-        if num_draft_tokens and not len(self.model.mtp):
-            raise ValueError("speculative='mtp' needs a model with an MTP module (num_nextn_predict_layers >= 1); "
-                             "this checkpoint has none")
         self.runner = ModelRunner(self.model, block_size=block_size, num_blocks=num_blocks, cache_memory=cache_memory,
-                                  fast=fast, max_num_seqs=max_num_seqs, num_draft_tokens=num_draft_tokens)
-        self.block_manager = BlockManager(self.runner.num_blocks, block_size, config.enable_prefix_caching)
+                                  fast=fast, max_num_seqs=max_num_seqs)
+        self.parallel: ParallelContext = getattr(self.model, "parallel", None) or ParallelContext.single()
+        if self.parallel.world > 1 and getattr(config, "speculative", None):
+            raise ValueError("speculative decoding does not run on a model split over ranks yet")
+        self.block_manager = BlockManager(agreed_num_blocks(self.parallel, self.runner.num_blocks), block_size,
+                                          config.enable_prefix_caching)
         limit = min(self.model.args.max_seq_len, self.block_manager.capacity_tokens)
         if max_model_len is None:
             max_model_len = limit
@@ -139,9 +139,12 @@ class LLM:
         self.max_model_len = max_model_len
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                                   eos_token_ids=self._eos_ids(), num_draft_tokens=num_draft_tokens)
+                                   eos_token_ids=self._eos_ids())
         self._ids = itertools.count()
         self._requests: dict[int, _Request] = {}
+        self._link = Link(self.parallel) if self.parallel.world > 1 else None
+        if self._link is not None:
+            atexit.register(self._close_at_exit)
 
     # ---- setup ------------------------------------------------------------------------------
     @staticmethod
@@ -218,6 +221,10 @@ class LLM:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("the scheduler found nothing to run (a request cannot fit the cache)")
             return []
+        if not self.is_driver:
+            raise RuntimeError(f"rank {self.parallel.rank} follows rank 0: call run_worker() (or generate) there")
+        if self._link is not None:
+            self._link.step(out)  # every rank runs this step's forward
         sampled = self.runner.execute(out)
         self.scheduler.postprocess(out, sampled)
         touched = [item.seq for item in out.scheduled if item.sample] + out.finished
@@ -277,7 +284,11 @@ class LLM:
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs in prompt order.
 
-        A single string, or a single list of ints, counts as one prompt."""
+        A single string, or a single list of ints, counts as one prompt. Under torchrun with a split model, every
+        rank may call it: rank 0 returns the outputs, the others run the steps rank 0 announces and return []."""
+        if not self.is_driver:
+            self._link.follow(self.runner, until="idle")
+            return []
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and
                                         all(isinstance(t, int) for t in prompts)):
             prompts = [prompts]
@@ -301,7 +312,35 @@ class LLM:
                     if output.finished and output.request_id in wanted:
                         results[output.request_id] = output
                         bar.update(1)
+        if self._link is not None:
+            self._link.idle()
         return [results[i] for i in ids]
+
+    # ---- several ranks ----------------------------------------------------------------------
+    @property
+    def is_driver(self) -> bool:
+        """True on rank 0 (or in one process): this rank schedules, samples and answers."""
+        return self.parallel.is_driver
+
+    def run_worker(self) -> None:
+        """On ranks other than 0: run the steps rank 0 announces until rank 0's engine closes (servers, CLIs)."""
+        if self.is_driver:
+            raise RuntimeError("run_worker() is for ranks other than 0; rank 0 drives the engine")
+        self._link.follow(self.runner, until="stop")
+
+    def close(self) -> None:
+        """A split model's engine is done: rank 0 tells the other ranks, which return from `run_worker` (a rank
+        that called `generate` instead waits here for it). Every rank calls it, or it runs at exit; one process:
+        nothing to do."""
+        if self._link is not None:
+            self._link.close(self.runner)
+
+    def _close_at_exit(self) -> None:
+        if torch.distributed.is_initialized():  # else the group is gone: nobody to tell
+            try:
+                self.close()
+            except RuntimeError:
+                pass  # a peer that already exited
 
     # ---- stats ------------------------------------------------------------------------------
     @property
@@ -311,35 +350,3 @@ class LLM:
     @property
     def num_preemptions(self) -> int:
         return self.scheduler.num_preemptions
-
-    @property
-    def speculative_stats(self) -> SpeculativeStats | None:
-        """Drafts verified and accepted per draft position so far (None without speculative decoding)."""
-        sched = self.scheduler
-        if not sched.num_draft_tokens:
-            return None
-        return SpeculativeStats(list(sched.spec_drafted), list(sched.spec_accepted))
-
-
-@dataclass
-class SpeculativeStats:
-    """Speculative decoding counters: `drafted[i]` drafts verified at draft position i (0: the token after the
-    sequence's last one), `accepted[i]` of them kept."""
-
-    drafted: list[int]
-    accepted: list[int]
-
-    @property
-    def acceptance(self) -> list[float]:
-        """Acceptance rate per draft position (0.0 where none was drafted)."""
-        return [a / d if d else 0.0 for a, d in zip(self.accepted, self.drafted)]
-
-    @property
-    def mean_accepted(self) -> float:
-        """Accepted drafts per verify step (steps counted at position 0)."""
-        return sum(self.accepted) / self.drafted[0] if self.drafted and self.drafted[0] else 0.0
-
-    def summary(self) -> str:
-        """One line: `acceptance per draft position 0.66, 0.41 (1.07 drafts kept per step)`."""
-        rates = ", ".join(f"{r:.2f}" for r in self.acceptance)
-        return f"acceptance per draft position {rates} ({self.mean_accepted:.2f} drafts kept per step)"

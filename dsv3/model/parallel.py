@@ -209,6 +209,21 @@ def _shard_moe(moe: MoE, prefix: str, ctx: ParallelContext, plan: ShardPlan) -> 
     moe.register_forward_hook(_sum_over_tp(ctx))
 
 
+def check_layout(args, layout: ParallelLayout) -> None:
+    """A ValueError naming the first size that does not divide over the layout's ranks (before anything changes)."""
+    sizes = [("vocabulary size", args.vocab_size, layout.tp), ("attention heads", args.n_heads, layout.tp)]
+    if args.n_dense_layers:
+        sizes.append(("dense intermediate size", args.inter_dim, layout.tp))
+    if args.n_routed_experts and args.n_layers > args.n_dense_layers:
+        sizes += [("routed experts", args.n_routed_experts, layout.ep),
+                  ("expert intermediate size", args.moe_inter_dim, layout.tp),
+                  ("shared experts' intermediate size", args.n_shared_experts * args.moe_inter_dim, layout.tp)]
+    for what, total, parts in sizes:
+        if total % parts:
+            flag = "--ep" if parts == layout.ep and what == "routed experts" else "--tp"
+            raise ValueError(f"{what} ({total}) does not divide over {parts} ranks; choose {flag} dividing it")
+
+
 def _sum_over_tp(ctx: ParallelContext):
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         return ctx.all_reduce_tp(output)
@@ -234,6 +249,7 @@ def parallelize_for_inference(model: nn.Module, ctx: ParallelContext, moe: str =
     model.parallel, model.shard_plan = ctx, plan
     if ctx.world == 1:
         return model
+    check_layout(model.args, ctx.layout)
     if model.args.tie_word_embeddings and ctx.tp > 1:
         raise ValueError("tensor parallel does not split a model with tied embeddings; use --tp 1")
     vocab = model.args.vocab_size
