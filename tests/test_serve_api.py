@@ -201,7 +201,7 @@ def test_error_statuses_and_objects(main, client, oracle):
     def post(path: str, headers: dict | None = None, **kw) -> httpx.Response:
         return httpx.post(f"{url}/{path}", headers={**auth, **(headers or {})}, timeout=30, **kw)
 
-    assert_error(post("completions", json={"model": "nope", "prompt": "x"}), 400, "model", "model_not_found")
+    assert_error(post("completions", json={"model": "nope", "prompt": "x"}), 404, "model", "model_not_found")
     assert_error(post("completions", json={"prompt": "x", "max_tokens": -3}), 400, "max_tokens")
     assert_error(post("completions", json={"prompt": "x", "max_tokens": 10 ** 6}), 400, "max_tokens")
     assert_error(post("completions", json={"prompt": list(range(5, 5 + CTX))}), 400, "prompt", "context_length_exceeded")

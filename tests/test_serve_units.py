@@ -47,9 +47,9 @@ def test_parse_crafted_generation(tok):
     openai_calls = [c.to_openai() for c in calls]
     assert all(c["type"] == "function" and c["id"].startswith("call_") for c in openai_calls)
     assert len({c["id"] for c in openai_calls}) == 2
-    # no markers: all content; an unfinished call (no end marker) is not reported
+    # no markers: all content; an unfinished call (cut by max_tokens) keeps its arguments so far
     assert T.parse("plain answer") == ("plain answer", [])
-    assert T.parse(f"x{T.CALLS_BEGIN}{T.CALL_BEGIN}function{T.SEP}f\n```json\n{{") == ("x", [])
+    assert T.parse(f"x{T.CALLS_BEGIN}{T.CALL_BEGIN}function{T.SEP}f\n```json\n{{") == ("x", [T.ParsedCall("f", "{")])
 
 
 @pytest.mark.parametrize("n_calls", [1, 2])
@@ -150,8 +150,11 @@ def test_request_validation():
              tool_choice={"type": "function", "function": {"name": "g"}}),
         dict(messages=[{"role": "user", "content": "q"}], n=0),
         dict(messages=[{"role": "user", "content": "q"}], stop=[""]),
-        dict(messages=[{"role": "user", "content": "q"}], logit_bias={"5": 1.0}),
+        dict(messages=[{"role": "user", "content": "q"}], logit_bias={"x": 1.0}),  # keys are token ids
+        dict(messages=[{"role": "user", "content": "q"}], logit_bias={"5": 101.0}),  # values in [-100, 100]
         dict(messages=[{"role": "user", "content": "q"}], presence_penalty=3),
+        dict(messages=[{"role": "user", "content": "q\ud800"}]),  # a lone surrogate
+        dict(messages=[{"role": "user", "content": "q"}], response_format={"type": "json_schema"}),
     ]
     for fields in bad:
         with pytest.raises(ValidationError):
@@ -160,7 +163,10 @@ def test_request_validation():
     assert P.CompletionRequest(prompt=[1, 2]).prompts() == [[1, 2]]
     assert P.CompletionRequest(prompt=["a", "b"]).prompts() == ["a", "b"]
     assert P.CompletionRequest(prompt=[[1], [2, 3]]).prompts() == [[1], [2, 3]]
-    for fields in (dict(prompt=[]), dict(prompt=[[]]), dict(prompt="x", echo=True), dict(prompt=[True]),
+    assert P.ChatCompletionRequest(messages=[{"role": "user", "content": "q"}],
+                                   logit_bias={"5": -100}).token_bias == {5: -100.0}
+    assert P.CompletionRequest(prompt="x", echo=True).echo
+    for fields in (dict(prompt=[]), dict(prompt=[[]]), dict(prompt="x", echo=True, logprobs=1), dict(prompt=[True]),
                    dict(prompt="x", max_tokens=0), dict(prompt="x", logprobs=21)):
         with pytest.raises(ValidationError):
             P.CompletionRequest(**fields)

@@ -5,12 +5,15 @@ a batch of next-token logits `[B, V]` into one token per row, each row with its 
 logits' device. The order of the logit processors is fixed and documented, because top-p and
 min-p give different answers in different orders:
 
+0. the row's grammar mask (structured outputs: disallowed tokens get -inf, `dsv3.engine.grammar`)
+   and its `logit_bias` (added to the raw logits, as OpenAI and vLLM do),
 1. presence / frequency penalties from the counts of the row's *generated* tokens
    (OpenAI semantics: `logit[t] -= presence * [count[t] > 0] + frequency * count[t]`),
-2. temperature (0 means greedy: argmax of the penalised logits, nothing below applies),
+2. temperature (below `GREEDY_TEMPERATURE` = 1e-5 means greedy, as in vLLM: argmax of the penalised
+   logits, nothing below applies; so a tiny temperature never overflows float32),
 3. top-k (keep the k largest),
 4. top-p (keep the smallest prefix of the sorted, top-k-renormalised distribution whose mass
-   reaches p),
+   reaches p; the most likely token is always kept, however small p is),
 5. min-p (keep tokens whose probability is at least `min_p` times the largest one),
 
 then a draw from the renormalised distribution. Draws use the exponential race
@@ -22,12 +25,18 @@ in the batch. Log-probabilities reported back are those of the raw model distrib
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 # the most top log-probabilities one request may ask for (OpenAI's limit)
 MAX_LOGPROBS = 20
+# temperatures below this are greedy (vLLM's _SAMPLING_EPS): dividing by them overflows float32
+GREEDY_TEMPERATURE = 1e-5
+# logit_bias values are clamped to this range by OpenAI; outside it is refused here
+MAX_LOGIT_BIAS = 100.0
 
 
 @dataclass
@@ -37,6 +46,8 @@ class SamplingParams:
     `max_tokens=None` lets a request run to the engine's model-length limit. `top_k` of 0 or -1
     and `top_p` of 1 and `min_p` of 0 switch those filters off. `logprobs=None` reports no
     log-probabilities; an integer N reports the chosen token's plus the N most likely ones.
+    `logit_bias` maps token ids to a value in [-100, 100] added to their logits. `grammar` (a
+    `dsv3.engine.grammar.Grammar`) constrains every generated token to it (structured outputs).
     """
 
     temperature: float = 1.0
@@ -51,6 +62,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
+    grammar: Any = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
@@ -86,10 +99,23 @@ class SamplingParams:
         if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
                                           or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
+        if self.logit_bias is not None:
+            bias = {}
+            for token, value in dict(self.logit_bias).items():
+                if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                    raise ValueError(f"logit_bias keys must be token ids >= 0, got {token!r}")
+                if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                        or abs(value) > MAX_LOGIT_BIAS):
+                    raise ValueError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                                     f"got {value!r} for token {token}")
+                bias[token] = float(value)
+            self.logit_bias = bias or None
+        if self.grammar is not None and not callable(getattr(self.grammar, "state", None)):
+            raise ValueError(f"grammar must be a dsv3.engine.grammar.Grammar, got {type(self.grammar).__name__}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def has_penalties(self) -> bool:
@@ -125,18 +151,49 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
     return logits
 
 
+def unpack_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Allowed tokens `[B, V]` bool from a packed bitmask `[B, ceil(V / 32)]` int32 (token t is bit
+    `t % 32` of word `t // 32`), computed on the bitmask's device."""
+    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [B, W, 32]
+    return bits.view(bitmask.shape[0], -1)[:, :vocab].bool()  # [B, V]
+
+
+def apply_bias_and_mask(logits: torch.Tensor, params: list[SamplingParams],
+                        bitmask: torch.Tensor | None = None) -> torch.Tensor:
+    """Step 0: each row's `logit_bias` added, then the tokens its grammar forbids (`bitmask`, packed as
+    `unpack_bitmask` reads it, or None) set to -inf. Returns `logits` itself when nothing applies."""
+    rows, cols, values = [], [], []
+    vocab = logits.shape[-1]
+    for b, p in enumerate(params):
+        for token, value in (p.logit_bias or {}).items():
+            if token < vocab:  # the server checks ids against the vocabulary; the sampler never fails a step
+                rows.append(b)
+                cols.append(token)
+                values.append(value)
+    if rows:
+        device = logits.device
+        logits = logits.index_put((torch.tensor(rows, device=device), torch.tensor(cols, device=device)),
+                                  torch.tensor(values, dtype=logits.dtype, device=device), accumulate=True)
+    if bitmask is not None:
+        logits = logits.masked_fill(~unpack_bitmask(bitmask, vocab), float("-inf"))
+    return logits
+
+
 def processed_logits(logits: torch.Tensor, params: list[SamplingParams],
-                     output_token_ids: list[list[int]] | None = None) -> torch.Tensor:
-    """Logits `[B, V]` after penalties, temperature and the top-k / top-p / min-p filters
-    (filtered entries are `-inf`). Greedy rows come back penalised but unscaled."""
+                     output_token_ids: list[list[int]] | None = None,
+                     bitmask: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits `[B, V]` after the grammar mask and logit bias, penalties, temperature and the top-k /
+    top-p / min-p filters (filtered entries are `-inf`). Greedy rows come back penalised but unscaled."""
     if logits.dim() != 2 or logits.shape[0] != len(params):
         raise ValueError(f"logits must be [B, V] with B = len(params) = {len(params)}, got {tuple(logits.shape)}")
-    logits = logits.float()
+    logits = apply_bias_and_mask(logits.float(), params, bitmask)
     if output_token_ids is not None:
         logits = apply_penalties(logits, params, output_token_ids)
     device = logits.device
     batch, vocab = logits.shape
-    temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params],
+    # greedy rows are not scaled; a huge temperature is capped so masked -inf logits stay -inf (not nan)
+    temps = torch.tensor([1.0 if p.greedy else min(float(p.temperature), 1e30) for p in params],
                          dtype=torch.float32, device=device)
     logits = logits / temps[:, None]
     sampled = [not p.greedy for p in params]
@@ -151,7 +208,8 @@ def processed_logits(logits: torch.Tensor, params: list[SamplingParams],
         sorted_logits = sorted_logits.masked_fill(rank[None, :] >= ks[:, None], float("-inf"))
         probs = sorted_logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # [B, V] mass of the strictly more likely tokens
-        sorted_logits = sorted_logits.masked_fill(mass_before >= top_ps[:, None], float("-inf"))
+        cut = (mass_before >= top_ps[:, None]) & (rank[None, :] > 0)  # the most likely token always stays
+        sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
     min_ps = [p.min_p if s else 0.0 for s, p in zip(sampled, params)]
     if any(m > 0 for m in min_ps):
@@ -163,9 +221,10 @@ def processed_logits(logits: torch.Tensor, params: list[SamplingParams],
 
 
 def sampling_probs(logits: torch.Tensor, params: list[SamplingParams],
-                   output_token_ids: list[list[int]] | None = None) -> torch.Tensor:
+                   output_token_ids: list[list[int]] | None = None,
+                   bitmask: torch.Tensor | None = None) -> torch.Tensor:
     """The distribution `[B, V]` each row draws from; a greedy row is one-hot at its argmax."""
-    processed = processed_logits(logits, params, output_token_ids)
+    processed = processed_logits(logits, params, output_token_ids, bitmask)
     probs = processed.softmax(dim=-1)
     greedy = torch.tensor([p.greedy for p in params], device=logits.device)
     if greedy.any():
@@ -175,7 +234,38 @@ def sampling_probs(logits: torch.Tensor, params: list[SamplingParams],
 
 
 class Sampler:
-    """Batched token selection, one `SamplingParams` (and optional generator) per row."""
+    """Batched token selection, one `SamplingParams` (and optional generator) per row.
+
+    Rows whose params carry a `grammar` get a `dsv3.engine.grammar.GrammarState` each, kept here keyed
+    by the row's `output_token_ids` list (one list per sequence, held so its id stays unique) for as
+    long as the sequence keeps appearing in consecutive steps; a sequence that skips a step (preempted)
+    gets a fresh state that replays its generated tokens, so no state outlives its sequence."""
+
+    def __init__(self) -> None:
+        self._grammar_states: dict[int, tuple[list[int], Any]] = {}
+
+    def grammar_bitmask(self, params: list[SamplingParams], output_token_ids: list[list[int]] | None,
+                        vocab: int, device: torch.device) -> torch.Tensor | None:
+        """The packed allowed-token bitmask of this batch's grammar rows (on `device`), None without any."""
+        if not any(p.grammar is not None for p in params):
+            self._grammar_states.clear()
+            return None
+        if output_token_ids is None:
+            raise ValueError("grammar rows need output_token_ids (the tokens each row generated so far)")
+        from dsv3.engine.grammar import token_bitmask
+        kept: dict[int, tuple[list[int], Any]] = {}
+        states = []
+        for p, out in zip(params, output_token_ids):
+            if p.grammar is None:
+                states.append(None)
+                continue
+            entry = self._grammar_states.get(id(out))
+            if entry is None or entry[0] is not out:
+                entry = (out, p.grammar.state())
+            kept[id(out)] = entry
+            states.append(entry[1])
+        self._grammar_states = kept
+        return token_bitmask(states, output_token_ids, vocab, device)
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  output_token_ids: list[list[int]] | None = None,
@@ -188,10 +278,12 @@ class Sampler:
         batch, vocab = logits.shape
         if generators is not None and len(generators) != batch:
             raise ValueError(f"generators must have one entry per row ({batch}), got {len(generators)}")
-        if len(params) == batch and all(p.greedy and not p.has_penalties and p.logprobs is None for p in params):
+        bitmask = self.grammar_bitmask(params, output_token_ids, vocab, logits.device)
+        if (len(params) == batch and bitmask is None
+                and all(p.greedy and not p.has_penalties and p.logprobs is None and not p.logit_bias for p in params)):
             return SamplerOutput(token_ids=logits.argmax(dim=-1))  # nothing to process: the plain argmax
         logits = logits.float()
-        processed = processed_logits(logits, params, output_token_ids)  # [B, V]
+        processed = processed_logits(logits, params, output_token_ids, bitmask)  # [B, V]
         tokens = processed.argmax(dim=-1)  # [B] greedy choice
         sampled_rows = [b for b, p in enumerate(params) if not p.greedy]
         if sampled_rows:

@@ -4,15 +4,15 @@ The engine is not thread-safe and its `step()` is a blocking forward pass, so ex
 touches it. Handlers (on the asyncio event loop) `submit` a request's sequences — one per choice
 and prompt — and get a `RequestHandle`; the engine thread applies queued adds and aborts between
 steps, runs `step()` while anything is unfinished (so every live request shares each decode step:
-continuous batching), and hands each `RequestOutput` to its handle's asyncio queue with
-`call_soon_threadsafe`. PyTorch releases the GIL inside its kernels, so the event loop stays
+continuous batching), and hands a step's `RequestOutput`s to their handles' asyncio queues with one
+`call_soon_threadsafe` per step (one wake-up of the event loop, however many streams). PyTorch releases the GIL inside its kernels, so the event loop stays
 responsive while the engine computes.
 
 Back-pressure: `submit` raises `QueueFull` when the sequences waiting for admission (in the
 engine's queue or about to enter it) would pass `max_waiting`; the app turns that into a 503.
 Shutdown: `begin_drain(grace)` refuses new work and, after `grace` seconds, aborts what is left
-(each aborted sequence is reported to its handle with finish reason "abort"); `shutdown()` aborts
-everything and joins the thread.
+(each aborted sequence is reported to its handle with finish reason "abort"); `idle` says when
+nothing is left in flight; `shutdown()` aborts everything and joins the thread.
 
 Any engine with the `LLM` interface works: `add_request(prompt, params) -> id`, `step()`,
 `abort(id)`, `has_unfinished()`; state for metrics is read duck-typed (`scheduler.waiting`,
@@ -94,6 +94,11 @@ class RequestHandle:
             self._owner._request_abort(self)
 
 
+def _deliver(deliveries: list[tuple[RequestHandle, tuple[int, Any]]]) -> None:  # runs on the event loop
+    for handle, item in deliveries:
+        handle._push(item)
+
+
 class EngineLoop:
     """Owns the engine thread. Create, `start()` inside the event loop, `submit` from handlers."""
 
@@ -150,6 +155,12 @@ class EngineLoop:
             self._cv.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing submitted is still waiting or running (the drain may end)."""
+        with self._cv:
+            return not self._adds and self._pending == 0 and not self._live
 
     @property
     def is_alive(self) -> bool:
@@ -277,6 +288,7 @@ class EngineLoop:
         now = time.monotonic()
         if self.metrics is not None:
             self.metrics.engine_steps.inc()
+        deliveries: list[tuple[RequestHandle, tuple[int, Any]]] = []
         for out in outputs:
             info = self._live.get(out.request_id)
             if info is None:
@@ -294,7 +306,9 @@ class EngineLoop:
                 self._retire(out.request_id, out.finish_reason)
                 handle.finished[index] = True
             if not handle.aborted:
-                self._post(handle._push, (index, out))
+                deliveries.append((handle, (index, out)))
+        if deliveries:
+            self._post(_deliver, deliveries)
 
     def _snapshot(self) -> None:
         """Copy the engine's state for other threads (only the engine thread reads the engine)."""

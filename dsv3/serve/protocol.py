@@ -2,9 +2,11 @@
 
 Requests are validated here, once, so a bad parameter becomes a 400 that names it before anything
 reaches the engine. Fields follow the OpenAI API (and vLLM's extensions `top_k`, `min_p`,
-`ignore_eos`); what the engine cannot do (`logit_bias`, `echo`, `suffix`, non-text content parts)
-is refused with a 400 rather than silently ignored. Responses are plain dicts built by the
-functions at the bottom (`usage`, the two log-probability layouts, SSE framing).
+`ignore_eos`), with `logit_bias`, `echo` and `response_format` (`json_object`, `json_schema`); what
+the engine cannot do (`suffix`, `echo` with `logprobs`, non-text content parts) is refused with a 400
+rather than silently ignored. Text anywhere in a request (keys included) must be valid Unicode: a lone
+UTF-16 surrogate (`"\ud800"`, which JSON allows) is a 400 naming the field. Responses are plain dicts
+built by the functions at the bottom (`usage`, the two log-probability layouts, SSE framing).
 """
 
 from __future__ import annotations
@@ -20,10 +22,55 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, m
 MAX_N = 16  # choices per request
 MAX_STOP = 16  # stop strings per request
 MAX_TOP_LOGPROBS = 20  # as SamplingParams.MAX_LOGPROBS and OpenAI's limit
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values
+MAX_LOGIT_BIAS_ENTRIES = 1024
+
+
+def _surrogate_path(value: Any, path: str = "") -> str | None:
+    """The path of the first string (or key) in `value` holding a lone UTF-16 surrogate, else None."""
+    stack = [(value, path)]
+    while stack:
+        v, where = stack.pop()
+        if isinstance(v, str):
+            if any("\ud800" <= ch <= "\udfff" for ch in v):
+                return where or "body"
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                key = str(k)
+                if any("\ud800" <= ch <= "\udfff" for ch in key):
+                    return f"{where}.{key.encode('utf-8', 'backslashreplace').decode()}".lstrip(".") or "body"
+                stack.append((item, f"{where}.{key}".lstrip(".")))
+        elif isinstance(v, list):
+            stack.extend((item, f"{where}[{i}]") for i, item in enumerate(v))
+    return None
+
+
+def clean_text(text: str) -> str:
+    """`text` with lone surrogates escaped (`\\ud800`), so it can be encoded as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8") if any(
+        "\ud800" <= ch <= "\udfff" for ch in text) else text
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+class JSONSchemaFormat(_Model):
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Model):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "ResponseFormat":
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError("response_format of type json_schema needs json_schema.schema")
+        return self
 
 
 class StreamOptions(_Model):
@@ -121,6 +168,15 @@ class SamplingRequest(_Model):
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False
     user: str | None = None
+    response_format: ResponseFormat | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = _surrogate_path(data)
+        if where is not None:
+            raise ValueError(f"{where}: text holds a lone UTF-16 surrogate, which is not valid Unicode")
+        return data
 
     @field_validator("stop")
     @classmethod
@@ -141,10 +197,25 @@ class SamplingRequest(_Model):
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, v: dict[str, float] | None) -> None:
-        if v:
-            raise ValueError("logit_bias is not supported by this server")
-        return None
+    def _check_logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if not v:
+            return None
+        if len(v) > MAX_LOGIT_BIAS_ENTRIES:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS_ENTRIES} logit_bias entries, got {len(v)}")
+        for key, value in v.items():
+            if not key.isascii() or not key.isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {value} for token {key}")
+        return v
+
+    @property
+    def token_bias(self) -> dict[int, float] | None:
+        return {int(k): float(b) for k, b in self.logit_bias.items()} if self.logit_bias else None
+
+    @property
+    def structured(self) -> bool:
+        return self.response_format is not None and self.response_format.type != "text"
 
     @property
     def include_usage(self) -> bool:
@@ -192,8 +263,8 @@ class CompletionRequest(SamplingRequest):
 
     @model_validator(mode="after")
     def _check(self) -> "CompletionRequest":
-        if self.echo:
-            raise ValueError("echo is not supported by this server")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs is not supported by this server (no prompt log-probabilities)")
         if self.suffix:
             raise ValueError("suffix is not supported by this server")
         p = self.prompt
@@ -222,7 +293,9 @@ def now() -> int:
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    """An OpenAI error object (text that holds lone surrogates is escaped, so it always encodes)."""
+    return {"error": {"message": clean_text(message), "type": type_,
+                      "param": None if param is None else clean_text(param), "code": code}}
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:

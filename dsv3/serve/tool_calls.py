@@ -10,11 +10,15 @@ The model writes tool calls after its (possibly empty) text answer as
 
 (the markers are single, non-special tokens of the tokenizer, so they stay in the decoded text).
 `parse` splits a finished text into content and calls, leniently (a missing calls-end marker, as
-the official template itself writes for a lone call, is fine). `StreamParser` does the same on a
+the official template itself writes for a lone call, is fine, and so is a last call cut off by
+`max_tokens`: its arguments so far are returned, as OpenAI does with finish reason "length"). `StreamParser` does the same on a
 growing text, releasing content only up to where a marker might begin and each call only once
 its end marker has arrived. `tools_system_prompt` renders tool definitions for templates that have
 no place for them (the official DeepSeek-V3 template does not render `tools`), and `forced_prefix`
-is the assistant text that makes the model call a tool (`tool_choice: "required"` or a named one).
+is the assistant text that makes the model call a tool (`tool_choice: "required"` or a named one);
+`call_grammar` is the Lark grammar of the rest of that call (a function name when none is forced, then
+arguments valid under the function's JSON schema, then the closing markers), which the engine enforces
+token by token, so a forced call always parses.
 """
 
 from __future__ import annotations
@@ -69,8 +73,8 @@ def parse_call(block: str) -> ParsedCall | None:
     return ParsedCall(name=name, arguments=arguments, type=kind.strip() or "function")
 
 
-def _complete_calls(section: str) -> list[ParsedCall]:
-    """Every call whose end marker has arrived, in order."""
+def _complete_calls(section: str, final: bool = False) -> list[ParsedCall]:
+    """Every call whose end marker has arrived, in order (and, when `final`, a last unclosed one)."""
     calls = []
     pos = 0
     while True:
@@ -79,6 +83,10 @@ def _complete_calls(section: str) -> list[ParsedCall]:
             break
         end = section.find(CALL_END, start)
         if end < 0:
+            if final:  # cut off (max_tokens): what it has so far
+                call = parse_call(section[start + len(CALL_BEGIN):].split(CALLS_END)[0])
+                if call is not None:
+                    calls.append(call)
             break
         call = parse_call(section[start + len(CALL_BEGIN):end])
         if call is not None:
@@ -92,7 +100,7 @@ def parse(text: str) -> tuple[str, list[ParsedCall]]:
     start = _tools_start(text)
     if start < 0:
         return text, []
-    return text[:start], _complete_calls(text[start:])
+    return text[:start], _complete_calls(text[start:], final=True)
 
 
 def _partial_marker_len(text: str) -> int:
@@ -124,7 +132,7 @@ class StreamParser:
             calls: list[ParsedCall] = []
         else:
             content = full[:start]
-            calls = _complete_calls(full[start:])
+            calls = _complete_calls(full[start:], final)
         delta = content[self.content_sent:] if len(content) > self.content_sent else ""
         self.content_sent = max(self.content_sent, len(content))
         new_calls = calls[self.calls_sent:]
@@ -145,6 +153,24 @@ def tools_system_prompt(tools: list[dict[str, Any]]) -> str:
             lines.append(json.dumps(fn["parameters"], ensure_ascii=False))
             lines.append("```")
     return "\n".join(lines)
+
+
+def call_grammar(tools: list[dict[str, Any]], name: str | None, literal: Any) -> str:
+    """Lark grammar (llguidance's dialect) of what follows `forced_prefix(name)`: for each allowed function,
+    its name unless forced, the JSON fence, arguments valid under its `parameters` schema, and the closing
+    markers. `literal(text)` writes a marker as a grammar term (a special token where it is one)."""
+    end = f'"\\n```" {literal(CALL_END)} {literal(CALLS_END)}'
+    rules, alternatives = [], []
+    for i, tool in enumerate(tools):
+        fn = tool["function"]
+        if name is not None and fn["name"] != name:
+            continue
+        schema = fn.get("parameters") or {"type": "object"}
+        head = "" if name is not None else json.dumps(f"{fn['name']}\n```json\n") + " "
+        rules.append(f"call_{i}: {head}args_{i} {end}")
+        rules.append(f"args_{i}: %json {json.dumps(schema)}")
+        alternatives.append(f"call_{i}")
+    return "\n".join([f"start: {' | '.join(alternatives)}", *rules])
 
 
 def forced_prefix(name: str | None) -> str:
