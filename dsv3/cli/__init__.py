@@ -35,11 +35,12 @@ VERBS = {
     "data": ("dsv3.cli.data", "build the corpus and its token shards"),
     "tokenizer": ("dsv3.cli.tokenizer", "tokenizer tools"),
     "train": ("dsv3.cli.train", "pre-train a DeepSeek-V3 model on token shards"),
+    "sft": ("dsv3.cli.sft", "instruction-tune a checkpoint on chat conversations"),
     "eval": ("dsv3.cli.eval", "evaluate a model: bits-per-byte, multiple choice, GSM8K, HumanEval, needle"),
 }
 
 # verbs that import torch: `main` imports it for them first, where Ctrl-C stops the process cleanly
-TORCH_VERBS = {"generate", "chat", "serve", "convert", "info", "eval", "train"}
+TORCH_VERBS = {"generate", "chat", "serve", "convert", "info", "eval", "train", "sft"}
 
 # optional dependencies and the pip extra that brings each (the hint has the README's form, `pip install -e ".[serve]"`)
 EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "httpx": "serve", "pyarrow": "eval", "matplotlib": "eval",

