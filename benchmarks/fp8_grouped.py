@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from dsv3.train import fp8_grouped_triton as K
+from dsv3.kernels import fp8_grouped_triton as K
 from dsv3.train.fp8_grouped import fp8_grouped_mm
 
 BF16_PEAK_TFLOPS = 790.0

@@ -119,7 +119,7 @@ def test_cublas_path_layouts_on_cpu_against_emulation(monkeypatch, m, k, n):
 def test_triton_quantizers_equal_the_reference_bit_for_bit(m, c, dtype, align):
     import torch.nn.functional as F
     from dsv3.kernels.fp8 import quantize_act_ref, quantize_weight
-    from dsv3.train import fp8_quant_triton
+    from dsv3.kernels import fp8_quant_triton
     g = torch.Generator(device="cuda").manual_seed(c)
     x = (torch.randn(m, c, device="cuda", generator=g) * 3).to(dtype)
     x[:, 5] *= 40
@@ -167,7 +167,7 @@ def test_wrong_triton_quantizers_are_refused(monkeypatch):
     """CPU: a quantizer kernel whose codes do not dequantize to its input (here: transposed scales) is caught on
     its first call per shape and the PyTorch path is used instead."""
     from dsv3.kernels.fp8 import quantize_act_ref
-    from dsv3.train import fp8_quant_triton
+    from dsv3.kernels import fp8_quant_triton
 
     def bad_tokens(x, align=128):
         q, s = quantize_act_ref(torch.nn.functional.pad(x, (0, 0, 0, -x.shape[0] % align)).t())

@@ -15,7 +15,7 @@ import torch
 from dsv3.config import ModelArgs
 from dsv3.model.moe import MoE
 from dsv3.train import fp8_grouped as G
-from dsv3.train import fp8_grouped_triton as K
+from dsv3.kernels import fp8_grouped_triton as K
 from test_train_shared import TINY_MODEL
 
 E4M3 = torch.float8_e4m3fn

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.kernels.fp8 import FP8_DTYPE, FP8_MAX, quantize_act
-from dsv3.train import fp8_quant_triton
+from dsv3.kernels import fp8_quant_triton
 
 BLOCK = 128
 ALIGN_K = 512  # every contraction of the cuBLAS path padded to a multiple of this (see the module docstring)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.model.moe import LocalExperts, MoE
-from dsv3.train import fp8_grouped_triton as kernels
+from dsv3.kernels import fp8_grouped_triton as kernels
 
 BLOCK = 128
 FP8_MAX = 448.0
