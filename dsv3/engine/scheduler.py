@@ -7,9 +7,11 @@ Every step the scheduler fills a token budget (`max_num_batched_tokens`) and a s
    cache block and finds none preempts the *youngest* running sequence (its blocks are freed,
    it goes back to the front of the waiting queue and is later recomputed from its tokens),
 2. running sequences still in prefill, oldest first, each with as many of its remaining prompt
-   tokens as the budget allows (chunked prefill),
+   tokens as the budget allows (chunked prefill) but, in a step that also decodes, at most
+   `long_prefill_token_threshold` tokens of any one sequence: a long prompt is prefilled in slices
+   interleaved with the others' decode steps, so it cannot stall their streams for long,
 3. waiting sequences in arrival order: each is given cache blocks for all its tokens (sharing
-   prefix-cached blocks) and a first prefill chunk. Admission stops at the first sequence that
+   prefix-cached blocks) and a first prefill chunk (capped as in 2). Admission stops at the first sequence that
    does not fit, so nobody is overtaken (no starvation), and stops for this step once anything
    was preempted (so a freed block is not handed straight to a newcomer).
 
@@ -73,7 +75,9 @@ class Scheduler:
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  max_model_len: int | None = None, eos_token_ids: list[int] | None = None,
-                 num_draft_tokens: int = 0) -> None:
+                 num_draft_tokens: int = 0, long_prefill_token_threshold: int | None = None) -> None:
+        """`long_prefill_token_threshold`: the most prompt tokens one sequence prefills in a step that also
+        decodes (None: a quarter of `max_num_batched_tokens`; 0: no limit)."""
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if max_num_batched_tokens < max_num_seqs:
@@ -94,6 +98,11 @@ class Scheduler:
         self.num_draft_tokens = num_draft_tokens
         self.spec_drafted = [0] * num_draft_tokens  # per draft position: drafts verified
         self.spec_accepted = [0] * num_draft_tokens  # of those, accepted
+        if long_prefill_token_threshold is None:
+            long_prefill_token_threshold = max(1, max_num_batched_tokens // 4)
+        if isinstance(long_prefill_token_threshold, bool) or long_prefill_token_threshold < 0:
+            raise ValueError(f"long_prefill_token_threshold must be >= 0, got {long_prefill_token_threshold}")
+        self.long_prefill_token_threshold = long_prefill_token_threshold
 
     # ---- requests ---------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -163,13 +172,14 @@ class Scheduler:
             budget -= 1 + len(drafts)
             i += 1
 
-        # 2. running prefills (chunked), oldest first
+        # 2. running prefills (chunked), oldest first; in a step with decodes, each in slices
+        cap = self.long_prefill_token_threshold if scheduled_ids and self.long_prefill_token_threshold else None
         for seq in self.running:
             if budget <= 0:
                 break
             if seq.seq_id in scheduled_ids or seq.num_uncomputed_tokens <= 1:
                 continue
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = min(seq.num_uncomputed_tokens, budget, cap or budget)
             self._reserve_chain(seq, n)
             out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
             scheduled_ids.add(seq.seq_id)
@@ -184,7 +194,7 @@ class Scheduler:
             bm.allocate(seq)
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.arrival)
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = min(seq.num_uncomputed_tokens, budget, cap or budget)
             self._reserve_chain(seq, n)
             out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
             budget -= n
