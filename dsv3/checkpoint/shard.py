@@ -102,6 +102,8 @@ def convert_shard(src: str | Path, out: str | Path, tp: int, ep: int, *, moe: st
     if read_layout(src) is not None:
         raise ValueError(f"{src} is already split for several ranks; convert the original folder")
     layout = ParallelLayout(tp, ep)
+    from dsv3.model.parallel import check_layout
+    check_layout(args, layout)  # before anything is written
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out} is not empty; pass --force to overwrite")
     files, _ = weight_files(src)

@@ -1,11 +1,13 @@
 """`dsv3 info`: a preset's or checkpoint's shape and parameter counts (counted from module shapes, not
-hard-coded), compared with the published activated count for the 671B preset."""
+hard-coded), compared with the published activated count for the 671B preset, and the memory plan of running it
+split over `--tp x --ep` GPUs (`dsv3.model.memory`): weights per GPU, latent cache per 1K tokens, and whether it
+fits on an H200 or an H100; nothing is loaded."""
 
 from __future__ import annotations
 
 import argparse
 
-from dsv3.cli.flags import resolve_model
+from dsv3.cli.flags import UsageError, positive_int, resolve_model, unit_interval
 
 PUBLISHED_ACTIVATED_671B = 36.7e9
 
@@ -17,6 +19,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--preset", default="671B", help="named preset in dsv3/configs (tiny, 16B, 236B, 671B)")
     src.add_argument("--model", metavar="DIR", default=None,
                      help="HF-format checkpoint folder, read from its config.json (default: none, --preset is used)")
+    g = p.add_argument_group("memory plan")
+    g.add_argument("--tensor-parallel-size", "--tp", type=positive_int, default=1, metavar="N",
+                   help="GPUs splitting heads, vocabulary and MLPs (default: %(default)s)")
+    g.add_argument("--expert-parallel-size", "--ep", type=positive_int, default=1, metavar="M",
+                   help="GPUs splitting the routed experts; the plan is for N x M GPUs (default: %(default)s)")
+    g.add_argument("--weights", choices=["bf16", "fp8"], default="bf16",
+                   help="Linear weights in memory: bf16, or fp8 as the official checkpoint stores them "
+                        "(default: %(default)s)")
+    g.add_argument("--gpu-memory-utilization", type=unit_interval, default=0.9, metavar="F",
+                   help="share of each GPU's memory for weights and cache (default: %(default)s)")
     p.set_defaults(run=run)
 
 
@@ -54,4 +66,10 @@ def run(args: argparse.Namespace) -> int:
     if args.preset == "671B" and args.model is None:
         print(f"  published: {PUBLISHED_ACTIVATED_671B / 1e9:.1f}B activated; ours without the input embedding "
               f"is {c.activated_no_embedding / PUBLISHED_ACTIVATED_671B * 100 - 100:+.2f}% from it")
+    from dsv3.model.memory import describe, plan_memory
+    try:
+        plan = plan_memory(cfg, args.tensor_parallel_size, args.expert_parallel_size, args.weights)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    print("\n".join(describe(plan, args.gpu_memory_utilization)))
     return 0
