@@ -75,6 +75,17 @@ def weight_format(path: str | Path) -> str:
     return "unknown"
 
 
+def memory_format(model: Any) -> str:
+    """How the loaded model holds its weights in memory: "fp8" when any weight is kept as FP8, else the dtype
+    of its parameters ("float32", "bfloat16", ...)."""
+    import torch
+
+    tensors = list(model.parameters()) + list(model.buffers())
+    if any(t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for t in tensors):
+        return "fp8"
+    return str(next(iter(model.parameters())).dtype).removeprefix("torch.")
+
+
 def encode_prompt(tok: "Tokenizer", prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
     """`prompt` as token ids: raw text with BOS, or (`chat`) a user turn in the chat template."""
     if not chat:

@@ -193,6 +193,7 @@ def test_one_model_resolver_for_every_verb(tmp_path, monkeypatch, capsys):
         raise FileNotFoundError("the built-in default model is not installed at /x; pass --model DIR")
 
     monkeypatch.setattr(dsv3, "default_model_path", not_installed)
+    monkeypatch.setattr(dsv3, "default_chat_model_path", not_installed)  # chat and serve default to the chat model
     for verb in DTYPE_VERBS:
         assert main([verb, *REQUIRED[verb]]) == 2
         assert capsys.readouterr().err == (f"dsv3 {verb}: error: no --model given and the built-in default model "
@@ -200,6 +201,18 @@ def test_one_model_resolver_for_every_verb(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(dsv3, "default_model_path", lambda: tmp_path)
     with pytest.raises(flags.UsageError, match="default model folder"):
         flags.resolve_model(None)  # tmp_path holds no config.json
+    monkeypatch.undo()
+    # without --model: the chat model for chat and serve (and generate --chat), the base model otherwise; an
+    # adapter folder given as --model resolves to its merged checkpoint
+    chat = dsv3.default_chat_model_path()
+    assert flags.resolve_model(None, chat=True) == chat and flags.resolve_model(None) == dsv3.default_model_path()
+    assert flags.resolve_model(str(dsv3.default_model_path().parent / "default-chat-model")) == chat
+    calls = []
+    monkeypatch.setattr(flags, "resolve_model", lambda model, chat=False: calls.append(chat) or tmp_path / "x")
+    monkeypatch.setattr(flags, "resolve_device", lambda device: (_ for _ in ()).throw(flags.UsageError("stop")))
+    for argv in (["chat"], ["serve"], ["generate", "--chat", "--prompt", "x"], ["generate", "--prompt", "x"]):
+        assert main(argv) == 2 and capsys.readouterr().err.endswith("error: stop\n")
+    assert calls == [True, True, True, False]
 
 
 def test_missing_optional_dependency_names_the_extra(monkeypatch, capsys):
@@ -294,15 +307,20 @@ def test_sampling_flags_cover_what_sampling_params_supports(capsys):
         p = _verb_parser(verb)
         params = flags.sampling_params(p.parse_args(REQUIRED[verb]))
         assert (params.min_p, params.presence_penalty, params.frequency_penalty, params.stop) == (0.0, 0.0, 0.0, [])
+        assert params.repetition_penalty == 1.0
         args = p.parse_args([*REQUIRED[verb], "--min-p", "0.05", "--presence-penalty", "0.5", "--frequency-penalty",
-                             "-1", "--stop", "\n\n", "--stop", "User:", "--top-k", "40", "--seed", "7"])
+                             "-1", "--stop", "\n\n", "--stop", "User:", "--top-k", "40", "--seed", "7",
+                             "--repetition-penalty", "1.3"])
         params = flags.sampling_params(args)
         assert (params.min_p, params.presence_penalty, params.frequency_penalty) == (0.05, 0.5, -1.0)
+        assert params.repetition_penalty == 1.3
         assert params.stop == ["\n\n", "User:"] and params.top_k == 40 and params.seed == 7
     for bad, start in ((["--min-p", "1.5"], "argument --min-p: must be in [0, 1]"),
                        (["--presence-penalty", "3"], "argument --presence-penalty: must be in [-2, 2]"),
                        (["--frequency-penalty", "x"], "argument --frequency-penalty: must be a number in [-2, 2]"),
-                       (["--stop", ""], "argument --stop: must not be empty")):
+                       (["--stop", ""], "argument --stop: must not be empty"),
+                       (["--repetition-penalty", "0"], "argument --repetition-penalty: must be in (0, 10]"),
+                       (["--repetition-penalty", "nan"], "argument --repetition-penalty: must be in (0, 10]")):
         assert main(["generate", "--prompt", "x", *bad]) == 2
         assert capsys.readouterr().err.startswith(f"dsv3 generate: error: {start}"), bad
 

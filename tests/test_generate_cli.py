@@ -373,6 +373,7 @@ def test_default_model_path(ckpt, monkeypatch, tmp_path: Path, capsys) -> None:
         raise FileNotFoundError("the built-in default model is not installed at /x")
 
     monkeypatch.setattr(dsv3, "default_model_path", not_installed, raising=False)
+    monkeypatch.setattr(dsv3, "default_chat_model_path", not_installed, raising=False)
     assert main(["chat"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not installed at /x" in err[0]
@@ -487,9 +488,9 @@ def test_generate_one_prompt_file_is_still_jsonl(ckpt, tmp_path: Path, capsys) -
     assert len(lines) == 1 and json.loads(lines[0])["text"] == tok.decode(want)
 
 
-def test_start_line_and_threads(ckpt, monkeypatch, capsys) -> None:
-    """generate and chat say which model they loaded and how; one thread by default for a small CPU model,
-    `--threads N` otherwise."""
+def test_start_line_and_threads(ckpt, monkeypatch, capsys, tmp_path) -> None:
+    """generate, chat, eval and serve say which model they loaded and how (the checkpoint's weight format and the
+    one in memory); one thread by default for a small CPU model, `--threads N` otherwise."""
     path, _, _ = ckpt
     capsys.readouterr()
     assert main(["generate", "--help"]) == 0
@@ -502,7 +503,8 @@ def test_start_line_and_threads(ckpt, monkeypatch, capsys) -> None:
         err = capsys.readouterr().err
         n = sum(p.numel() for p in ckpt[1].parameters())
         line = next(line for line in err.splitlines() if line.startswith("[dsv3 generate: model "))
-        assert str(path) in line and f"{n / 1e6:,.1f}M parameters" in line and "F32 weights" in line
+        assert str(path) in line and f"{n / 1e6:,.1f}M parameters" in line
+        assert "F32 checkpoint, float32 in memory" in line
         assert "device cpu" in line and "dtype float32" in line and "1 thread(s)" in line
         assert torch.get_num_threads() == 1
         monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
@@ -510,6 +512,22 @@ def test_start_line_and_threads(ckpt, monkeypatch, capsys) -> None:
         err = capsys.readouterr().err
         assert re.search(rf"\[dsv3 chat: model {re.escape(str(path))} .*2 thread\(s\)\]", err), err
         assert torch.get_num_threads() == 2
+        assert main(["generate", "--model", str(path), "--prompt", "hi", "--max-new-tokens", "2", "--weights", "fp8",
+                     *GREEDY]) == 0
+        assert "F32 checkpoint, fp8 in memory" in capsys.readouterr().err
+        text = tmp_path / "t.txt"
+        text.write_text("some held-out text for the perplexity task", encoding="utf-8")
+        assert main(["eval", "--model", str(path), "--tasks", "ppl", "--text", str(text), "--threads", "1",
+                     "--output", str(tmp_path / "ev"), "--no-progress", "--device", "cpu"]) == 0
+        assert re.search(r"\[dsv3 eval: model .*F32 checkpoint.* 1 thread\(s\)\]", capsys.readouterr().err)
+        assert torch.get_num_threads() == 1
+        pytest.importorskip("fastapi")
+        from dsv3.cli import build_parser
+        from dsv3.cli.serve import build
+        app, _ = build(build_parser(["serve"]).parse_args(["serve", "--model", str(path), "--device", "cpu",
+                                                           "--threads", "2", "--dtype", "float32"]))
+        assert app is not None and torch.get_num_threads() == 2
+        assert re.search(r"\[dsv3 serve: model .* 2 thread\(s\)\]", capsys.readouterr().err)
     finally:
         torch.set_num_threads(before)
 

@@ -13,6 +13,7 @@ shared engine flags. The run itself is `dsv3.eval.harness`; output folder: `resu
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -64,6 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flags.add_device(p)
     flags.add_dtype(p)
     flags.add_engine(p, max_model_len=False)  # the window is --max-length
+    flags.add_threads(p)
     p.set_defaults(run=run)
 
 
@@ -122,8 +124,11 @@ def run(args: argparse.Namespace) -> int:
     from dsv3.eval.harness import EvalPlan, evaluate, write_results
     from dsv3.tokenizer import load_tokenizer
 
+    from dsv3.cli.generate import start_line
+
     t0 = time.time()
     model = flags.load_model(args, model_dir, config)
+    print(start_line("eval", model_dir, model, config, args.threads), file=sys.stderr, flush=True)
     tokenizer = load_tokenizer(model_dir)
     window = min(args.max_length or min(model.args.max_seq_len, 4096), model.args.max_seq_len)
     stride = args.stride or max(1, window // 2)

@@ -1,7 +1,8 @@
 """Flags the verbs share, their checks, and the one place that turns them into library objects.
 
 Groups: model (`--model`), device (`--device`), dtype (`--dtype`), sampling (`--max-new-tokens`,
-`--temperature`, `--top-p`, `--top-k`, `--seed`, `--min-p`, `--presence-penalty`, `--frequency-penalty`, `--stop`)
+`--temperature`, `--top-p`, `--top-k`, `--seed`, `--min-p`, `--presence-penalty`, `--frequency-penalty`,
+`--repetition-penalty`, `--stop`)
 and engine (cache size, batch limits, prefix caching,
 `--fast`). Every verb that takes one of them takes it with the same name, values and default:
 `--dtype` is `auto|bfloat16|float16|float32` (`auto`: float32 on a CPU, bfloat16 on a GPU) and
@@ -115,6 +116,13 @@ def penalty(text: str) -> float:
     return value
 
 
+def repetition_penalty(text: str) -> float:
+    value = _number(text, float, "a number")
+    if not 0.0 < value <= 10.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 10] (1 = off), got {text!r}")
+    return value
+
+
 def stop_string(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("must not be empty")
@@ -142,8 +150,10 @@ def byte_size(text: str) -> int:
 def add_model(p: argparse.ArgumentParser, weights: bool = False) -> None:
     """`--model`, and with `weights=True` also `--weights` (for verbs that load through `load_model` below)."""
     p.add_argument("--model", metavar="DIR", default=None,
-                   help="HF-format DeepSeek-V3 checkpoint folder (config.json, *.safetensors, tokenizer.json) "
-                        "(default: the built-in model, dsv3.default_model_path())")
+                   help="HF-format DeepSeek-V3 checkpoint folder (config.json, *.safetensors, tokenizer.json), or "
+                        "a LoRA adapter folder from `dsv3 sft` (merged with its base once, into ~/.cache/dsv3/models) "
+                        "(default: the built-in chat model for chat, serve and generate --chat; the built-in base "
+                        "model otherwise)")
     if weights:
         p.add_argument("--weights", choices=WEIGHTS, default="bf16",
                        help="how Linear weights sit in memory: bf16 = dequantized to --dtype at load; fp8 = kept as "
@@ -181,6 +191,10 @@ def add_sampling(p: argparse.ArgumentParser, max_new_tokens: int = DEFAULT_MAX_N
                    help="subtract X from the logit of every token already generated, in [-2, 2] (default: %(default)s)")
     g.add_argument("--frequency-penalty", type=penalty, default=0.0, metavar="X",
                    help="subtract X times its count so far from each generated token's logit, in [-2, 2] "
+                        "(default: %(default)s)")
+    g.add_argument("--repetition-penalty", type=repetition_penalty, default=1.0, metavar="R",
+                   help="divide the positive logits (multiply the negative ones) of every token already in the prompt "
+                        "or the answer by R, as HF and vLLM do; > 1 discourages repeats, 1 is off, in (0, 10] "
                         "(default: %(default)s)")
     g.add_argument("--stop", action="append", type=stop_string, default=None, metavar="TEXT",
                    help="end the answer where TEXT appears (not included); repeat for several (default: none)")
@@ -245,12 +259,15 @@ def set_threads(threads: int | None, device: str, num_params: int) -> int:
 
 
 # ---- from flags to library objects ----------------------------------------------------------------
-def resolve_model(model: str | None) -> Path:
-    """The checkpoint folder `--model` names, or the built-in model when it is not given."""
+def resolve_model(model: str | None, chat: bool = False) -> Path:
+    """The checkpoint folder `--model` names (an adapter folder: its merged checkpoint), or the built-in model
+    when it is not given: the chat model with `chat`, else the base model."""
+    from dsv3.checkpoint.adapter import is_adapter, materialize
+
     if model is None:
         import dsv3
         try:
-            path = Path(dsv3.default_model_path())
+            path = Path(dsv3.default_chat_model_path() if chat else dsv3.default_model_path())
         except FileNotFoundError as e:
             raise UsageError(f"no --model given and {e}") from None
         if not (path / "config.json").is_file():
@@ -259,6 +276,11 @@ def resolve_model(model: str | None) -> Path:
     path = Path(model)
     if not path.is_dir():
         raise UsageError(f"--model: folder not found: {path}")
+    if is_adapter(path):
+        try:
+            return materialize(path)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--model: {e}") from None
     if not (path / "config.json").is_file():
         raise UsageError(f"--model: {path} has no config.json (expected an HF-format DeepSeek-V3 folder)")
     return path
@@ -329,4 +351,4 @@ def sampling_params(args: argparse.Namespace) -> "SamplingParams":
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                           max_tokens=args.max_new_tokens, seed=args.seed, min_p=args.min_p,
                           presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                          stop=args.stop)
+                          repetition_penalty=args.repetition_penalty, stop=args.stop)

@@ -310,7 +310,7 @@ class ModelRunner:
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         return self.sampler(logits, [s.params for s in seqs], [s.output_token_ids for s in seqs],
-                            self._generators(seqs))
+                            self._generators(seqs), prompt_token_ids=[s.prompt_token_ids for s in seqs])
 
     @staticmethod
     def _to_python(result: SamplerOutput, seqs: list[Sequence]) -> list[tuple[int, TokenLogprob | None]]:

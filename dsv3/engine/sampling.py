@@ -7,8 +7,10 @@ min-p give different answers in different orders:
 
 0. the row's grammar mask (structured outputs: disallowed tokens get -inf, `dsv3.engine.grammar`)
    and its `logit_bias` (added to the raw logits, as OpenAI and vLLM do),
-1. presence / frequency penalties from the counts of the row's *generated* tokens
-   (OpenAI semantics: `logit[t] -= presence * [count[t] > 0] + frequency * count[t]`),
+1. penalties: first the repetition penalty over the tokens of the prompt and the generated text
+   (HF's and vLLM's definition: a seen token's logit is divided by `repetition_penalty` when positive,
+   multiplied by it when negative), then presence / frequency penalties from the counts of the row's
+   *generated* tokens (OpenAI semantics: `logit[t] -= presence * [count[t] > 0] + frequency * count[t]`),
 2. temperature (below `GREEDY_TEMPERATURE` = 1e-5 means greedy, as in vLLM: argmax of the penalised
    logits, nothing below applies; so a tiny temperature never overflows float32),
 3. top-k (keep the k largest),
@@ -61,6 +63,7 @@ class SamplingParams:
     ignore_eos: bool = False
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
     grammar: Any = None
@@ -96,6 +99,9 @@ class SamplingParams:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
+        if (isinstance(self.repetition_penalty, bool) or not isinstance(self.repetition_penalty, (int, float))
+                or not 0.0 < self.repetition_penalty <= 10.0):
+            raise ValueError(f"repetition_penalty must be in (0, 10] (1 = off), got {self.repetition_penalty!r}")
         if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
                                           or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
@@ -119,7 +125,7 @@ class SamplingParams:
 
     @property
     def has_penalties(self) -> bool:
-        return self.presence_penalty != 0 or self.frequency_penalty != 0
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
 @dataclass
@@ -133,21 +139,32 @@ class SamplerOutput:
     top_logprobs: torch.Tensor | None = None  # [B, K] float32
 
 
-def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
-                    output_token_ids: list[list[int]]) -> torch.Tensor:
-    """`logits[b, t] -= presence_b * [count > 0] + frequency_b * count` over generated tokens."""
-    rows = [b for b, p in enumerate(params) if p.has_penalties and output_token_ids[b]]
+def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], output_token_ids: list[list[int]],
+                    prompt_token_ids: list[list[int]] | None = None) -> torch.Tensor:
+    """Row b: the repetition penalty on every token of its prompt (`prompt_token_ids[b]`, when given) and
+    output (`logit / r` if positive, `logit * r` if not), then `logits[b, t] -= presence_b * [count > 0] +
+    frequency_b * count` over its generated tokens."""
+    prompts = prompt_token_ids if prompt_token_ids is not None else [[] for _ in params]
+    rows = [b for b, p in enumerate(params) if p.has_penalties and (output_token_ids[b] or
+                                                                     (p.repetition_penalty != 1 and prompts[b]))]
     if not rows:
         return logits
     logits = logits.clone()
     device = logits.device
     vocab = logits.shape[-1]
     for b in rows:  # one scatter per penalised row; rows are few and the lists are short
-        ids = torch.tensor(output_token_ids[b], dtype=torch.long, device=device)
-        counts = torch.zeros(vocab, dtype=logits.dtype, device=device).scatter_add_(
-            0, ids, torch.ones_like(ids, dtype=logits.dtype))  # [V]
         p = params[b]
-        logits[b] -= p.presence_penalty * (counts > 0).to(logits.dtype) + p.frequency_penalty * counts
+        if p.repetition_penalty != 1:
+            seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+            seen[torch.tensor([*prompts[b], *output_token_ids[b]], dtype=torch.long, device=device)] = True  # [V]
+            row = logits[b]
+            penalised = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+            logits[b] = torch.where(seen, penalised, row)
+        if output_token_ids[b] and (p.presence_penalty or p.frequency_penalty):
+            ids = torch.tensor(output_token_ids[b], dtype=torch.long, device=device)
+            counts = torch.zeros(vocab, dtype=logits.dtype, device=device).scatter_add_(
+                0, ids, torch.ones_like(ids, dtype=logits.dtype))  # [V]
+            logits[b] -= p.presence_penalty * (counts > 0).to(logits.dtype) + p.frequency_penalty * counts
     return logits
 
 
@@ -182,14 +199,15 @@ def apply_bias_and_mask(logits: torch.Tensor, params: list[SamplingParams],
 
 def processed_logits(logits: torch.Tensor, params: list[SamplingParams],
                      output_token_ids: list[list[int]] | None = None,
-                     bitmask: torch.Tensor | None = None) -> torch.Tensor:
+                     bitmask: torch.Tensor | None = None,
+                     prompt_token_ids: list[list[int]] | None = None) -> torch.Tensor:
     """Logits `[B, V]` after the grammar mask and logit bias, penalties, temperature and the top-k /
     top-p / min-p filters (filtered entries are `-inf`). Greedy rows come back penalised but unscaled."""
     if logits.dim() != 2 or logits.shape[0] != len(params):
         raise ValueError(f"logits must be [B, V] with B = len(params) = {len(params)}, got {tuple(logits.shape)}")
     logits = apply_bias_and_mask(logits.float(), params, bitmask)
     if output_token_ids is not None:
-        logits = apply_penalties(logits, params, output_token_ids)
+        logits = apply_penalties(logits, params, output_token_ids, prompt_token_ids)
     device = logits.device
     batch, vocab = logits.shape
     # greedy rows are not scaled; a huge temperature is capped so masked -inf logits stay -inf (not nan)
@@ -269,11 +287,13 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  output_token_ids: list[list[int]] | None = None,
-                 generators: list[torch.Generator | None] | None = None) -> SamplerOutput:
+                 generators: list[torch.Generator | None] | None = None,
+                 prompt_token_ids: list[list[int]] | None = None) -> SamplerOutput:
         """Pick one token per row of `logits` `[B, V]`.
 
-        `output_token_ids[b]` are row b's generated tokens (for the penalties); `generators[b]`,
-        when given, is the row's own random stream (seeded requests).
+        `output_token_ids[b]` are row b's generated tokens (for the penalties), `prompt_token_ids[b]` its
+        prompt's (for the repetition penalty); `generators[b]`, when given, is the row's own random stream
+        (seeded requests).
         """
         batch, vocab = logits.shape
         if generators is not None and len(generators) != batch:
@@ -283,7 +303,7 @@ class Sampler:
                 and all(p.greedy and not p.has_penalties and p.logprobs is None and not p.logit_bias for p in params)):
             return SamplerOutput(token_ids=logits.argmax(dim=-1))  # nothing to process: the plain argmax
         logits = logits.float()
-        processed = processed_logits(logits, params, output_token_ids, bitmask)  # [B, V]
+        processed = processed_logits(logits, params, output_token_ids, bitmask, prompt_token_ids)  # [B, V]
         tokens = processed.argmax(dim=-1)  # [B] greedy choice
         sampled_rows = [b for b, p in enumerate(params) if not p.greedy]
         if sampled_rows:

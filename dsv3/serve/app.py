@@ -207,7 +207,7 @@ def create_app(engine: Any, served_model_name: str = "dsv3", api_key: str | None
                 stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
                 seed=None if req.seed is None else (req.seed + j) % (2 ** 63),
                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                logprobs=num_logprobs, logit_bias=bias, grammar=grammar)
+                repetition_penalty=req.repetition_penalty, logprobs=num_logprobs, logit_bias=bias, grammar=grammar)
         except ValueError as err:
             raise APIError(400, str(err)) from None
 
