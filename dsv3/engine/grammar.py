@@ -8,9 +8,9 @@ gets its own `GrammarState` (an llguidance matcher plus how many of its generate
 
 Each step the model runner calls `token_bitmask`: every constrained row's state first catches up with
 the tokens generated since the last step (so preemption, recomputation and several tokens per step
-need no special case), then llguidance fills that row of a packed bitmask (`[B, ceil(V / 32)]` int32,
-bit `t % 32` of word `t // 32` set when token t is allowed; unconstrained rows are all ones) on the CPU
-while the GPU still runs the forward. The sampler unpacks the bitmask on the logits' device
+need no special case), then llguidance fills the constrained rows of a packed bitmask (`[B, ceil(V / 32)]`
+int32, bit `t % 32` of word `t // 32` set when token t is allowed; unconstrained rows are all ones) on
+the CPU, in parallel over rows and while the GPU still runs the forward. The sampler unpacks the bitmask on the logits' device
 (`dsv3.engine.sampling.unpack_bitmask`) and sets disallowed logits to -inf before anything else.
 
 A state whose grammar has finished (or failed) allows only the end-of-sequence token, so the sequence
@@ -51,15 +51,16 @@ class Grammar:
     def state(self) -> "GrammarState":
         llg = _llguidance()
         return GrammarState(llg.LLMatcher(self.compiler.lltokenizer, self.spec, log_level=0),
-                            self.compiler.eos_token_id)
+                            self.compiler.eos_token_id, self.compiler.executor)
 
 
 class GrammarState:
     """The matcher of one sequence and how many of its generated tokens it has consumed."""
 
-    def __init__(self, matcher: Any, eos_token_id: int) -> None:
+    def __init__(self, matcher: Any, eos_token_id: int, executor: Any = None) -> None:
         self.matcher = matcher
         self.eos_token_id = eos_token_id
+        self.executor = executor  # llguidance's thread pool, for filling many rows at once
         self.consumed = 0
 
     def advance(self, output_token_ids: list[int]) -> None:
@@ -101,10 +102,19 @@ def token_bitmask(states: list[GrammarState | None], output_token_ids: list[list
     device = torch.device(device)
     mask = torch.full((len(states), bitmask_width(vocab_size)), -1, dtype=torch.int32,
                       pin_memory=device.type == "cuda")
+    live: list[tuple[Any, int]] = []
+    executor = None
     for b, state in enumerate(states):
-        if state is not None:
-            state.advance(output_token_ids[b])
+        if state is None:
+            continue
+        state.advance(output_token_ids[b])
+        if state.done or state.executor is None:
             state.fill(mask[b])
+        else:
+            live.append((state.matcher, b))
+            executor = state.executor
+    if live:  # llguidance computes the rows' masks in parallel, in Rust threads, without the GIL
+        executor.unsafe_compute_mask_ptr(live, mask.data_ptr(), mask.shape[1] * mask.element_size(), mask.shape[0])
     return mask.to(device, non_blocking=True)
 
 
@@ -120,6 +130,7 @@ class GrammarCompiler:
         self.eos_token_id = int(tokenizer.eos_id)
         self.lltokenizer = llg.LLTokenizer(tokenizer.backend.to_str(), n_vocab=self.vocab_size,
                                            eos_token=self.eos_token_id)
+        self.executor = llg.LLExecutor()
 
     def _compile(self, spec: str) -> Grammar:
         llg = _llguidance()

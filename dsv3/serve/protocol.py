@@ -2,7 +2,7 @@
 
 Requests are validated here, once, so a bad parameter becomes a 400 that names it before anything
 reaches the engine. Fields follow the OpenAI API (and vLLM's extensions `top_k`, `min_p`,
-`repetition_penalty`, `ignore_eos`), with `logit_bias`, `echo` and `response_format` (`json_object`, `json_schema`); what
+`ignore_eos`), with `logit_bias`, `echo` and `response_format` (`json_object`, `json_schema`); what
 the engine cannot do (`suffix`, `echo` with `logprobs`, non-text content parts) is refused with a 400
 rather than silently ignored. Text anywhere in a request (keys included) must be valid Unicode: a lone
 UTF-16 surrogate (`"\ud800"`, which JSON allows) is a 400 naming the field. Responses are plain dicts
@@ -26,18 +26,29 @@ MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values
 MAX_LOGIT_BIAS_ENTRIES = 1024
 
 
+def _has_surrogate(text: str) -> bool:
+    """Whether `text` holds a lone surrogate (the one thing that stops a str from encoding as UTF-8)."""
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _surrogate_path(value: Any, path: str = "") -> str | None:
     """The path of the first string (or key) in `value` holding a lone UTF-16 surrogate, else None."""
     stack = [(value, path)]
     while stack:
         v, where = stack.pop()
         if isinstance(v, str):
-            if any("\ud800" <= ch <= "\udfff" for ch in v):
+            if _has_surrogate(v):
                 return where or "body"
         elif isinstance(v, dict):
             for k, item in v.items():
                 key = str(k)
-                if any("\ud800" <= ch <= "\udfff" for ch in key):
+                if _has_surrogate(key):
                     return f"{where}.{key.encode('utf-8', 'backslashreplace').decode()}".lstrip(".") or "body"
                 stack.append((item, f"{where}.{key}".lstrip(".")))
         elif isinstance(v, list):
@@ -47,8 +58,7 @@ def _surrogate_path(value: Any, path: str = "") -> str | None:
 
 def clean_text(text: str) -> str:
     """`text` with lone surrogates escaped (`\\ud800`), so it can be encoded as UTF-8."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8") if any(
-        "\ud800" <= ch <= "\udfff" for ch in text) else text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8") if _has_surrogate(text) else text
 
 
 class _Model(BaseModel):
@@ -165,7 +175,6 @@ class SamplingRequest(_Model):
     seed: StrictInt | None = Field(None, ge=-(2 ** 63), le=2 ** 63 - 1)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False
     user: str | None = None
