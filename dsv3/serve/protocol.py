@@ -2,7 +2,7 @@
 
 Requests are validated here, once, so a bad parameter becomes a 400 that names it before anything
 reaches the engine. Fields follow the OpenAI API (and vLLM's extensions `top_k`, `min_p`,
-`ignore_eos`), with `logit_bias`, `echo` and `response_format` (`json_object`, `json_schema`); what
+`repetition_penalty`, `ignore_eos`), with `logit_bias`, `echo` and `response_format` (`json_object`, `json_schema`); what
 the engine cannot do (`suffix`, `echo` with `logprobs`, non-text content parts) is refused with a 400
 rather than silently ignored. Text anywhere in a request (keys included) must be valid Unicode: a lone
 UTF-16 surrogate (`"\ud800"`, which JSON allows) is a 400 naming the field. Responses are plain dicts
@@ -175,6 +175,7 @@ class SamplingRequest(_Model):
     seed: StrictInt | None = Field(None, ge=-(2 ** 63), le=2 ** 63 - 1)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False
     user: str | None = None
