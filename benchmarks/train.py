@@ -93,6 +93,7 @@ def run_one(args: argparse.Namespace, fp8: bool, out: Path) -> dict:
     cfg = TrainConfig(model=model, seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps,
                       warmup_steps=max(1, min(100, args.steps // 10)), lr=args.lr, final_lr=args.lr / 10,
                       fp8=fp8, fp8_experts=args.fp8_experts, compile=args.compile, seed=args.seed, eval_every=0,
+                      precision="bf16",  # the peer of fp8 is bf16 autocast on every device
                       eval_batches=args.eval_batches, ckpt_every=0, log_every=max(1, args.steps // 10),
                       device=args.device, peak_tflops=args.peak_tflops)
     start = time.perf_counter()

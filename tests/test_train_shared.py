@@ -57,6 +57,12 @@ def tiny_model(seed: int = 0, **overrides):
     return Transformer(args, dtype=torch.float32)
 
 
+def dcp_keys(checkpoint: Path) -> set[str]:
+    """The keys of a training checkpoint's DCP state (`state/.metadata`)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    return set(FileSystemReader(str(Path(checkpoint) / "state")).read_metadata().state_dict_metadata)
+
+
 def exit_worker() -> None:
     """End a spawned distributed test worker that succeeded: barrier, destroy the group, then leave without
     running interpreter teardown. With FSDP2 on gloo the teardown aborts now and then ("terminate called

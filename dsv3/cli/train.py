@@ -3,6 +3,13 @@
     dsv3 train --config RECIPE.json --data DIR --out DIR [--resume] [--steps N] [--device D] [--fp8] ...
     torchrun --nproc-per-node 8 -m dsv3.cli train ...   (data parallel over the ranks)
 
+Checkpoints (`--ckpt-every`) are torch.distributed.checkpoint folders: `--resume` continues from the newest
+intact one at any world size and parallel mode (keep the global batch: ranks x --batch-size), and refuses a
+changed schedule (--steps, --lr, ...) unless --allow-changed-settings. SIGTERM or Ctrl-C (once) finishes the
+step, saves a checkpoint and exits 0; so does --time-limit before the given wall time. Each checkpoint's
+`model/` folder (HF layout, with the tokenizer) runs with `dsv3 generate` and `dsv3 eval`.
+`--precision auto` (the default) trains in fp32 on a CPU and with bf16 autocast on a GPU.
+
 `--config` takes a path or the name of a built-in recipe (`dsv3/train/recipes/*.json`). Every field of
 `TrainConfig` is also a flag (`--lr 1e-3`, `--batch-size 16`, `--compile`, ...); a flag given on the command
 line overrides the recipe, one left out keeps the recipe's value. The flags are made from the dataclass, so
@@ -25,6 +32,9 @@ _HELP = {
                      "auto = fsdp when the MoE runs its grouped path, else ddp",
     "expert_parallel": "under torchrun: each rank keeps E/world routed experts per MoE layer and tokens reach "
                        "them by all-to-all; the other weights are replicated with DDP",
+    "precision": "auto (fp32 on a CPU, bf16 on a GPU), bf16 (autocast over float32 masters) or fp32",
+    "time_limit": "stop with a checkpoint before this much wall time, e.g. 3600, 90m, 2h, 1:30:00 (for schedulers)",
+    "async_checkpoint": "write checkpoints' DCP state in a background thread while training goes on",
 }
 
 
@@ -46,7 +56,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, metavar="DIR", help="token shard folder written by `dsv3 data tokenize`")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="run folder: checkpoints, metrics, TensorBoard, final model/")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out (default: off)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest intact checkpoint in --out, at any world size (default: off)")
+    p.add_argument("--allow-changed-settings", action="store_true",
+                   help="with --resume: accept a changed schedule (--steps, --lr, ...), with a warning (default: "
+                        "refused)")
     helps = {**_HELP, "fp8_experts": "with --fp8, the routed experts' path: "
                                      + "; ".join(f"{k} = {v}" for k, v in FP8_EXPERTS.items())}
     defaults = TrainConfig()
@@ -70,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig.from_json(args.config, **overrides)
-    train(cfg, args.data, args.out, resume=args.resume)
+    train(cfg, args.data, args.out, resume=args.resume, allow_changes=args.allow_changed_settings)
     if torch.distributed.is_initialized():  # every rank got here: leave the group together (PyTorch's advice)
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -105,7 +105,7 @@ def tokenize_corpus(
     start = time.time()
     writers = {s: _ShardWriter(output, s, dtype, shard_tokens) for s in SPLITS}
     stats = {s: {"documents": 0, "bytes": 0, "tokens": 0} for s in SPLITS}
-    texts = iter_texts(inputs)
+    texts = (t for t in iter_texts(inputs) if t.strip())  # a blank document would be BOS EOS alone
     with tqdm(desc="tokenizing", unit="doc") as bar:
         while batch := list(islice(texts, batch_docs)):
             encodings = tok.encode_batch(batch, add_special_tokens=False)
@@ -121,6 +121,13 @@ def tokenize_corpus(
     for split in SPLITS:
         writers[split].close()
         stats[split]["shards"] = writers[split].shards
+    if not stats["train"]["tokens"]:
+        for split in SPLITS:
+            for shard in writers[split].shards:
+                (output / shard["file"]).unlink(missing_ok=True)
+        found = "no documents" if not stats["val"]["documents"] else "documents only for validation"
+        raise ValueError(f"{found} in {', '.join(str(p) for p in inputs)}: nothing to train on (a .jsonl needs a "
+                         "'text' field per line, a .txt file text)")
     meta = {
         "dtype": dtype.name,
         "vocab_size": vocab_size,
@@ -143,11 +150,17 @@ def tokenize_corpus(
 
 
 def read_meta(data_dir: Path) -> dict:
-    """The meta.json of a shard folder (FileNotFoundError naming the folder if absent)."""
+    """The meta.json of a shard folder (FileNotFoundError naming the folder if absent; ValueError naming the file
+    when it is not valid JSON or lacks what the loader reads)."""
+    from dsv3.config import read_json
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
         raise FileNotFoundError(f"no meta.json in {data_dir}: run `dsv3 data tokenize` first")
-    return json.loads(path.read_text())
+    meta = read_json(path)
+    missing = [k for k in ("dtype", "vocab_size", "splits") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise ValueError(f"{path}: not a shard index written by `dsv3 data tokenize` (no {', '.join(missing)})")
+    return meta
 
 
 class TokenStream:
@@ -159,6 +172,14 @@ class TokenStream:
         meta = read_meta(data_dir)
         dtype = np.dtype(meta["dtype"])
         shards = [s for s in meta["splits"][split]["shards"] if s["tokens"] > 0]
+        for s in shards:  # a missing, empty or cut-short shard, named (np.memmap would say "mmap length ...")
+            path = Path(data_dir) / s["file"]
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: shard listed in {Path(data_dir) / 'meta.json'} is missing")
+            if path.stat().st_size != s["tokens"] * dtype.itemsize:
+                raise ValueError(f"{path}: {path.stat().st_size} bytes, but meta.json lists {s['tokens']} "
+                                 f"{dtype.name} tokens ({s['tokens'] * dtype.itemsize} bytes); the shard is "
+                                 "damaged: run `dsv3 data tokenize` again")
         self.arrays = [np.memmap(Path(data_dir) / s["file"], dtype=dtype, mode="r",
                                  shape=(s["tokens"],)) for s in shards]
         self.starts = np.cumsum([0] + [len(a) for a in self.arrays])

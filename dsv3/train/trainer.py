@@ -6,15 +6,20 @@ to take the data's). `dsv3 train` turns every field into a flag as well.
 
 One optimizer step = `grad_accum` micro-batches of `batch_size` packed sequences per rank:
     loss = CE(next token) + (λ/D) Σ_k CE_k (MTP) + α Σ_layers L_bal (sequence-wise balance)
-under bf16 autocast on float32 master weights (or the FP8 linears with `fp8`), then gradient clipping,
-AdamW, the warm-up/constant/cosine schedule, and the gate-bias update from the step's expert counts.
+in `precision` (bf16 autocast over float32 master weights, or plain fp32; `auto` is fp32 on a CPU, where
+bf16 autocast is several times slower, and bf16 on a GPU) or with the FP8 linears (`fp8`), then gradient
+clipping, AdamW, the warm-up/constant/cosine schedule, and the gate-bias update from the step's expert counts.
+`ce` and `mtp` are logged apart from the weighted total `loss` (which moves when λ switches).
 
-Output folder: `metrics.jsonl` (one line per step), `tb/` (TensorBoard), `checkpoints/step_NNNNNNN/`
-(`model/` in HF layout with float32 masters + `train_state.pt`: optimizer, scheduler, loader, balancer,
-RNG states of every rank), `checkpoints/latest`, and at the end `model/` (HF layout in `export_dtype`,
-with the data's tokenizer files) that `dsv3.load_model` and `transformers` read. Checkpoints are written
-to a temporary folder and renamed, so a killed run leaves only complete ones; `resume` continues from
-`latest` and reproduces the uninterrupted run bit for bit on the same hardware and world size.
+Output folder: `metrics.jsonl` (one line per step, cut back to the resumed step on resume), `tb/`
+(TensorBoard), `checkpoints/step_NNNNNNN/` (`dsv3.train.checkpoint`: DCP state that any world size and
+parallel mode resumes from, `train_state.pt`, and `model/` in HF layout with the tokenizer), `checkpoints/latest`,
+and at the end `model/` (HF layout in `export_dtype`, with the data's tokenizer files) that `dsv3.load_model`
+and `transformers` read. `resume` continues from the newest intact checkpoint (a damaged one is named in a
+warning and skipped), refuses changed settings that the run depends on (model, sequence length, global batch,
+seed) and, unless allowed, a changed schedule (steps, learning rates, λ, γ, ...), and reproduces the
+uninterrupted run bit for bit on the same hardware and world size (within float32 rounding on another).
+SIGTERM or SIGINT (once) and `time_limit` end the run after the current step with a checkpoint (`StopRequest`).
 """
 
 from __future__ import annotations
@@ -36,18 +41,19 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from dsv3.config import PRESET_DIR, ModelArgs
+from dsv3.config import PRESET_DIR, ModelArgs, read_json
 from dsv3.model import Transformer
+from dsv3.train import checkpoint as ckpt
 from dsv3.train.balance import BiasBalancer
-from dsv3.train.expert_parallel import (clip_grad_norm_ep, expert_parameter_names, gather_full_state,
-                                        gather_optimizer_state, load_optimizer_state, shard_experts)
-from dsv3.train.fsdp import full_model_state, full_optimizer_state, is_sharded, load_full_optimizer_state
+from dsv3.train.expert_parallel import clip_grad_norm_ep, expert_parameter_names, gather_full_state, shard_experts
+from dsv3.train.fsdp import full_model_state, is_sharded
 from dsv3.train.losses import model_balance_loss, mtp_losses, next_token_loss, sequence_balance_loss
 from dsv3.train.optim import build_optimizer, build_scheduler, clip_in_fused_step, lr_at
 from dsv3.train.parallelize import all_reduce_mean, init_distributed, parallelize, resolve_device
+from dsv3.train.stop import StopRequest, parse_duration
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp32")
 FP8_EXPERTS = {  # how `fp8` treats the routed experts
     "auto": "loop on a CPU, bf16 on a GPU",
     "loop": "an FP8 linear per expert on the reference loop (one host sync per MoE layer)",
@@ -82,7 +88,7 @@ class TrainConfig:
     bias_early_steps: int = 0
     bias_freeze_step: int | None = None  # γ becomes 0 after this many steps (None: never)
     bias_freeze_tokens: int | None = None  # ... or after this many training tokens
-    precision: str = "bf16"  # autocast dtype over float32 masters: bf16 or fp32 (no autocast)
+    precision: str = "auto"  # bf16 (autocast over float32 masters), fp32 (no autocast), auto: fp32 on CPU, bf16 on GPU
     fp8: bool = False  # FP8 GEMMs in the linear layers
     fp8_experts: str = "auto"  # with fp8, the routed experts: auto, loop, grouped or bf16 (see FP8_EXPERTS)
     compile: bool = False  # torch.compile the blocks (whole blocks on the grouped MoE path)
@@ -98,8 +104,13 @@ class TrainConfig:
     export_dtype: str = "bfloat16"  # dtype of the final HF export
     peak_tflops: float = 989.0  # accelerator peak (dense bf16) for MFU; H100/H200 spec
     device: str = "auto"  # auto, cpu, cuda, cuda:N
+    time_limit: str | float | None = None  # stop with a checkpoint before this much wall time: 3600, 90m, 2h, 1:30:00
+    async_checkpoint: bool = False  # write the DCP state in a background thread while training goes on
 
     def __post_init__(self) -> None:
+        problem = _type_problem(self.to_json())
+        if problem:
+            raise ValueError(problem)
         positive = ("seq_len", "batch_size", "grad_accum", "steps", "warmup_steps", "eval_batches",
                     "keep_checkpoints", "log_every")
         for name in positive:
@@ -126,6 +137,8 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.export_dtype not in ("bfloat16", "float32", "float16"):
             raise ValueError(f"export_dtype must be bfloat16, float16 or float32, got {self.export_dtype!r}")
+        if self.time_limit is not None:
+            parse_duration(self.time_limit)
         if self.lr <= 0 or self.final_lr > self.lr:
             raise ValueError(f"need 0 < final_lr <= lr, got lr={self.lr}, final_lr={self.final_lr}")
 
@@ -154,16 +167,44 @@ class TrainConfig:
         if not path.is_file():
             names = sorted(p.stem for p in RECIPE_DIR.glob("*.json"))
             raise FileNotFoundError(f"recipe {str(path)!r} not found (built-in recipes: {names})")
-        data = json.loads(path.read_text())
+        data = read_json(path)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a recipe is a JSON object of TrainConfig fields, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{path}: unknown recipe field(s) {unknown}; known: {sorted(known)}")
+        problem = _type_problem(data)
+        if problem:
+            raise ValueError(f"{path}: {problem}")
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**data)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+_KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _type_problem(data: dict) -> str | None:
+    """What is wrong with the types of recipe fields in `data` (None when nothing): `lr` must be a number, ..."""
+    import types
+    import typing
+    hints = typing.get_type_hints(TrainConfig)
+    for name, value in data.items():
+        if name not in hints or name == "model":
+            continue
+        allowed = typing.get_args(hints[name]) if isinstance(hints[name], types.UnionType) else (hints[name],)
+        if value is None and type(None) in allowed:
+            continue
+        kinds = [t for t in allowed if t in _KINDS]
+        ok = any(isinstance(value, t) and not (t in (int, float) and isinstance(value, bool))
+                 or (t is float and isinstance(value, int) and not isinstance(value, bool)) for t in kinds)
+        if not ok:
+            wanted = " or ".join(_KINDS[t] for t in kinds) + (" or null" if type(None) in allowed else "")
+            return f"field {name!r} must be {wanted}, got {value!r}"
+    return None
 
 
 def model_args(cfg: TrainConfig, data_meta: dict | None = None) -> ModelArgs:
@@ -175,7 +216,9 @@ def model_args(cfg: TrainConfig, data_meta: dict | None = None) -> ModelArgs:
             path = PRESET_DIR / f"{spec}.json"
         if not path.is_file():
             raise FileNotFoundError(f"model {spec!r} is neither a preset in {PRESET_DIR} nor a JSON file")
-        spec = json.loads(path.read_text())
+        spec = read_json(path)
+        if not isinstance(spec, dict):
+            raise ValueError(f"{path}: a model spec is a JSON object of ModelArgs fields")
         if spec.get("model_type"):
             spec = ModelArgs.from_hf_config(spec).to_json()
     spec = dict(spec)
@@ -223,23 +266,35 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# fields a resumed run must keep (it cannot continue otherwise), and the schedule, which it may change only
+# when asked (`allow_changes`): the rest (evaluation, logging, checkpoint cadence, device, parallel mode,
+# precision, compile, ...) may differ freely
+FIXED_FIELDS = ("seq_len", "seed")
+SCHEDULE_FIELDS = ("steps", "lr", "final_lr", "warmup_steps", "decay_frac", "weight_decay", "beta1", "beta2", "eps",
+                   "grad_clip", "mtp_weight", "mtp_weight_late", "mtp_switch_frac", "balance_alpha",
+                   "bias_update_rate", "bias_update_rate_early", "bias_early_steps", "bias_freeze_step",
+                   "bias_freeze_tokens")
+
+
 class Trainer:
     """Owns the model, optimizer, schedule, balancer, loaders and output folder of one run."""
 
-    def __init__(self, cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: bool = False) -> None:
+    def __init__(self, cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: bool = False,
+                 allow_changes: bool = False) -> None:
         from dsv3.train.data import PackedLoader, read_meta
 
         self.cfg, self.data_dir, self.out = cfg, Path(data_dir), Path(out_dir)
         self.info, self.device = init_distributed(resolve_device(cfg.device))
+        self.precision = cfg.precision if cfg.precision != "auto" else "bf16" if self.device.type == "cuda" else "fp32"
         meta = read_meta(self.data_dir)
         self.data_meta = meta
         self.args = model_args(cfg, meta)
         self.ckpt_dir = self.out / "checkpoints"
-        latest = self._latest_checkpoint()
-        if resume and latest is None:
+        existing = ckpt.candidates(self.ckpt_dir) if self.ckpt_dir.is_dir() else []
+        if resume and not existing:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt_dir}")
-        if not resume and latest is not None:
-            raise FileExistsError(f"{self.out} already holds checkpoints ({latest.name}); pass --resume to "
+        if not resume and existing:
+            raise FileExistsError(f"{self.out} already holds checkpoints ({existing[0].name}); pass --resume to "
                                   "continue that run or choose another --out")
 
         torch.manual_seed(cfg.seed)
@@ -251,9 +306,6 @@ class Trainer:
                                    rank=self.info.rank, world_size=self.info.world_size)
         self.balancer = BiasBalancer(self.model, cfg.bias_update_rate, cfg.bias_freeze_step, cfg.bias_freeze_tokens,
                                      early_rate=cfg.bias_update_rate_early, early_steps=cfg.bias_early_steps)
-        state = None
-        if resume:
-            state = self._load_checkpoint(latest)
         self.n_params = sum(p.numel() for p in self.model.parameters())  # before any sharding
         self.ep = cfg.expert_parallel and self.info.distributed
         if self.ep:
@@ -263,6 +315,8 @@ class Trainer:
                                   data_parallel="ddp" if self.ep else cfg.data_parallel,
                                   ddp_ignore=expert_parameter_names(self.model) if self.ep else ())
         self.sharded = is_sharded(self.model)
+        self.mode = ("FSDP2" if self.sharded else "expert parallel + DDP" if self.ep else "DDP"
+                     if self.info.distributed else "one process")
         # with --compile the losses fuse too: the CE reads the bf16 logits once instead of via float32 copies
         self.ce = torch.compile(next_token_loss, dynamic=False) if cfg.compile else next_token_loss
         self.balance_loss = (torch.compile(sequence_balance_loss, dynamic=False) if cfg.compile
@@ -270,81 +324,113 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay, cfg.eps)
         self.scheduler = build_scheduler(self.optimizer, cfg.lr, cfg.warmup_steps, cfg.stable_steps,
                                          cfg.decay_steps, cfg.final_lr)
-        if state is not None:
-            if self.sharded:
-                load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
-            elif self.ep:
-                load_optimizer_state(self.model, self.optimizer, state["optimizer"])
-            else:
-                self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
+        self.writer_ckpt = ckpt.CheckpointWriter(self.ckpt_dir, self.info.rank, self.info.distributed,
+                                                 cfg.keep_checkpoints, async_save=cfg.async_checkpoint)
+        self.allow_changes = allow_changes
+        self.resumed_from: Path | None = None
+        if resume:
+            self.resumed_from, _ = ckpt.find_resumable(self.ckpt_dir, self._load_checkpoint, self._write)
         self.flops_per_token = flops_per_token(self.args, cfg.seq_len)
         self.writer = None
         self.history: list[dict] = []
+        self.stop = StopRequest(cfg.time_limit, write=self._write)
+        self.stopped: str | None = None
+        self.stop_now = False
+        self.slowest_step = 0.0
+        self.save_seconds = 0.0
+
+    def _write(self, line: str) -> None:
+        if self.info.is_main:
+            tqdm.write(line)
 
     # ---- checkpoints ---------------------------------------------------------------------
-    def _latest_checkpoint(self) -> Path | None:
-        pointer = self.ckpt_dir / "latest"
-        if not pointer.is_file():
-            return None
-        path = self.ckpt_dir / pointer.read_text().strip()
-        if not (path / "train_state.pt").is_file():
-            raise FileNotFoundError(f"{pointer} names {path.name}, which is incomplete")
-        return path
+    def _check_settings(self, state: dict, folder: Path) -> None:
+        """Refuse a resume whose settings break the run; a changed schedule only with `allow_changes` (warned)."""
+        saved, now = state["config"], self.cfg.to_json()
+        where = f"--resume from {folder.name}"
+        if state.get("model_args") is not None and state["model_args"] != self.args.to_json():
+            changed = sorted(k for k, v in self.args.to_json().items() if state["model_args"].get(k) != v)
+            raise ValueError(f"{where}: the model differs from the checkpoint's ({', '.join(changed)})")
+        fixed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in FIXED_FIELDS if saved.get(k) != now[k]]
+        if fixed:
+            raise ValueError(f"{where}: {', '.join(fixed)} changed; the run cannot continue with them")
+        old_batch = saved["batch_size"] * state["world_size"]
+        new_batch = self.cfg.batch_size * self.info.world_size
+        if old_batch * saved["grad_accum"] != new_batch * self.cfg.grad_accum or old_batch != new_batch:
+            raise ValueError(
+                f"{where}: the global batch changed ({state['world_size']} rank(s) x batch {saved['batch_size']} x "
+                f"accum {saved['grad_accum']} -> {self.info.world_size} x {self.cfg.batch_size} x "
+                f"{self.cfg.grad_accum}); keep {old_batch} sequences per micro-batch over all ranks, e.g. "
+                f"--batch-size {old_batch // self.info.world_size if old_batch % self.info.world_size == 0 else '?'}"
+                f" --grad-accum {saved['grad_accum']}")
+        schedule = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in SCHEDULE_FIELDS if saved.get(k) != now[k]]
+        if schedule and not self.allow_changes:
+            raise ValueError(f"{where}: the schedule changed ({', '.join(schedule)}); pass --allow-changed-settings "
+                             "to continue with the new values, or give the run's own")
+        if schedule:
+            self._write(f"warning: resuming with a changed schedule: {', '.join(schedule)}")
 
-    def _load_checkpoint(self, path: Path) -> dict:
-        from dsv3.checkpoint import load_model
-        loaded = load_model(path / "model", device="cpu", dtype=torch.float32, progress=False)
-        self.model.load_state_dict(loaded.state_dict())
-        state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
-        if state["world_size"] != self.info.world_size:
-            raise ValueError(f"checkpoint {path.name} was written by {state['world_size']} rank(s), "
-                             f"this run has {self.info.world_size}")
-        self.step = state["step"]
+    def _load_checkpoint(self, folder: Path) -> dict:
+        """Read one checkpoint into the model, optimizer, schedule, loader, balancer and RNG (every rank)."""
+        state = ckpt.read_train_state(folder)
+        self._check_settings(state, folder)
+        ckpt.load(folder, self.model, self.optimizer)
+        step = int(state["step"])
+        # the schedule is a function of the step: the group hyper-parameters come from this run's recipe
+        for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group.update(lr=base * fn(step), initial_lr=base, betas=(self.cfg.beta1, self.cfg.beta2), eps=self.cfg.eps)
+            if group["weight_decay"]:
+                group["weight_decay"] = self.cfg.weight_decay
+        self.scheduler.last_epoch = step
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        self.step = step
         self.loader.load_state_dict(state["loader"])
         self.balancer.load_state_dict(state["balancer"])
-        _set_rng_state(state["rng"][self.info.rank])
+        rngs = state["rng"]  # one per rank of the run that wrote it; a new world size takes rank 0's
+        _set_rng_state(rngs[self.info.rank] if len(rngs) == self.info.world_size else rngs[0])
+        if self.info.is_main:
+            was = f"{state['world_size']} rank(s), {state.get('mode', '?')}"
+            now = f"{self.info.world_size} rank(s), {self.mode}"
+            tqdm.write(f"resuming from step {step} (checkpoint {folder})"
+                       + (f": written by {was}, resharded for {now}" if was != now else ""))
+            self._truncate_metrics(step)
         return state
 
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metrics.jsonl rows past `step` (steps the resumed run does again), keeping one row per step."""
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue  # a row cut short by a kill
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
     def save_checkpoint(self) -> Path:
-        """Write `checkpoints/step_NNNNNNN` atomically (rank 0), then point `latest` at it."""
-        from dsv3.checkpoint import save_model
+        """Write `checkpoints/step_NNNNNNN` (every rank; see `dsv3.train.checkpoint`)."""
+        start = time.perf_counter()
         rngs = [None] * self.info.world_size
         if self.info.distributed:
             dist.all_gather_object(rngs, _rng_state())
         else:
             rngs = [_rng_state()]
-        name = f"step_{self.step:07d}"
-        final = self.ckpt_dir / name
-        # FSDP2 / expert parallel: full tensors gathered to rank 0 (every rank takes part), optimizer state keyed
-        # by parameter name
-        model_state = self.full_state_model() if self.sharded or self.ep else self.model
-        if self.sharded:
-            optim_state = full_optimizer_state(self.model, self.optimizer)
-        elif self.ep:
-            optim_state = gather_optimizer_state(self.model, self.optimizer)
-        else:
-            optim_state = self.optimizer.state_dict()
-        if self.info.is_main:
-            tmp = self.ckpt_dir / f".{name}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_model(model_state, tmp / "model")
-            torch.save({"step": self.step, "world_size": self.info.world_size, "config": self.cfg.to_json(),
-                        "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
-                        "loader": self.loader.state_dict(), "balancer": self.balancer.state_dict(),
-                        "rng": rngs}, tmp / "train_state.pt")
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            pointer = self.ckpt_dir / ".latest.tmp"
-            pointer.write_text(name + "\n")
-            os.replace(pointer, self.ckpt_dir / "latest")
-            kept = sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir())
-            for old in kept[:-self.cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        if self.info.distributed:
-            dist.barrier()
-        return final
+        state = {"step": self.step, "world_size": self.info.world_size, "mode": self.mode,
+                 "config": self.cfg.to_json(), "model_args": self.args.to_json(),
+                 "loader": self.loader.state_dict(), "balancer": self.balancer.state_dict(), "rng": rngs}
+        path = self.writer_ckpt.save(self.step, self.model, self.optimizer, state if self.info.is_main else None,
+                                     lambda folder: self._write_model_folder(folder, "float32"))
+        self.save_seconds = time.perf_counter() - start
+        return path
+
+    def _last_checkpoint(self) -> Path | None:
+        found = ckpt.candidates(self.ckpt_dir) if self.ckpt_dir.is_dir() else []
+        return found[0] if found else None
 
     def full_state_model(self, dtype: str = "float32") -> Transformer | None:
         """A CPU `Transformer` in `dtype` holding the full weights and buffers, on rank 0 (None elsewhere). With
@@ -360,30 +446,39 @@ class Trainer:
         model.load_state_dict(state)
         return model
 
-    def export(self) -> Path:
-        """Final HF-format folder `out/model` in `export_dtype`, with the data's tokenizer files."""
+    def _write_model_folder(self, path: Path, dtype: str) -> None:
+        """The HF folder of the current weights in `dtype`, with the data's tokenizer files (rank 0 writes; every
+        rank calls it)."""
         from dsv3.checkpoint import save_model
-        path = self.out / "model"
-        export = self.full_state_model(self.cfg.export_dtype)
-        if self.info.is_main:
-            save_model(export, path)
-            given = Path(self.data_meta.get("tokenizer", ""))  # relative to the shard folder (older: to cwd)
-            tok_dir = given if given.is_absolute() else Path(self.data_dir) / given
-            if not (tok_dir / "tokenizer.json").is_file():
-                tok_dir = given
-            if not (tok_dir / "tokenizer.json").is_file():
+        model = self.full_state_model(dtype)
+        if not self.info.is_main:
+            return
+        save_model(model, path, tokenizer=False)
+        given = Path(self.data_meta.get("tokenizer", ""))  # relative to the shard folder (older: to cwd)
+        tok_dir = given if given.is_absolute() else Path(self.data_dir) / given
+        if not (tok_dir / "tokenizer.json").is_file():
+            tok_dir = given
+        if not (tok_dir / "tokenizer.json").is_file():
+            if not getattr(self, "_warned_tokenizer", False):
                 tqdm.write(f"note: tokenizer {tok_dir} (from {self.data_dir}/meta.json) not found from "
                            f"{Path.cwd()}; copy tokenizer.json into {path} yourself")
-            for name in ("tokenizer.json", "tokenizer_config.json"):
-                if (tok_dir / name).is_file():
-                    shutil.copyfile(tok_dir / name, path / name)
+                self._warned_tokenizer = True
+            return
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (tok_dir / name).is_file():
+                shutil.copyfile(tok_dir / name, path / name)
+
+    def export(self) -> Path:
+        """Final HF-format folder `out/model` in `export_dtype`, with the data's tokenizer files."""
+        path = self.out / "model"
+        self._write_model_folder(path, self.cfg.export_dtype)
         if self.info.distributed:
             dist.barrier()
         return path
 
     # ---- one step ------------------------------------------------------------------------
     def _autocast(self):
-        if self.cfg.precision == "bf16":
+        if self.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
@@ -428,15 +523,19 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor norm over all shards
             grad_norm = grad_norm.full_tensor()
-        values = all_reduce_mean(torch.cat([sums / cfg.grad_accum, grad_norm.detach().float().view(1)]), self.info)
+        # each rank's stop request rides on the metrics' all-reduce, so every rank stops after the same step
+        stop = torch.tensor([float(self.stop.requested(self.slowest_step, self.save_seconds))], device=self.device)
+        values = all_reduce_mean(torch.cat([sums / cfg.grad_accum, grad_norm.detach().float().view(1), stop]),
+                                 self.info)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.balancer.observe()
-        loss, ce, mtp, balance, gnorm = values.tolist()
+        loss, ce, mtp, balance, gnorm, stop_votes = values.tolist()
+        self.stop_now = stop_votes > 0
         if not (math.isfinite(loss) and math.isfinite(gnorm)):
-            latest = self._latest_checkpoint()
+            latest = self._last_checkpoint()
             kept = f"last good checkpoint: {latest}" if latest else "no checkpoint was written yet"
             raise RuntimeError(f"loss is {loss} (grad norm {gnorm}) at step {self.step + 1}; stopping ({kept})")
         bias_rate = self.balancer.current_rate()
@@ -445,6 +544,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
+        self.slowest_step = max(self.slowest_step, seconds)
         tokens_per_s = self.tokens_per_step / seconds
         record = {"step": self.step, "loss": loss, "ce": ce, "mtp": mtp, "balance": balance, "grad_norm": gnorm,
                   "lr": lr, "mtp_weight": mtp_weight, "bias_rate": bias_rate,
@@ -454,6 +554,7 @@ class Trainer:
         if load is not None:
             record["load_max"], record["load_min"] = load.worst_max, load.worst_min
             record["load_max_per_layer"] = [round(v, 4) for v in load.max_ratio.tolist()]
+            record["load_min_per_layer"] = [round(v, 4) for v in load.min_ratio.tolist()]
         return record
 
     @torch.no_grad()
@@ -500,7 +601,9 @@ class Trainer:
         self.writer = SummaryWriter(str(self.out / "tb"), purge_step=self.step + 1 if self.step else None)
 
     def fit(self) -> dict:
-        """Train from the current step to `cfg.steps`, validating, logging and checkpointing; export at the end."""
+        """Train from the current step to `cfg.steps`, validating, logging and checkpointing; export at the end.
+        A stop request (SIGTERM, SIGINT, the time limit) ends the loop after the current step with a checkpoint
+        and no export; the summary's `stopped` then says why."""
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         if self.info.is_main:
@@ -509,42 +612,60 @@ class Trainer:
         self._open_writer()
         main = self.info.is_main
         if main:
-            mode = ("FSDP2" if self.sharded else "expert parallel + DDP" if self.ep else "DDP"
-                    if self.info.distributed else "one process")
+            precision = "fp8" if cfg.fp8 else self.precision + (f" (auto on {self.device.type})"
+                                                                 if cfg.precision == "auto" else "")
             tqdm.write(f"dsv3 train: {self.n_params / 1e6:.1f}M parameters, {self.tokens_per_step:,} tokens/step, "
-                       f"{cfg.steps} steps, device {self.device}, world {self.info.world_size} ({mode}), "
-                       f"{'fp8' if cfg.fp8 else cfg.precision}{', compiled' if cfg.compile else ''}")
+                       f"{cfg.steps} steps, device {self.device}, world {self.info.world_size} ({self.mode}), "
+                       f"{precision}{', compiled' if cfg.compile else ''}"
+                       + (f", time limit {self.stop.limit:g} s" if self.stop.limit else ""))
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not main, dynamic_ncols=True)
         last: dict = {}
         val_loss = None
-        while self.step < cfg.steps:
-            record = self.train_step()
-            done = self.step == cfg.steps
-            if (cfg.eval_every and self.step % cfg.eval_every == 0) or done:
-                val_loss = self.evaluate()
-                record["val_loss"] = val_loss
-            self._log(record)
-            self.history.append(record)
-            last = record
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", mtp=f"{record['mtp']:.3f}", lr=f"{record['lr']:.2e}",
-                            tok_s=f"{record['tokens_per_s']:.0f}")
-            if main and (self.step % cfg.log_every == 0 or done or self.step == 1):
-                tqdm.write(self._line(record))
-            if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or done:
-                self.save_checkpoint()
-        bar.close()
+        self.stop.install()
+        try:
+            while self.step < cfg.steps:
+                record = self.train_step()
+                self.writer_ckpt.finish()  # an async checkpoint's write had this step to run alongside
+                done = self.step == cfg.steps
+                if (cfg.eval_every and self.step % cfg.eval_every == 0) or done:
+                    val_loss = self.evaluate()
+                    record["val_loss"] = val_loss
+                self._log(record)
+                self.history.append(record)
+                last = record
+                bar.update(1)
+                bar.set_postfix(ce=f"{record['ce']:.3f}", mtp=f"{record['mtp']:.3f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{record['tokens_per_s']:.0f}")
+                if main and (self.step % cfg.log_every == 0 or done or self.step == 1 or self.stop_now):
+                    tqdm.write(self._line(record))
+                if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or done or self.stop_now:
+                    self.save_checkpoint()
+                if self.stop_now and not done:
+                    self.stopped = self.stop.reason
+                    break
+            self.writer_ckpt.finish()
+        finally:
+            self.stop.uninstall()
+            bar.close()
+        if self.stopped:
+            if self.writer is not None:
+                self.writer.close()
+            self._write(f"stopped at step {self.step} of {cfg.steps} ({self.stopped}): saved "
+                        f"{self.ckpt_dir / ckpt.checkpoint_name(self.step)}; continue with --resume")
+            return {"step": self.step, "last": last, "val_loss": val_loss, "model": None, "history": self.history,
+                    "stopped": self.stopped}
         path = self.export()
         if self.writer is not None:
             self.writer.close()
         if main:
             tqdm.write(f"exported {path}" + (f" (val loss {val_loss:.4f})" if val_loss is not None else ""))
-        return {"step": self.step, "last": last, "val_loss": val_loss, "model": str(path), "history": self.history}
+        return {"step": self.step, "last": last, "val_loss": val_loss, "model": str(path), "history": self.history,
+                "stopped": None}
 
     @staticmethod
     def _line(r: dict) -> str:
-        line = (f"step {r['step']:>6} | loss {r['loss']:.4f} | ce {r['ce']:.4f} | mtp {r['mtp']:.4f} | "
-                f"bal {r['balance']:.2e} | lr {r['lr']:.2e} | gnorm {r['grad_norm']:.2f} | "
+        line = (f"step {r['step']:>6} | ce {r['ce']:.4f} | mtp {r['mtp']:.4f} | total {r['loss']:.4f} "
+                f"(λ {r['mtp_weight']:g}) | bal {r['balance']:.2e} | lr {r['lr']:.2e} | gnorm {r['grad_norm']:.2f} | "
                 f"{r['tokens_per_s']:,.0f} tok/s")
         if r.get("mfu") is not None:
             line += f" | mfu {100 * r['mfu']:.1f}%"
@@ -555,6 +676,8 @@ class Trainer:
         return line
 
 
-def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: bool = False) -> dict:
-    """Build a `Trainer` and run it to `cfg.steps`; returns a summary (last metrics, val loss, export path)."""
-    return Trainer(cfg, data_dir, out_dir, resume).fit()
+def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: bool = False,
+          allow_changes: bool = False) -> dict:
+    """Build a `Trainer` and run it to `cfg.steps` (or to a stop request); returns a summary (last metrics, val
+    loss, export path, `stopped`). `allow_changes`: resume with a changed schedule (warned)."""
+    return Trainer(cfg, data_dir, out_dir, resume, allow_changes).fit()
