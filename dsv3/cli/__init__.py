@@ -35,6 +35,7 @@ VERBS = {
     "data": ("dsv3.cli.data", "build the corpus and its token shards"),
     "tokenizer": ("dsv3.cli.tokenizer", "tokenizer tools"),
     "train": ("dsv3.cli.train", "pre-train a DeepSeek-V3 model on token shards"),
+    "plot": ("dsv3.cli.plot", "plot training runs: losses, learning rate, throughput, expert load"),
     "sft": ("dsv3.cli.sft", "instruction-tune a checkpoint on chat conversations"),
     "eval": ("dsv3.cli.eval", "evaluate a model: bits-per-byte, multiple choice, GSM8K, HumanEval, needle"),
 }
