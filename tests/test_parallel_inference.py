@@ -7,6 +7,7 @@ shard-on-load reads only the rank's slices (bytes counted at the safetensors rea
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -23,8 +24,8 @@ from hf_models import make_v3
 from test_train_ddp import _free_port
 
 TOKENS = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(3))
-PROMPTS = [[5, 17, 99, 3], [200, 1, 42], [7] * 6]
-GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+PROMPTS = [[5, 17, 99, 3], [200, 1, 42, 7, 7]]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -38,25 +39,46 @@ def _engine(model) -> LLM:
     return LLM(model, config=EngineConfig(device="cpu", dtype="float32", num_blocks=32, block_size=4))
 
 
-def _worker(rank: int, world: int, port: int, path: str, cases: list, out: str) -> None:
+def _worker(rank: int, world: int, port: int, path: str, cases: list, out: str, stuck: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DSV3_DIST_TIMEOUT="120")
     torch.set_num_threads(1)
     results = {}
-    for name, folder, tp, ep, moe in cases:
+    for name, folder, tp, ep, moe, generate in cases:
         model = dsv3.load_model(folder or path, dtype=torch.float32, tp=tp, ep=ep, moe=moe, progress=False)
         with torch.no_grad():
             logits = model(TOKENS)
         split, rest = split_parameter_bytes(model)
         experts = sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if ".experts." in k)
-        llm = _engine(model)
-        outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)  # every rank calls it; rank 0 answers
-        llm.close()  # every rank: the engine is done
-        results[name] = {"logits": logits, "split": split, "rest": rest, "experts": experts,
-                         "tokens": [o.token_ids for o in outs], "remote": sum(isinstance(m, RemoteExpert)
-                                                                               for m in model.modules())}
+        tokens = None
+        if generate:
+            llm = _engine(model)
+            tokens = [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]  # rank 0 answers
+            llm.close()  # every rank: the engine is done
+        results[name] = {"logits": logits, "split": split, "rest": rest, "experts": experts, "tokens": tokens,
+                         "remote": sum(isinstance(m, RemoteExpert) for m in model.modules())}
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    if stuck:  # last: rank 1 stops following; rank 0 must fail within the timeout, not hang
+        ctx = ParallelContext.from_env(tp=world, timeout=3)
+        llm = _engine(dsv3.load_model(path, dtype=torch.float32, parallel=ctx, progress=False))
+        if rank == 1:
+            time.sleep(8)
+            os._exit(0)
+        start = time.monotonic()
+        try:
+            llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+            message = "no error"
+        except RuntimeError as e:
+            message = str(e)
+        with open(os.path.join(out, "stuck.txt"), "w") as f:
+            f.write(f"{time.monotonic() - start}\n{message}")
+        os._exit(0)
     torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt):
+    return _reference(ckpt)
 
 
 def _reference(path):
@@ -74,8 +96,8 @@ def _reference(path):
     return logits, tokens, split, experts
 
 
-def _spawn(world: int, path, cases, tmp_path) -> list[dict]:
-    mp.spawn(_worker, args=(world, _free_port(), str(path), cases, str(tmp_path)), nprocs=world, join=True)
+def _spawn(world: int, path, cases, tmp_path, stuck: bool = False) -> list[dict]:
+    mp.spawn(_worker, args=(world, _free_port(), str(path), cases, str(tmp_path), stuck), nprocs=world, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
 
@@ -89,28 +111,32 @@ def _check(results, name, ref_logits, ref_tokens, shares: dict[str, tuple[float,
         for kind, (share, whole) in shares.items():
             held = got[kind] / whole
             assert abs(held - share) < 0.02, f"{name} rank {r}: holds {held:.3f} of the {kind} bytes, not {share}"
-    assert results[0][name]["tokens"] == ref_tokens, name
-    assert all(res[name]["tokens"] == [] for res in results[1:])  # only rank 0 answers
+    if results[0][name]["tokens"] is not None:
+        assert results[0][name]["tokens"] == ref_tokens, name
+        assert all(res[name]["tokens"] == [] for res in results[1:])  # only rank 0 answers
 
 
-def test_two_ranks_equal_one_process(ckpt, tmp_path):
+def test_two_ranks_equal_one_process_and_a_stuck_rank_stops_the_group(ckpt, reference, tmp_path):
     presplit = tmp_path / "presplit"
     convert_shard(ckpt, presplit, tp=2, ep=1, progress=False)
-    cases = [("tp2", None, 2, 1, "all-to-all"), ("ep2", None, 1, 2, "all-to-all"),
-             ("ep2-demo", None, 1, 2, "all-reduce"), ("tp2-presplit", str(presplit), 2, 1, "all-to-all")]
-    results = _spawn(2, ckpt, cases, tmp_path)
-    ref_logits, ref_tokens, split, experts = _reference(ckpt)
+    cases = [("tp2", None, 2, 1, "all-to-all", True), ("ep2", None, 1, 2, "all-to-all", True),
+             ("ep2-demo", None, 1, 2, "all-reduce", False), ("tp2-presplit", str(presplit), 2, 1, "all-to-all", False)]
+    results = _spawn(2, ckpt, cases, tmp_path, stuck=True)
+    ref_logits, ref_tokens, split, experts = reference
     for name in ("tp2", "tp2-presplit"):
         _check(results, name, ref_logits, ref_tokens, {"split": (1 / 2, split)})
     for name in ("ep2", "ep2-demo"):  # EP splits the routed experts only
         _check(results, name, ref_logits, ref_tokens, {"experts": (1 / 2, experts)})
     assert all(res["ep2"]["remote"] == 2 * 4 for res in results)  # 2 MoE layers x 4 experts owned elsewhere
+    seconds, message = (tmp_path / "stuck.txt").read_text().split("\n", 1)
+    assert message.startswith("rank 0: a follower rank died or stopped answering (collective timeout 3s"), message
+    assert float(seconds) < 15  # the timeout, not a hang
 
 
-def test_four_ranks_tp2_by_ep2_equal_one_process(ckpt, tmp_path):
-    cases = [("tp2xep2", None, 2, 2, "all-to-all"), ("tp2xep2-demo", None, 2, 2, "all-reduce")]
+def test_four_ranks_tp2_by_ep2_equal_one_process(ckpt, reference, tmp_path):
+    cases = [("tp2xep2", None, 2, 2, "all-to-all", True), ("tp2xep2-demo", None, 2, 2, "all-reduce", False)]
     results = _spawn(4, ckpt, cases, tmp_path)
-    ref_logits, ref_tokens, split, experts = _reference(ckpt)
+    ref_logits, ref_tokens, split, experts = reference
     for name in ("tp2xep2", "tp2xep2-demo"):  # experts: half of them, each split in two; the rest in two
         _check(results, name, ref_logits, ref_tokens, {"experts": (1 / 4, experts)})
         for res in results:

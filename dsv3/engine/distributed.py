@@ -98,9 +98,10 @@ def _message(ctx: ParallelContext, msg: tuple[str, Any] | None) -> tuple[str, An
     try:
         return ctx.broadcast_object(msg)
     except Exception as e:  # a dead or stuck peer: one line that says who and why
-        role = "the driver (rank 0) stopped answering" if not ctx.is_driver else "a follower rank is gone"
-        raise RuntimeError(f"rank {ctx.rank}: {role} within {ctx.timeout:g}s "
-                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        who = "a follower rank" if ctx.is_driver else "the driver (rank 0)"
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RuntimeError(f"rank {ctx.rank}: {who} died or stopped answering (collective timeout "
+                           f"{ctx.timeout:g}s, DSV3_DIST_TIMEOUT): {detail}") from e
 
 
 class Link:
