@@ -2,8 +2,10 @@
 
 import math
 import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,15 +28,19 @@ def test_default_model_is_a_small_deepseek_v3():
 
 
 def test_generate_from_the_command_line():
-    """The README's first command: the built-in model loads and answers in words (how fast is a benchmark's
-    business, not a test's)."""
-    out = subprocess.run([sys.executable, "-m", "dsv3.cli", "generate", "--prompt", "The Python interpreter",
-                          "--max-new-tokens", "24", "--temperature", "0"], capture_output=True, text=True,
-                         timeout=600, check=True)
+    """The README's first command (greedy here): the built-in chat model loads and answers in words, and ends its
+    turn (how fast is a benchmark's business, not a test's)."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    setup = next(line for line in readme.splitlines() if line.startswith("pip install torch"))
+    argv = shlex.split(setup.split("&& dsv3 ", 1)[1])
+    assert argv[:2] == ["generate", "--chat"]
+    out = subprocess.run([sys.executable, "-m", "dsv3.cli", *argv, "--max-new-tokens", "64", "--temperature", "0"],
+                         capture_output=True, text=True, timeout=600, check=True)
     words = [w for w in out.stdout.split() if w.isalpha()]
     assert len(words) >= 5, out.stdout
-    assert "[dsv3 generate: model " in out.stderr and "1 thread(s)" in out.stderr, out.stderr
-    assert re.search(r"\[24 tokens, [\d.]+ tokens/s, finish: length\]", out.stderr), out.stderr
+    assert "[dsv3 generate: model " in out.stderr and "default-chat-model" in out.stderr, out.stderr
+    assert "1 thread(s)" in out.stderr, out.stderr
+    assert re.search(r"\[\d+ tokens, [\d.]+ tokens/s, finish: stop\]", out.stderr), out.stderr
 
 
 def test_bits_per_byte_equals_hand_computation():
