@@ -13,6 +13,7 @@ shared engine flags. The run itself is `dsv3.eval.harness`; output folder: `resu
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -117,6 +118,9 @@ def check(args: argparse.Namespace) -> tuple[list[str], list[int], list[float]]:
 
 def run(args: argparse.Namespace) -> int:
     tasks, lengths, depths = check(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("dsv3 eval runs in one process (its generation tasks would answer on rank 0 only); "
+                         "start it without torchrun")
     model_dir = flags.resolve_model(args.model)
     config = flags.engine_config(args, flags.resolve_device(args.device))
 
