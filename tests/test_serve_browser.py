@@ -65,7 +65,7 @@ def test_chat_page_streams_stops_and_remembers(server):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": 1000, "height": 760})
         page.goto(server.url + "/")
-        page.wait_for_function("document.getElementById('model-name').textContent.includes('tiny')")
+        page.wait_for_selector("#model-name:has-text('tiny')")  # no eval: the page's CSP forbids it
         page.click("#toggle-settings")
         page.fill("#system-prompt", "You are a test.")
         page.fill("#max-tokens", "400")
@@ -101,7 +101,7 @@ def test_chat_page_streams_stops_and_remembers(server):
         page.dispatch_event("#max-tokens", "change")
         page.fill("#input", "Shorter, please.")
         page.click("#send")
-        page.wait_for_function("document.getElementById('status').textContent.includes('finished')")
+        page.wait_for_selector("#status:has-text('finished')")
         assert page.inner_text("#status") == "finished: length" and page.locator(".msg").count() == 4
 
         # the Markdown renderer escapes HTML and renders code, emphasis and lists

@@ -5,8 +5,8 @@ touches it. Handlers (on the asyncio event loop) `submit` a request's sequences 
 and prompt — and get a `RequestHandle`; the engine thread applies queued adds and aborts between
 steps, runs `step()` while anything is unfinished (so every live request shares each decode step:
 continuous batching), and hands a step's `RequestOutput`s to their handles' asyncio queues with one
-`call_soon_threadsafe` per step (one wake-up of the event loop, however many streams). PyTorch releases the GIL inside its kernels, so the event loop stays
-responsive while the engine computes.
+`call_soon_threadsafe` per step (one wake-up of the event loop, however many streams). PyTorch
+releases the GIL inside its kernels, so the event loop stays responsive while the engine computes.
 
 Back-pressure: `submit` raises `QueueFull` when the sequences waiting for admission (in the
 engine's queue or about to enter it) would pass `max_waiting`; the app turns that into a 503.
