@@ -81,7 +81,8 @@ collections of files.
 
 def test_faq_questions_and_answers():
     assert list(python_faq(FAQ)) == [
-        ("How do I copy a file?", "The shutil module contains a copyfile function.  Note that it does not copy metadata.")]
+        ("How do I copy a file?",
+         "The shutil module contains a copyfile function.  Note that it does not copy metadata.")]
 
 
 def test_glossary_terms_and_definitions():
@@ -109,14 +110,16 @@ def test_library_reference_entries():
 
 def test_chatterbot_dialogues_and_conversations():
     pytest.importorskip("yaml")
-    text = "categories:\n- x\nconversations:\n- - Hello\n  - Hi there!\n  - Hey.\n- - only one\n- - What is AI?\n  - A field.\n"
+    text = ("categories:\n- x\nconversations:\n- - Hello\n  - Hi there!\n  - Hey.\n- - only one\n"
+            "- - What is AI?\n  - A field.\n")
     pairs = list(chatterbot_pairs(text))
     assert pairs == [("Hello", "Hi there!"), ("What is AI?", "A field.")]
     convs = conversations([("chatterbot", q, a) for q, a in pairs])
     for conv, (q, a) in zip(convs, pairs):
         roles = [m["role"] for m in conv["messages"]]
         assert roles in (["user", "assistant"], ["system", "user", "assistant"],
-                         ["user", "assistant", "user", "assistant"], ["system", "user", "assistant", "user", "assistant"])
+                         ["user", "assistant", "user", "assistant"],
+                         ["system", "user", "assistant", "user", "assistant"])
         turns = [m for m in conv["messages"] if m["role"] != "system"]
         assert (turns[0]["content"], turns[1]["content"]) == (q, a)
 
@@ -206,3 +209,21 @@ def test_short_sft_run_lowers_the_answer_loss(tmp_path):
         assert (tmp_path / "out" / "adapter.safetensors").is_file()
     finally:
         torch.set_num_threads(threads)
+
+
+def test_sft_command_line_errors_are_one_line(tmp_path, capsys):
+    from dsv3.cli import main
+
+    base = str(dsv3.default_model_path())
+    assert main(["sft", "--base", base, "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no training conversations" in err and "dsv3 data chat" in err
+    assert main(["sft", "--base", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "not a checkpoint folder" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{oops\n')
+    assert main(["sft", "--base", base, "--data", str(bad), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{bad}:2:" in err
+    assert main(["sft", "--base", base, "--data", str(bad), "--out", str(tmp_path / "o"), "--lora-rank", "0"]) == 2
+    assert "--lora-rank" in capsys.readouterr().err

@@ -4,9 +4,9 @@ An adapter folder holds `adapter_config.json` (`{"format": "dsv3-lora", "base_mo
 "rank": r}`, the base path relative to the folder), `adapter.safetensors` (for each adapted HF weight
 `NAME`: `NAME.lora_A` `[r, in]` and `NAME.lora_B` `[out, r]`, the scale folded into B) and may hold its own
 tokenizer files. `merge_adapter` writes the full model, `W + B @ A` in each weight's stored dtype, shard by
-shard in the base's layout, into an ordinary checkpoint folder that every loader reads; `materialize`
-does so once into a cache folder keyed by the adapter's bytes. This is how the built-in chat model ships
-(a few MB beside the base model instead of a second full copy).
+shard in the base's layout, into an ordinary checkpoint folder that every loader reads; `materialize` does so
+once into a cache folder keyed by the adapter's bytes (`<cache>/<hash>/<adapter folder name>`). This is how
+the built-in chat model ships (a few MB beside the base model instead of a second full copy).
 """
 
 from __future__ import annotations
@@ -105,8 +105,9 @@ def merge_adapter(path: str | Path, out: str | Path) -> Path:
 
 
 def materialize(path: str | Path, cache: str | Path = DEFAULT_CACHE) -> Path:
-    """The merged checkpoint folder of the adapter at `path`, built once into `cache/<name>-<hash>` (the hash
-    of the adapter's files and the base's weight index) and reused after."""
+    """The merged checkpoint folder of the adapter at `path`, built once into `cache/<hash>/<name>` (the hash of
+    the adapter's files and the names and sizes of the base's shards; the folder keeps the adapter's name, which
+    `dsv3 serve` offers as the model id) and reused after."""
     path = Path(path)
     cfg = read_adapter_config(path)
     digest = hashlib.sha256()
@@ -114,13 +115,16 @@ def materialize(path: str | Path, cache: str | Path = DEFAULT_CACHE) -> Path:
         digest.update(file.name.encode())
         digest.update(str(file.stat().st_size).encode())
     digest.update((path / ADAPTER_WEIGHTS).read_bytes())
-    target = Path(cache).expanduser() / f"{path.resolve().name}-{digest.hexdigest()[:12]}"
+    target = Path(cache).expanduser() / digest.hexdigest()[:12] / path.resolve().name  # keeps the adapter's name
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
         merge_adapter(path, tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        tmp.chmod(0o777 & ~mask)  # mkdtemp makes it 0700
         try:
             tmp.rename(target)
         except OSError:  # another process finished first

@@ -41,12 +41,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dsv3.train.sft import SFTConfig, sft
 
+    if not (Path(args.base) / "config.json").is_file():
+        raise UsageError(f"--base {args.base} is not a checkpoint folder (no config.json)")
     data = Path(args.data)
     train, val = (data / "train.jsonl", data / "val.jsonl") if data.is_dir() else (data, None)
     if not train.is_file():
         raise UsageError(f"no training conversations at {train} (make them with `dsv3 data chat`)")
-    if not (Path(args.base) / "config.json").is_file():
-        raise UsageError(f"--base {args.base} is not a checkpoint folder (no config.json)")
     if args.device.startswith("cuda"):
         import torch
 
