@@ -21,12 +21,13 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dsv3.engine.config import DTYPES, EngineConfig
+from dsv3.engine.config import DTYPES, MAX_DRAFT_TOKENS, EngineConfig
 
 if TYPE_CHECKING:
     from dsv3.engine.sampling import SamplingParams
 
-WEIGHTS = ("bf16", "fp8")  # `--weights`: `load_model(weights=...)`
+WEIGHTS = ("auto", "bf16", "fp8")  # `--weights`: `load_model(weights=...)`
+FP8_POLICIES = ("auto", "w8a16", "w8a8")  # `--fp8-policy`: `dsv3.kernels.fp8.resolve_policy`
 DEFAULT_MAX_NEW_TOKENS = 512
 DEFAULT_TEMPERATURE = 0.3  # DeepSeek-V3's recommended model temperature
 _ENGINE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
@@ -155,10 +156,17 @@ def add_model(p: argparse.ArgumentParser, weights: bool = False) -> None:
                         "(default: the built-in chat model for chat, serve and generate --chat; the built-in base "
                         "model otherwise)")
     if weights:
-        p.add_argument("--weights", choices=WEIGHTS, default="bf16",
+        p.add_argument("--weights", choices=WEIGHTS, default="auto",
                        help="how Linear weights sit in memory: bf16 = dequantized to --dtype at load; fp8 = kept as "
                             "128x128-block FP8 (half the bytes; an FP8 checkpoint stays FP8, a BF16 one is quantized "
-                            "at load); fp8 runs the plain PyTorch path, not --fast (default: %(default)s)")
+                            "at load); auto = the checkpoint's own format on a GPU, bf16 on a CPU "
+                            "(default: %(default)s)")
+        p.add_argument("--fp8-policy", choices=FP8_POLICIES, default="auto",
+                       help="how FP8 weights meet the activations: w8a16 = weights dequantized in registers, "
+                            "activations stay BF16 (the official demo's way; fastest for decode); w8a8 = activations "
+                            "quantized per 1x128 tile, FP8 tensor-core GEMMs (the report's way; fastest for "
+                            "prefill); auto = w8a8 from 64 rows on GPUs with FP8 tensor cores (sm89+), else w8a16 "
+                            "(default: %(default)s)")
 
 
 def add_device(p: argparse.ArgumentParser) -> None:
@@ -231,6 +239,14 @@ def add_engine(p: argparse.ArgumentParser, max_model_len: bool = True) -> None:
                    help="how tokens reach the experts with --ep > 1: all-to-all dispatch and combine, or each rank "
                         "runs its experts on all tokens and one all-reduce sums them, as the official demo does "
                         "(default: %(default)s)")
+    g.add_argument("--speculative", choices=["mtp"], default=None,
+                   help="speculative decoding: mtp = the model's MTP module drafts tokens and the model verifies them "
+                        "all in one step; the same outputs (greedy) or the same distribution (sampling), in fewer "
+                        "steps (default: off)")
+    g.add_argument("--num-draft-tokens", type=positive_int, default=None, metavar="K",
+                   help=f"with --speculative mtp: drafts per sequence and step, 1-{MAX_DRAFT_TOKENS}; past the "
+                        f"model's MTP depths the last module drafts again from its own guess "
+                        f"(default: {_ENGINE_DEFAULTS['num_draft_tokens']})")
     g.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
                    help="fused MoE/MLA kernels and CUDA graphs for decode steps, GPU only (default: on with a "
                         "CUDA device and BF16 weights, off otherwise; --no-fast forces the plain PyTorch path)")
@@ -304,6 +320,12 @@ def engine_config(args: argparse.Namespace, device: str) -> EngineConfig:
     """The `EngineConfig` of the parsed flags (device already resolved): the one place flags meet the engine."""
     if args.fast and not device.startswith("cuda"):
         raise UsageError(f"--fast needs a CUDA device (--device cuda), got --device {device}")
+    drafts = getattr(args, "num_draft_tokens", None)
+    if drafts is not None and getattr(args, "speculative", None) is None:
+        raise UsageError("--num-draft-tokens needs --speculative mtp")
+    speculative = {"speculative": getattr(args, "speculative", None)}
+    if drafts is not None:
+        speculative["num_draft_tokens"] = drafts
     try:
         return EngineConfig(device=device, dtype=args.dtype, num_blocks=args.num_blocks, cache_memory=args.cache_memory,
                             block_size=args.block_size, max_num_seqs=args.max_num_seqs,
@@ -312,22 +334,25 @@ def engine_config(args: argparse.Namespace, device: str) -> EngineConfig:
                             tensor_parallel_size=getattr(args, "tensor_parallel_size", None),
                             expert_parallel_size=getattr(args, "expert_parallel_size", None),
                             expert_exchange=getattr(args, "expert_exchange", "all-to-all"),
-                            enable_prefix_caching=args.prefix_caching, fast=args.fast)
+                            enable_prefix_caching=args.prefix_caching, fast=args.fast,
+                            weights=getattr(args, "weights", "auto"), fp8_policy=getattr(args, "fp8_policy", None),
+                            **speculative)
     except ValueError as e:  # settings that conflict with each other
         raise UsageError(str(e)) from None
 
 
 def load_model(args: argparse.Namespace, path: Path, config: EngineConfig) -> Any:
-    """The model of `--model` (resolved to `path`) on the engine's device and dtype, with `--weights`; FP8 weights
-    with `--fast` are refused as a UsageError (the fast path needs BF16 weights; without --fast the engine
-    runs the plain path for FP8 weights by itself)."""
+    """The model of `--model` (resolved to `path`) on the engine's device and dtype, with `--weights` and
+    `--fp8-policy`."""
     import dsv3
 
-    weights = getattr(args, "weights", "bf16")
-    if weights == "fp8" and config.fast:
-        raise UsageError("--weights fp8 runs the plain PyTorch path only; drop --fast (or use --weights bf16)")
-    return dsv3.load_model(path, device=config.device, dtype=config.torch_dtype, weights=weights,
+    from dsv3.model.fp8_linear import set_fp8_policy
+
+    weights = getattr(args, "weights", "auto")
+    model = dsv3.load_model(path, device=config.device, dtype=config.torch_dtype, weights=weights,
                             tp=config.tensor_parallel_size, ep=config.expert_parallel_size, moe=config.expert_exchange)
+    set_fp8_policy(model, getattr(args, "fp8_policy", "auto"))
+    return model
 
 
 def fit_cpu_cache(config: EngineConfig, model: Any, lengths: list[int]) -> EngineConfig:

@@ -17,6 +17,10 @@ from typing import Any
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 EXPERT_EXCHANGES = ("all-to-all", "all-reduce")  # as dsv3.model.parallel.MOE_MODES (no torch import here)
+WEIGHTS = ("auto", "bf16", "fp8")  # as dsv3.checkpoint.load.WEIGHTS (no torch import here)
+FP8_POLICIES = ("auto", "w8a16", "w8a8")  # as dsv3.kernels.fp8.FP8_POLICIES
+SPECULATIVE = (None, "mtp")  # speculative decoding methods
+MAX_DRAFT_TOKENS = 8
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
@@ -62,7 +66,12 @@ class EngineConfig:
     tensor_parallel_size: int | None = None  # under torchrun: ranks splitting heads/vocab/MLPs (None: the world / ep)
     expert_parallel_size: int | None = None  # under torchrun: ranks splitting the routed experts (None: 1)
     expert_exchange: str = "all-to-all"  # how tokens reach experts over EP: all-to-all, or all-reduce (the demo's)
-    fast: bool | None = None  # fused kernels + CUDA graphs for decode; None: on for non-FP8 weights on CUDA
+    fast: bool | None = None  # fused kernels + CUDA graphs for decode; None: on for models on CUDA
+    weights: str = "auto"  # Linear weights in memory when loading a folder: auto (FP8 kept on CUDA), bf16, fp8
+    fp8_policy: str | None = None  # FP8 weights' activations: auto, w8a16, w8a8 (dsv3.kernels.fp8.resolve_policy);
+    # None keeps the model's own (`FP8Linear`'s default is auto)
+    speculative: str | None = None  # "mtp": the model's MTP module drafts, the main model verifies; None: off
+    num_draft_tokens: int = 1  # drafts per sequence and step with speculative="mtp"
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str):  # a torch.device
@@ -92,6 +101,15 @@ class EngineConfig:
         if self.expert_exchange not in EXPERT_EXCHANGES:
             raise ValueError(f"expert_exchange must be one of {', '.join(EXPERT_EXCHANGES)}, "
                              f"got {self.expert_exchange!r}")
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
+        if self.fp8_policy is not None and self.fp8_policy not in FP8_POLICIES:
+            raise ValueError(f"fp8_policy must be one of {', '.join(FP8_POLICIES)}, got {self.fp8_policy!r}")
+        if self.speculative not in SPECULATIVE:
+            raise ValueError(f"speculative must be one of {', '.join(map(str, SPECULATIVE))}, got {self.speculative!r}")
+        _at_least("num_draft_tokens", self.num_draft_tokens, 1)
+        if self.num_draft_tokens > MAX_DRAFT_TOKENS:
+            raise ValueError(f"num_draft_tokens must be <= {MAX_DRAFT_TOKENS}, got {self.num_draft_tokens}")
 
     @property
     def resolved_dtype(self) -> str:

@@ -168,7 +168,8 @@ class CPUDecodePlan:
         """True for a model whose main layers and output head are plain float32 CPU `nn.Linear`s and whose
         MoEs run every routed expert here (`LocalExperts`, not fused for the GPU kernels), in one process (a model
         split over ranks sums partial outputs in module hooks that the plan's packed products would skip)."""
-        linears = [m for block in model.layers for m in block.modules() if isinstance(m, nn.Linear)]
+        linears = [m for block in model.layers for m in block.modules()
+                   if isinstance(m, nn.Linear) or hasattr(m, "weight_scale_inv")]  # FP8Linear: not planned
         moes = [block.mlp for block in model.layers if isinstance(block.mlp, MoE)]
         split = getattr(model, "parallel", None) is not None and model.parallel.world > 1  # sums over ranks
         return (not split and all(plain_fp32(m) for m in [*linears, model.lm_head])

@@ -37,6 +37,7 @@ from dsv3.engine.scheduler import Scheduler
 from dsv3.engine.sequence import Sequence, TokenLogprob
 from dsv3.model import Transformer
 from dsv3.parallel import ParallelContext
+from dsv3.model.fp8_linear import set_fp8_policy
 
 Prompt = str | list[int]
 
@@ -74,10 +75,8 @@ class _Request:
 
 
 def _fast_applies(model: Transformer) -> bool:
-    """The default of `LLM(fast=None)`: the model sits on CUDA and holds no FP8 weights."""
-    if not model.embed_tokens.weight.is_cuda:
-        return False
-    return not any(p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for p in model.parameters())
+    """The default of `LLM(fast=None)`: the model sits on CUDA (BF16 or FP8 weights alike)."""
+    return model.embed_tokens.weight.is_cuda
 
 
 class LLM:
@@ -97,8 +96,12 @@ class LLM:
         kernel over the paged cache; fused MoE, norms and SwiGLU) and CUDA graphs for decode steps, captured
         here for decode batches up to `max_num_seqs` (`dsv3.engine.model_runner`). It readies the model in
         place (`dsv3.model.fused.fuse_for_inference`: stacked experts), so a `Transformer` passed in is
-        changed; it needs BF16/FP16/FP32 weights. None (default): on when the model is on CUDA with non-FP8
-        weights, else off. True off CUDA raises ValueError."""
+        changed. BF16/FP16/FP32 and FP8 weights (`FP8Linear`) alike; FP8 follows `fp8_policy`. None (default):
+        on when the model is on CUDA, else off. True off CUDA raises ValueError.
+        `speculative="mtp"`: the model's MTP module drafts `num_draft_tokens` tokens per sequence and step and
+        the main model verifies them all in one forward (`dsv3.engine.speculative`); outputs keep the
+        distribution of decoding without it (greedy: the same tokens). Acceptance per draft position is in
+        `speculative_stats`."""
         config = with_overrides(config, overrides)
         self.config = config
         device, dtype = config.device, config.torch_dtype
@@ -116,15 +119,21 @@ class LLM:
             from dsv3.checkpoint import load_model
             folder = Path(model)
             self.model = load_model(folder, device=device, dtype=dtype, tp=config.tensor_parallel_size,
-                                    ep=config.expert_parallel_size, moe=config.expert_exchange)
+                                    ep=config.expert_parallel_size, moe=config.expert_exchange, weights=config.weights)
         else:
             raise ValueError(f"model must be a checkpoint folder or a Transformer, got {type(model).__name__}")
+        if config.fp8_policy is not None:
+            set_fp8_policy(self.model, config.fp8_policy)
         fast = prepare_runner_args(self.model, fast)  # split over ranks: see dsv3.engine.distributed
         if fast is None:
             fast = _fast_applies(self.model)
         self.tokenizer = self._load_tokenizer(tokenizer, folder)
+        num_draft_tokens = config.num_draft_tokens if config.speculative == "mtp" else 0
+        if num_draft_tokens and not len(self.model.mtp):
+            raise ValueError("speculative='mtp' needs a model with an MTP module (num_nextn_predict_layers >= 1); "
+                             "this checkpoint has none")
         self.runner = ModelRunner(self.model, block_size=block_size, num_blocks=num_blocks, cache_memory=cache_memory,
-                                  fast=fast, max_num_seqs=max_num_seqs)
+                                  fast=fast, max_num_seqs=max_num_seqs, num_draft_tokens=num_draft_tokens)
         self.parallel: ParallelContext = getattr(self.model, "parallel", None) or ParallelContext.single()
         if self.parallel.world > 1 and getattr(config, "speculative", None):
             raise ValueError("speculative decoding does not run on a model split over ranks yet")
@@ -139,7 +148,7 @@ class LLM:
         self.max_model_len = max_model_len
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                                   eos_token_ids=self._eos_ids())
+                                   eos_token_ids=self._eos_ids(), num_draft_tokens=num_draft_tokens)
         self._ids = itertools.count()
         self._requests: dict[int, _Request] = {}
         self._link = Link(self.parallel) if self.parallel.world > 1 else None
@@ -350,3 +359,35 @@ class LLM:
     @property
     def num_preemptions(self) -> int:
         return self.scheduler.num_preemptions
+
+    @property
+    def speculative_stats(self) -> SpeculativeStats | None:
+        """Drafts verified and accepted per draft position so far (None without speculative decoding)."""
+        sched = self.scheduler
+        if not sched.num_draft_tokens:
+            return None
+        return SpeculativeStats(list(sched.spec_drafted), list(sched.spec_accepted))
+
+
+@dataclass
+class SpeculativeStats:
+    """Speculative decoding counters: `drafted[i]` drafts verified at draft position i (0: the token after the
+    sequence's last one), `accepted[i]` of them kept."""
+
+    drafted: list[int]
+    accepted: list[int]
+
+    @property
+    def acceptance(self) -> list[float]:
+        """Acceptance rate per draft position (0.0 where none was drafted)."""
+        return [a / d if d else 0.0 for a, d in zip(self.accepted, self.drafted)]
+
+    @property
+    def mean_accepted(self) -> float:
+        """Accepted drafts per verify step (steps counted at position 0)."""
+        return sum(self.accepted) / self.drafted[0] if self.drafted and self.drafted[0] else 0.0
+
+    def summary(self) -> str:
+        """One line: `acceptance per draft position 0.66, 0.41 (1.07 drafts kept per step)`."""
+        rates = ", ".join(f"{r:.2f}" for r in self.acceptance)
+        return f"acceptance per draft position {rates} ({self.mean_accepted:.2f} drafts kept per step)"
