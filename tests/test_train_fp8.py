@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from dsv3.train.fp8_linear import FP8Linear, FP8LinearFunction, swap_to_fp8
+from dsv3.train.fp8_linear import FP8TrainingLinear, FP8LinearFunction, swap_to_fp8
 from test_train_shared import tiny_config, tiny_model
 
 
@@ -81,7 +81,7 @@ def test_swap_keeps_names_and_skips_head_and_router():
     n = swap_to_fp8(model)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert n == len(linears) - 1 and type(model.lm_head) is torch.nn.Linear
-    assert all(isinstance(m, FP8Linear) for m in linears if m is not model.lm_head)
+    assert all(isinstance(m, FP8TrainingLinear) for m in linears if m is not model.lm_head)
     assert model.state_dict().keys() == before.keys()
     with torch.no_grad():
         got = model(tokens, absorb=False)
@@ -107,12 +107,12 @@ def test_fp8_training_tracks_high_precision(tmp_path, precision):
 
 
 class _SwiGLU(torch.nn.Module):
-    """RMSNorm -> SiLU(gate)·up -> down with a residual, every projection an FP8Linear (odd widths: padding)."""
+    """RMSNorm -> SiLU(gate)·up -> down with a residual, every projection an FP8TrainingLinear (odd widths: padding)."""
 
     def __init__(self, emulate: bool):
         super().__init__()
-        self.gate, self.up = FP8Linear(200, 288, emulate=emulate), FP8Linear(200, 288, emulate=emulate)
-        self.down = FP8Linear(288, 200, emulate=emulate)
+        self.gate, self.up = FP8TrainingLinear(200, 288, emulate=emulate), FP8TrainingLinear(200, 288, emulate=emulate)
+        self.down = FP8TrainingLinear(288, 200, emulate=emulate)
 
     def forward(self, x):
         h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
@@ -186,7 +186,7 @@ def _step_with_experts(mode: str):
 
 def test_fp8_expert_paths_agree(monkeypatch):
     """`--fp8-experts`: "grouped" (the grouped FP8 GEMM's PyTorch reference on a CPU) quantizes the routed
-    experts' three GEMMs with the same tiles as "loop" (an FP8Linear per expert), so both give the same loss
+    experts' three GEMMs with the same tiles as "loop" (an FP8TrainingLinear per expert), so both give the same loss
     and expert gradients up to the two quantizers' rounding of x / scale; "bf16" (experts unquantized) is
     measurably further away. "auto" is "loop" on a CPU and "bf16" on CUDA."""
     from dsv3.model.moe import LocalExperts, MoE
@@ -201,12 +201,12 @@ def test_fp8_expert_paths_agree(monkeypatch):
     model = tiny_model()
     assert apply_fp8(model, torch.device("cpu"), "auto") == "loop"
     moe = next(m for m in model.modules() if isinstance(m, MoE))
-    assert isinstance(moe.experts[0].up_proj, FP8Linear) and not moe.grouped_ok()
+    assert isinstance(moe.experts[0].up_proj, FP8TrainingLinear) and not moe.grouped_ok()
     model = tiny_model()
     assert apply_fp8(model, torch.device("cuda"), "auto") == "bf16"  # only the device type is read
     moe = next(m for m in model.modules() if isinstance(m, MoE))
     assert type(moe.experts[0].up_proj) is torch.nn.Linear and type(moe.experts_impl) is LocalExperts
-    assert isinstance(moe.shared_experts.up_proj, FP8Linear)
+    assert isinstance(moe.shared_experts.up_proj, FP8TrainingLinear)
     model = tiny_model()
     assert apply_fp8(model, torch.device("cpu"), "grouped") == "grouped"
     moe = next(m for m in model.modules() if isinstance(m, MoE))

@@ -243,9 +243,9 @@ def test_compiled_quantizers_equal_the_reference_on_gpu():
 def test_compiled_fp8_linear_equals_eager_on_gpu():
     """Two FP8 linears compiled whole by inductor (fullgraph: no graph break; torch-op quantizers, the GEMM a
     custom op) give the eager result (Triton quantizers, same cuBLAS GEMMs) and its gradients."""
-    from dsv3.train.fp8_linear import FP8Linear
+    from dsv3.train.fp8_linear import FP8TrainingLinear
     torch.manual_seed(0)
-    net = torch.nn.Sequential(FP8Linear(1000, 768, emulate=False), FP8Linear(768, 1000, emulate=False)).cuda()
+    net = torch.nn.Sequential(FP8TrainingLinear(1000, 768, emulate=False), FP8TrainingLinear(768, 1000, emulate=False)).cuda()
     x = torch.randn(4, 333, 1000, device="cuda")
 
     def run(fn):

@@ -14,7 +14,7 @@ from torch import nn
 from dsv3.config import ModelArgs
 from dsv3.model.attention import AttentionMeta, causal_meta
 from dsv3.model.mla import MLA
-from dsv3.train.fp8_linear import FP8Linear, swap_to_fp8
+from dsv3.train.fp8_linear import FP8TrainingLinear, swap_to_fp8
 from dsv3.train.parallelize import compile_model
 from test_train_shared import TINY_MODEL, tiny_model
 
@@ -125,8 +125,8 @@ def test_swap_can_keep_routed_experts_plain():
     n = swap_to_fp8(model, routed_experts=False)
     moe = model.layers[1].mlp
     assert type(moe.experts[0].gate_proj) is nn.Linear and moe.grouped_ok()
-    assert isinstance(moe.shared_experts.gate_proj, FP8Linear)
-    assert isinstance(model.layers[1].self_attn.q_b_proj, FP8Linear)
+    assert isinstance(moe.shared_experts.gate_proj, FP8TrainingLinear)
+    assert isinstance(model.layers[1].self_attn.q_b_proj, FP8TrainingLinear)
     assert n == n_all - 3 * len(moe.experts) * sum(hasattr(b.mlp, "experts") for b in model.blocks())
 
 

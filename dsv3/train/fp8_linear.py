@@ -22,7 +22,7 @@ is one opaque node; eagerly on CUDA the quantizers are one-pass Triton kernels w
 For the wgrad tiles the activation is requantized from its original precision (the report re-tiles its
 stored FP8 copy; that double rounding is not modelled).
 
-`swap_to_fp8(model)` replaces the model's `nn.Linear` layers by `FP8Linear` (sharing the same Parameter, so
+`swap_to_fp8(model)` replaces the model's `nn.Linear` layers by `FP8TrainingLinear` (sharing the same Parameter, so
 names and state dicts are unchanged), except the output head; the embedding, router gates and norms are
 not `nn.Linear` and stay in high precision, as in the report.
 """
@@ -81,7 +81,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, emulate: bool = True) -> t
     return FP8LinearFunction.apply(x, weight, emulate)
 
 
-class FP8Linear(nn.Linear):
+class FP8TrainingLinear(nn.Linear):
     """A bias-free `nn.Linear` whose GEMMs run in FP8 (weights stay float32 masters)."""
 
     def __init__(self, in_features: int, out_features: int, emulate: bool = True, device=None, dtype=None) -> None:
@@ -97,7 +97,7 @@ class FP8Linear(nn.Linear):
 
 def swap_to_fp8(model: nn.Module, emulate: bool | None = None, skip: tuple[str, ...] = ("lm_head",),
                 routed_experts: bool = True) -> int:
-    """Replace every bias-free `nn.Linear` of `model` (except names ending in `skip`) by an `FP8Linear`
+    """Replace every bias-free `nn.Linear` of `model` (except names ending in `skip`) by an `FP8TrainingLinear`
     sharing its weight. `emulate=None` emulates on CPU and uses the FP8 kernels on CUDA.
     `routed_experts=False` leaves the routed experts (`...mlp.experts.{e}...`) as plain linears, so the MoE
     keeps its sync-free grouped bf16 path (there is no grouped FP8 kernel yet). Returns the count."""
@@ -110,7 +110,7 @@ def swap_to_fp8(model: nn.Module, emulate: bool | None = None, skip: tuple[str, 
             if not routed_experts and ".experts." in f".{full}":
                 continue
             device = child.weight.device
-            new = FP8Linear(child.in_features, child.out_features,
+            new = FP8TrainingLinear(child.in_features, child.out_features,
                             emulate=device.type != "cuda" if emulate is None else emulate, device="meta")
             new.weight = child.weight
             setattr(parent, name, new)
