@@ -103,3 +103,26 @@ def test_parse_tasks_and_table():
     table = markdown_table({"piqa": {"acc": 0.5, "acc_stderr": 0.1, "acc_norm": 0.25, "acc_norm_stderr": 0.05,
                                      "n": 4, "seconds": 1.0}})
     assert table.splitlines()[2:] == ["| piqa | acc | 0.5000 | 0.1000 | 4 |", "| piqa | acc_norm | 0.2500 | 0.0500 | 4 |"]
+
+
+def test_plain_eval_needs_no_text_and_finds_the_fetched_data(setup, tmp_path, monkeypatch):
+    """Without --tasks every default task that reads package files runs (ppl joins with --text); the default
+    --data-dir is the checkout's data/eval-packages, where .ci/fetch_eval_data.sh writes, from any folder."""
+    from pathlib import Path
+
+    import dsv3
+    from dsv3.cli import build_parser
+    from dsv3.cli.eval import DEFAULT_TASKS, check
+    from dsv3.eval.tasks import DEFAULT_DATA_DIR
+
+    _, data_dir, text, _ = setup
+    parse = build_parser(["eval"]).parse_args
+    tasks = check(parse(["eval", "--data-dir", str(data_dir)]))[0]
+    assert tasks == [t for t in DEFAULT_TASKS.split(",") if t != "ppl"]
+    assert check(parse(["eval", "--data-dir", str(data_dir), "--text", str(text)]))[0] == DEFAULT_TASKS.split(",")
+    monkeypatch.chdir(tmp_path)
+    assert DEFAULT_DATA_DIR == Path(dsv3.__file__).resolve().parents[1] / "data" / "eval-packages"
+    assert parse(["eval"]).data_dir == str(DEFAULT_DATA_DIR)
+    with pytest.raises(UsageError, match="--include-path and --num-fewshot apply to --harness lm-eval"):
+        main_args = parse(["eval", "--num-fewshot", "2", "--data-dir", str(data_dir)])
+        main_args.run(main_args)

@@ -56,7 +56,7 @@ def test_mtp_accuracy_equals_incremental_count():
                 hits["mtp"] += int(draft == ids[0, t + 2])
                 hits["agree"] += int(draft == main[t + 1])
                 n_total += 1
-    assert got["positions"] == n_total
+    assert got["positions"] == n_total and got["n"] == len(docs)
     assert got["next_token_acc"] == hits["next"] / n_total
     assert got["mtp_next_next_acc"] == hits["mtp"] / n_total
     assert got["mtp_agrees_with_greedy"] == hits["agree"] / n_total

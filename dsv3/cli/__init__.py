@@ -45,7 +45,7 @@ TORCH_VERBS = {"generate", "chat", "serve", "convert", "info", "eval", "train", 
 
 # optional dependencies and the pip extra that brings each (the hint has the README's form, `pip install -e ".[serve]"`)
 EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "httpx": "serve", "pyarrow": "eval", "matplotlib": "eval",
-          "tensorboard": "train"}
+          "tensorboard": "train", "lm_eval": "lm-eval"}
 
 
 def _leaves(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:

