@@ -1,8 +1,8 @@
 """`dsv3 serve` end to end: real server subprocesses on a tiny random checkpoint, the official `openai`
 client (and raw HTTP for what the client hides), the engine's own `LLM.generate` as the oracle.
 
-Two servers start together: `main` (API key, 40 sequences per step, context 160, 64 KiB body limit)
-for outputs, batching and errors; `small` (one sequence per step, one waiting slot, 1 s shutdown
+Two servers start together: `main` (API key, 40 sequences per step, context 160, 64 KiB body limit,
+--allowed-hosts, --allowed-origins) for outputs, batching, errors and the network guards; `small` (one sequence per step, one waiting slot, 1 s shutdown
 grace) for the 503 back-pressure, client disconnects and SIGTERM.
 """
 
@@ -34,7 +34,8 @@ def ckpt():
 @pytest.fixture(scope="module")
 def servers(ckpt):
     main = ServerProcess(ckpt, "--api-key", KEY, "--served-model-name", "tiny", "--max-num-seqs", "40",
-                         "--num-blocks", "512", "--max-model-len", str(CTX), "--max-body-bytes", "65536")
+                         "--num-blocks", "512", "--max-model-len", str(CTX), "--max-body-bytes", "65536",
+                         "--allowed-hosts", "api.example,127.0.0.1", "--allowed-origins", "https://app.example")
     small = ServerProcess(ckpt, "--served-model-name", "tiny", "--max-num-seqs", "1", "--max-waiting", "1",
                           "--num-blocks", "64", "--shutdown-grace", "1")
     try:
@@ -221,6 +222,21 @@ def test_error_statuses_and_objects(main, client, oracle):
     assert httpx.get(f"{main.url}/health").status_code == 200  # still serving
 
 
+def test_key_first_hosts_and_cors(main):
+    """The key is checked before the body is read; --allowed-hosts and --allowed-origins (issue 20)."""
+    url = main.url
+    r = httpx.post(f"{url}/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert_error(r, 401, code="invalid_api_key")  # no key and a body that is not JSON: never parsed
+    assert_error(httpx.get(f"{url}/health", headers={"Host": "evil.example"}), 400, code="invalid_host")
+    assert httpx.get(f"{url}/health", headers={"Host": "api.example"}).status_code == 200
+    pre = httpx.options(f"{url}/v1/completions", headers={"Origin": "https://app.example",
+                                                          "Access-Control-Request-Method": "POST",
+                                                          "Access-Control-Request-Headers": "authorization"})
+    assert pre.headers.get("access-control-allow-origin") == "https://app.example"
+    other = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}", "Origin": "https://evil.example"})
+    assert other.status_code == 200 and "access-control-allow-origin" not in other.headers
+
+
 def test_queue_full_503_and_disconnects_free_blocks(small):
     url = small.url
     body = {"prompt": "Tell me a long story", "max_tokens": 480, "ignore_eos": True, "temperature": 0}
@@ -270,6 +286,13 @@ def test_sigterm_drains_then_exits_zero(small):
             assert json.loads(first[5:])["choices"][0]["finish_reason"] is None
             small.proc.send_signal(signal.SIGTERM)
             t0 = time.monotonic()
+            # draining: the socket stays open and new requests get 503 with Retry-After (issue 20)
+            while httpx.get(f"{small.url}/health").status_code != 503:
+                assert time.monotonic() - t0 < 10, "never started draining"
+                time.sleep(0.02)
+            late = httpx.post(f"{small.url}/v1/completions", json={"prompt": "x", "max_tokens": 1})
+            assert_error(late, 503, code="shutting_down")
+            assert int(late.headers["Retry-After"]) > 0
             rest = [line[5:].strip() for line in lines if line.startswith("data:")]
     assert rest[-1] == "[DONE]"
     last = json.loads(rest[-2])["choices"][0]

@@ -3,17 +3,16 @@ service, exposure, API differences). Oracles: the engine's own `LLM.generate` fo
 shape and status codes, raw sockets for what HTTP clients hide (keep-alive reuse, slow clients).
 
 An in-process server (uvicorn in a thread, with the hardened h11 protocol of `dsv3.serve.guards`) serves
-a tiny random checkpoint with the real DeepSeek-V3 tokenizer; one `dsv3 serve` subprocess covers what
-needs signals and command-line flags (the SIGTERM drain, --allowed-hosts, --allowed-origins).
+a tiny random checkpoint with the real DeepSeek-V3 tokenizer. What needs signals and command-line flags
+(the SIGTERM drain answering 503, the key checked before the body, --allowed-hosts, --allowed-origins) is
+in tests/test_serve_api.py, on its `dsv3 serve` subprocesses.
 """
 
 from __future__ import annotations
 
 import json
-import signal
 import socket
 import threading
-import time
 
 import httpx
 import openai
@@ -23,7 +22,7 @@ from dsv3.engine.llm import LLM
 from dsv3.engine.sampling import SamplingParams
 from dsv3.serve.app import create_app
 from dsv3.serve.guards import guarded_protocol
-from test_serve_support import ServerProcess, ThreadServer, sse_events, tiny_checkpoint
+from test_serve_support import ThreadServer, tiny_checkpoint
 
 CTX = 256
 HEADER_TIMEOUT = 1.0
@@ -250,42 +249,3 @@ def test_pages_headers_hosts_and_models(server, client):
     assert "/" not in json.dumps(listed)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-model", prompt="x", max_tokens=1)
-
-
-def test_key_first_drain_hosts_and_cors(ckpt):
-    """One `dsv3 serve` process: the key is checked before the body, --allowed-hosts and --allowed-origins,
-    and the SIGTERM drain answers 503 with Retry-After on the still-open socket."""
-    srv = ServerProcess(ckpt, "--api-key", "k1", "--allowed-hosts", "api.example,127.0.0.1", "--allowed-origins",
-                        "https://app.example", "--num-blocks", "64", "--max-num-seqs", "2",
-                        "--shutdown-grace", "5").wait()
-    try:
-        url, auth = srv.url, {"Authorization": "Bearer k1"}
-        # no key and a body that is not JSON: 401, the body is never parsed
-        r = httpx.post(f"{url}/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"})
-        assert error_of(r, 401)["code"] == "invalid_api_key"
-        assert httpx.get(f"{url}/health", headers={"Host": "evil.example"}).status_code == 400
-        assert httpx.get(f"{url}/health", headers={"Host": "api.example"}).status_code == 200
-        pre = httpx.options(f"{url}/v1/completions", headers={"Origin": "https://app.example",
-                                                              "Access-Control-Request-Method": "POST",
-                                                              "Access-Control-Request-Headers": "authorization"})
-        assert pre.headers.get("access-control-allow-origin") == "https://app.example"
-        other = httpx.get(f"{url}/v1/models", headers={**auth, "Origin": "https://evil.example"})
-        assert "access-control-allow-origin" not in other.headers
-        body = {"prompt": "a long story", "max_tokens": 200, "ignore_eos": True, "temperature": 0, "stream": True}
-        with httpx.Client(timeout=60) as http, http.stream("POST", f"{url}/v1/completions", json=body,
-                                                            headers=auth) as stream:
-            lines = stream.iter_lines()
-            next(line for line in lines if line.startswith("data:"))
-            srv.proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + 10
-            while httpx.get(f"{url}/health").status_code != 503:
-                assert time.monotonic() < deadline, "never started draining"
-                time.sleep(0.05)
-            late = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers=auth)
-            assert error_of(late, 503)["code"] == "shutting_down" and int(late.headers["Retry-After"]) > 0
-            rest = [line for line in lines if line.startswith("data:")]
-        assert rest[-1] == "data: [DONE]"
-        assert srv.proc.wait(30) == 0
-        assert "Traceback" not in srv.output()
-    finally:
-        srv.stop()
