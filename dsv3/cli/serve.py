@@ -56,7 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $DSV3_API_KEY, else none)")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: the folder name)")
     p.add_argument("--max-waiting", type=nonnegative_int, default=256,
-                   help="most sequences waiting for admission before new requests get 503")
+                   help="most sequences waiting for admission before new requests get 503 (a request that alone "
+                        "brings more is a 400)")
     p.add_argument("--max-body-bytes", type=positive_int, default=4 << 20,
                    help="largest accepted request body (413 above)")
     p.add_argument("--shutdown-grace", type=nonnegative_float, default=30.0,
