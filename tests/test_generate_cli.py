@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -411,10 +412,15 @@ def test_bad_inputs_one_line_errors(ckpt, tmp_path: Path) -> None:
         "resume without output": (["generate", "--model", path, "--prompt", "x", "--resume"],
                                   "--resume needs --input-file and --output", 2),
     }
-    procs = {name: subprocess.Popen([sys.executable, "-m", "dsv3.cli", *argv], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True, cwd=ROOT) for name, (argv, _, _) in cases.items()}
+    def run(argv: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "dsv3.cli", *argv], capture_output=True, text=True, cwd=ROOT,
+                              timeout=600)
+
+    # two at a time: each process imports torch, and 18 at once on a busy 2-core box outran any sane timeout
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        procs = dict(zip(cases, pool.map(run, [argv for argv, _, _ in cases.values()])))
     for name, proc in procs.items():
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.stdout, proc.stderr
         lines = [line for line in err.splitlines() if line.strip()]
         assert proc.returncode == cases[name][2], f"{name}: {proc.returncode} {err}"
         assert len(lines) == 1 and "Traceback" not in err, f"{name}: {err}"
