@@ -65,6 +65,8 @@ def verify(folder: Path) -> str | None:
     """None when every file of the manifest is there with its size, else what is wrong, naming the file."""
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
+        if (folder / TRAIN_STATE).is_file() and not (folder / "state").is_dir():
+            return f"{folder} was written by an older dsv3 (no DCP state/); start a new run from its model/ weights"
         return f"{manifest_path} is missing (the checkpoint never completed)"
     try:
         manifest = json.loads(manifest_path.read_text())
