@@ -1,8 +1,9 @@
 """Tensor- and expert-parallel inference on CPU gloo, against one process on the whole model (the oracle):
 logits within 1e-5 (fp32) and greedy tokens through `LLM` identical for tp=2, ep=2 (all-to-all and the demo's
 all-reduce) in 2 spawned processes and tp=2 x ep=2 in 4; each rank's split parameters about 1/N of the whole;
-shard-on-load reads only the rank's slices (bytes counted at the safetensors reads, FP8 too); a pre-split folder
-(`convert_shard`) loads to the same model; one process changes nothing."""
+shard-on-load reads only the rank's slices (bytes counted at the safetensors reads, FP8 too) and keeps FP8 codes
+and block scales split on their blocks; a pre-split folder (`convert_shard`) loads to the same model; a rank stuck
+past the collective timeout stops rank 0 with one clear error; one process changes nothing."""
 
 from __future__ import annotations
 
@@ -214,6 +215,36 @@ def test_shard_on_load_reads_only_the_ranks_slices(ckpt, tmp_path, monkeypatch, 
         assert torch.equal(t, want), key
     assert not any(k in plan.elsewhere for k in part.state_dict())
     assert len(whole.state_dict()) == len(full)
+
+
+def test_fp8_weights_load_split_on_their_blocks(tmp_path):
+    """FP8 kept in memory (`weights="fp8"`): each rank gets its rows/columns of the e4m3 codes and of their
+    128-block scales, equal to the whole FP8 model's, when the dims split on 128-blocks."""
+    src = tmp_path / "aligned"
+    make_v3(src, hidden_size=256, intermediate_size=512, moe_intermediate_size=256, num_attention_heads=4,
+            num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=64,
+            v_head_dim=64, num_hidden_layers=3, first_k_dense_replace=1)
+    fp8 = tmp_path / "fp8"
+    bf16_to_fp8(src, fp8)
+    full = dsv3.load_model(fp8, dtype=torch.float32, weights="fp8", progress=False).state_dict()
+    for rank in (0, 3):  # the first and the last part of every split
+        part = dsv3.load_model(fp8, dtype=torch.float32, weights="fp8", progress=False,
+                               parallel=ParallelContext(ParallelLayout(2, 2, rank), torch.device("cpu")))
+        plan = part.shard_plan
+        codes = 0
+        for key, t in part.state_dict().items():
+            want = full[key]
+            weight_key = key.removesuffix("_scale_inv")
+            if weight_key in plan.slices:
+                dim, lo, hi = plan.slices[weight_key]
+                if key.endswith("_scale_inv"):
+                    lo, hi = lo // 128, -(-hi // 128)
+                want = want.narrow(dim, lo, hi - lo)
+            codes += t.dtype == torch.float8_e4m3fn
+            assert t.dtype == want.dtype and torch.equal(t.view(torch.uint8) if t.element_size() == 1 else t,
+                                                         want.view(torch.uint8) if want.element_size() == 1
+                                                         else want), (rank, key)
+        assert codes > 0
 
 
 def test_one_process_changes_nothing(ckpt):
