@@ -113,6 +113,11 @@ class DecodeGraphs:
             self.graphs[b] = graph
         torch.cuda.synchronize()
 
+    def captured(self, batch: int) -> bool:
+        """Whether a step of `batch` rows replays a graph (else `run` runs it eagerly)."""
+        size = padded_size(batch, self.sizes) if batch >= 1 else None
+        return size is not None and size in self.graphs
+
     @torch.inference_mode()
     def run(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor,
             seq_lens: torch.Tensor, h_prev: torch.Tensor | None = None,

@@ -22,7 +22,8 @@ Speculative decoding (`num_draft_tokens` k > 0, `dsv3.engine.speculative`): the 
 layers after the main ones; a sequence that brings drafts runs its `1 + k` tokens as `1 + k` decode rows (each
 its own position and context length, so the step stays decode-shaped: the same kernels, the CPU decode plan and
 the CUDA graphs, captured for `B` and `B * (1 + k)` rows), logits come from every such row, and
-`dsv3.engine.rejection.verify` decides what is kept. The MTP drafter then runs on the same step's hidden states.
+`dsv3.engine.rejection.verify` decides what is kept. The MTP drafter then runs on the same step's hidden states
+(on the fast path, all-greedy steps keep acceptance and drafting on the device: `MTPDrafter.propose_greedy`).
 `execute` returns, per sampling sequence, the list of tokens it keeps.
 
 A float32 model on the CPU (`fast=False`) also gets a `CPUDecodePlan` (`dsv3.engine.cpu_decode`), built once
@@ -31,7 +32,6 @@ pass the plan in their `AttentionMeta`, so the forward's attention and FFN run f
 """
 
 from __future__ import annotations
-
 
 
 import torch
@@ -49,6 +49,12 @@ from dsv3.model.attention import AttentionMeta
 from dsv3.model.fused import fuse_for_inference
 
 DEFAULT_CPU_CACHE_BYTES = 512 * 2**20
+
+
+def _plain_greedy(params) -> bool:
+    """Greedy on the raw logits, no log-probabilities: the kept tokens are argmaxes the device can pick alone."""
+    return (params.greedy and not params.has_penalties and params.logprobs is None
+            and not getattr(params, "logit_bias", None) and getattr(params, "grammar", None) is None)
 DEFAULT_GPU_MEMORY_FRACTION = 0.8  # of the free memory after loading the model
 
 
@@ -121,19 +127,20 @@ class ModelRunner:
         self.sampler = Sampler()
         self.graphs: DecodeGraphs | None = None
         self.graph_steps = 0  # steps replayed from a CUDA graph
+        limit = min(self.args.max_seq_len, self.num_blocks * block_size)  # widest block table a sequence needs
+        max_blocks = -(-limit // block_size)
+        sizes = capture_sizes(max_num_seqs)
+        sizes = sorted(set(sizes) | {b * (1 + num_draft_tokens) for b in sizes})  # verify steps: 1 + k rows each
+        if fast and self.drafter is not None:  # MTP steps on device tensors (captured below with cuda_graphs)
+            for m in self.drafter.modules_used:
+                self.drafter.graphs[m] = DecodeGraphs(model, self.backend, max_blocks, batch_sizes=sizes, mtp=m)
+            self.drafter.fused = True
         if cuda_graphs:
-            limit = min(self.args.max_seq_len, self.num_blocks * block_size)  # widest block table a sequence needs
-            sizes = capture_sizes(max_num_seqs)
-            sizes = sorted(set(sizes) | {b * (1 + num_draft_tokens) for b in sizes})  # verify steps: 1 + k rows each
-            self.graphs = DecodeGraphs(model, self.backend, max_blocks=-(-limit // block_size), batch_sizes=sizes)
+            self.graphs = DecodeGraphs(model, self.backend, max_blocks=max_blocks, batch_sizes=sizes)
             with torch.cuda.device(self.device):  # the capture streams belong to the model's GPU
                 self.graphs.capture()
-                if self.drafter is not None:
-                    for m in self.drafter.modules_used:
-                        graphs = DecodeGraphs(model, self.backend, max_blocks=self.graphs.max_blocks,
-                                              batch_sizes=sizes, mtp=m)
-                        graphs.capture()
-                        self.drafter.graphs[m] = graphs
+                for graphs in self.drafter.graphs.values() if self.drafter is not None else ():
+                    graphs.capture()
 
     def _default_cache_memory(self) -> int:
         if self.device.type == "cuda":
@@ -155,7 +162,12 @@ class ModelRunner:
             return []
         items = out.scheduled
         tokens, positions, chunks, starts, sample_rows = self._flatten(items)
-        replayed = self._replay(tokens, positions, chunks) if self.graphs is not None else None
+        greedy_fused = self.drafter is not None and self.drafter.fused and all(
+            _plain_greedy(item.seq.params) for item in items if item.sample)
+        inputs = None
+        if self.graphs is not None or greedy_fused:
+            inputs = self._pack(tokens, positions, chunks, self.graphs.max_blocks if self.graphs is not None else None)
+        replayed = self._replay(inputs) if self.graphs is not None else None
         dev = self.device
         if replayed is not None:  # every row one token: a captured graph
             logits, h = replayed  # [N, V], [N, D]
@@ -178,6 +190,8 @@ class ModelRunner:
                 return []
             seqs = [item.seq for item in sampling]
             return self._to_python(self.sample(logits.float(), seqs), seqs)
+        if greedy_fused and sampling:
+            return self.drafter.propose_greedy(items, starts, tokens, chunks, sample_rows, logits, h, inputs)
         kept = self._verify(logits.float(), sampling) if sampling else []
         self.drafter.propose(self._draft_jobs(items, starts, kept), h)
         return self._kept_with_logprobs(logits, sampling, kept)
@@ -189,7 +203,8 @@ class ModelRunner:
         grammar = [b for b, s in enumerate(seqs) if getattr(s.params, "grammar", None) is not None]
         if not grammar:
             return verify(logits, [s.params for s in seqs], [s.output_token_ids for s in seqs],
-                          [item.drafts for item in sampling], self._generators(seqs))
+                          [item.drafts for item in sampling], self._generators(seqs),
+                          [s.prompt_token_ids for s in seqs])
         offsets = [0]
         for item in sampling:
             offsets.append(offsets[-1] + len(item.drafts) + 1)
@@ -203,7 +218,8 @@ class ModelRunner:
         if rest:
             rows = torch.tensor([r for b in rest for r in range(offsets[b], offsets[b + 1])], device=dev)
             part = verify(logits[rows], [seqs[b].params for b in rest], [seqs[b].output_token_ids for b in rest],
-                          [sampling[b].drafts for b in rest], self._generators([seqs[b] for b in rest]))
+                          [sampling[b].drafts for b in rest], self._generators([seqs[b] for b in rest]),
+                          [seqs[b].prompt_token_ids for b in rest])
             for b, keep in zip(rest, part):
                 kept[b] = keep
         return kept
@@ -230,12 +246,12 @@ class ModelRunner:
                 sample_rows += range(row, row + n) if item.drafts else [row + n - 1]
         return tokens, positions, chunks, starts, sample_rows
 
-    def _replay(self, tokens: list[int], positions: list[int],
-                chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(logits `[N, vocab]`, hidden `[N, D]`) of a step whose rows are all one-token chunks, from a CUDA
-        graph; None for any other step. Views of a graph's static outputs: valid until the next replay."""
-        graphs = self.graphs
-        if len(chunks) != len(tokens) or len(chunks) > graphs.sizes[-1]:
+    def _pack(self, tokens: list[int], positions: list[int], chunks: list[Chunk],
+              max_blocks: int | None = None) -> tuple[torch.Tensor, ...] | None:
+        """Device inputs of a step whose rows are all one-token chunks: tokens, positions, slots `[N]`, block tables
+        `[N, W]` int32 and context lengths `[N]` int32, in one host-to-device copy; None for any other step (or
+        a table wider than `max_blocks`)."""
+        if len(chunks) != len(tokens):
             return None
         bs = self.block_size
         slots: list[int] = []
@@ -248,7 +264,7 @@ class ModelRunner:
             slots.append(table[-1] * bs + pos % bs)
             tables.append(table)
         width = max(len(table) for table in tables)
-        if width > graphs.max_blocks:
+        if max_blocks is not None and width > max_blocks:
             return None
         n = len(chunks)
         flat = tokens + positions + slots
@@ -256,7 +272,14 @@ class ModelRunner:
             flat += table + [0] * (width - len(table))
         packed = torch.tensor(flat, dtype=torch.long).to(self.device, non_blocking=True)  # one copy to the device
         tok, pos, slot = packed[: 3 * n].view(3, n)  # 3 x [N]
-        logits, _, h = graphs.run(tok, pos, slot, packed[3 * n:].view(n, width), pos + 1, hidden=True)
+        return tok, pos, slot, packed[3 * n:].view(n, width).to(torch.int32), (pos + 1).to(torch.int32)
+
+    def _replay(self, inputs: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(logits `[N, vocab]`, hidden `[N, D]`) of a decode-shaped step (`_pack`'s inputs) from a CUDA graph;
+        None for any other step. Views of a graph's static outputs: valid until the next replay."""
+        if inputs is None or inputs[0].shape[0] > self.graphs.sizes[-1]:
+            return None
+        logits, _, h = self.graphs.run(*inputs, hidden=True)
         self.graph_steps += 1
         return logits, h
 

@@ -3,7 +3,8 @@
 A sequence that brought drafts `d_1 .. d_n` ran `n + 1` rows through the main model: row j holds the logits
 after its last token and `d_1 .. d_j`. Row j's target distribution `p_j` is exactly what the plain sampler
 draws from at that point (`dsv3.engine.sampling.sampling_probs`: penalties counted over the generated tokens
-plus `d_1 .. d_j`, logit bias, temperature, top-k, top-p, min-p; one-hot at the argmax for temperature 0).
+plus `d_1 .. d_j`, the repetition penalty over the prompt too, logit bias, temperature, top-k, top-p, min-p;
+one-hot at the argmax for temperature 0).
 Requests with a grammar bring no drafts and are sampled by the plain `Sampler`, which holds their grammar state.
 
 The drafts are the MTP module's argmax, a one-hot draft distribution, so speculative rejection sampling
@@ -30,11 +31,13 @@ def _plain_greedy(params: list[SamplingParams]) -> bool:
 
 
 def verify(logits: torch.Tensor, params: list[SamplingParams], histories: list[list[int]],
-           drafts: list[list[int]], generators: list[torch.Generator | None] | None = None) -> list[list[int]]:
+           drafts: list[list[int]], generators: list[torch.Generator | None] | None = None,
+           prompts: list[list[int]] | None = None) -> list[list[int]]:
     """Tokens each sequence keeps: its accepted drafts, then one token of its own (`len = accepted + 1`).
 
     logits `[R, V]`: sequence b's `len(drafts[b]) + 1` rows, sequences in order. `histories[b]`: its generated
-    tokens before this step (for the penalties); `generators[b]`: its own random stream, or None."""
+    tokens before this step (for the penalties), `prompts[b]` its prompt (for the repetition penalty);
+    `generators[b]`: its own random stream, or None."""
     counts = [len(d) + 1 for d in drafts]
     if logits.dim() != 2 or logits.shape[0] != sum(counts):
         raise ValueError(f"logits must be [{sum(counts)}, V] for drafts of lengths {[len(d) for d in drafts]}, "
@@ -45,7 +48,8 @@ def verify(logits: torch.Tensor, params: list[SamplingParams], histories: list[l
     device = logits.device
     row_params = [p for p, n in zip(params, counts) for _ in range(n)]
     row_hist = [hist + d[:j] for hist, d in zip(histories, drafts) for j in range(len(d) + 1)]
-    probs = sampling_probs(logits.float(), row_params, row_hist)  # [R, V], one-hot rows at temperature 0
+    row_prompts = None if prompts is None else [p for p, n in zip(prompts, counts) for _ in range(n)]
+    probs = sampling_probs(logits.float(), row_params, row_hist, prompt_token_ids=row_prompts)  # [R, V]
     next_draft = torch.tensor([d[j] if j < len(d) else -1 for d in drafts for j in range(len(d) + 1)],
                               device=device)  # [R] the draft each row judges, -1 after the last
     has = next_draft >= 0

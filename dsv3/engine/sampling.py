@@ -240,9 +240,10 @@ def processed_logits(logits: torch.Tensor, params: list[SamplingParams],
 
 def sampling_probs(logits: torch.Tensor, params: list[SamplingParams],
                    output_token_ids: list[list[int]] | None = None,
-                   bitmask: torch.Tensor | None = None) -> torch.Tensor:
+                   bitmask: torch.Tensor | None = None,
+                   prompt_token_ids: list[list[int]] | None = None) -> torch.Tensor:
     """The distribution `[B, V]` each row draws from; a greedy row is one-hot at its argmax."""
-    processed = processed_logits(logits, params, output_token_ids, bitmask)
+    processed = processed_logits(logits, params, output_token_ids, bitmask, prompt_token_ids)
     probs = processed.softmax(dim=-1)
     greedy = torch.tensor([p.greedy for p in params], device=logits.device)
     if greedy.any():

@@ -26,7 +26,11 @@ followed it in the sequence that computed it; another sequence sharing the block
 which can only change its drafts (and so its acceptance), never its output.
 
 Steps where every row is one token replay CUDA graphs of the MTP module when the runner captured them
-(`dsv3.engine.cuda_graphs.DecodeGraphs` with `mtp=` the module index).
+(`dsv3.engine.cuda_graphs.DecodeGraphs` with `mtp=` the module index). On the fast path, a step whose sampling
+sequences are all plain greedy keeps everything on the device (`propose_greedy`): acceptance, a catch-up over
+every row of the step, the chained drafts, then one copy of kept tokens and drafts to the host. `propose` (the
+host path: acceptance first, then a catch-up over the kept rows only) serves every other step and is the
+reference the tests compare it with.
 """
 
 from __future__ import annotations
@@ -70,7 +74,8 @@ class MTPDrafter:
         self.block_size = block_size
         self.max_seq_len = model.args.max_seq_len
         self.device = model.embed_tokens.weight.device
-        self.graphs: dict[int, DecodeGraphs] = {}  # per MTP module index, set by the runner
+        self.graphs: dict[int, DecodeGraphs] = {}  # per MTP module index, set by the runner (fast path)
+        self.fused = False  # all-greedy steps keep their drafts on the device (`propose_greedy`), set by the runner
         self.graph_steps = 0
 
     @property
@@ -96,9 +101,9 @@ class MTPDrafter:
                 n = len(chunks)
                 packed = torch.tensor(flat, dtype=torch.long).to(dev, non_blocking=True)
                 pos, slot = packed[: 2 * n].view(2, n)
+                self.graph_steps += graphs.captured(n)
                 _, greedy, hidden = graphs.run(tokens, pos, slot, packed[2 * n:].view(n, width), pos + 1,
                                                h_prev=h_prev, hidden=True)
-                self.graph_steps += 1
                 return hidden, greedy
         step = self.backend.prepare(chunks)
         h = self.model.mtp_hidden(module, tokens, h_prev, torch.tensor(positions, device=dev),
@@ -159,3 +164,94 @@ class MTPDrafter:
             for j in room:
                 drafting[j].seq.draft_token_ids.append(flat[at])
                 at += 1
+
+    # ---- all-greedy steps on the fast path: one host sync ------------------------------------------------
+    @torch.inference_mode()
+    def propose_greedy(self, items: list, starts: list[int], tokens: list[int], chunks: list[Chunk],
+                       sample_rows: list[int], logits: torch.Tensor, h: torch.Tensor,
+                       inputs: tuple[torch.Tensor, ...] | None) -> list[list[tuple[int, None]]]:
+        """A step whose sampling sequences are all plain greedy, after the main forward (`logits [M, V]` of the
+        sampling rows, hidden `h [N, D]` of every row; `inputs`: the step's packed decode inputs, or None when it
+        holds a prefill chunk): acceptance, the MTP catch-up and the chained drafts stay on the device, and one
+        copy to the host returns the kept tokens and the next drafts.
+
+        The catch-up runs over every row of the step with the token the step makes the next one (the prompt's,
+        or the main model's argmax): rows past a sequence's accepted drafts write latents at positions that
+        are not verified yet, which the next step's catch-up (starting at the first unverified position)
+        overwrites before anything reads them, like the main model's own rejected rows. Returns the kept tokens
+        per sampling item, as `ModelRunner.execute` does; sets `seq.draft_token_ids`."""
+        dev = self.device
+        bs = self.block_size
+        targets = logits.argmax(dim=-1)  # [M] the main model's choice at each sampling row
+        nxt: list[int] = []  # the token after each row's position (0: the step's target, filled on the device)
+        next_draft: list[int] = []  # per sampling row: the draft it judges, -1 after the last
+        first: list[int] = []  # per sampling item: its first sampling row (in the step) and in `targets`
+        first_m: list[int] = []
+        base: list[int] = []  # per sampling item: the position of its first sampling row
+        cap: list[int] = []  # per sampling item: positions its cache slots reach (and max_seq_len)
+        tables: list[list[int]] = []
+        sampling = []
+        for item, row in zip(items, starts):
+            seq, start = item.seq, item.start
+            own = item.num_tokens - len(item.drafts)
+            if not item.sample:
+                nxt += seq.token_slice(start + 1, start + own + 1)
+                continue
+            nxt += seq.token_slice(start + 1, start + own) + [0] * (len(item.drafts) + 1)
+            first_m.append(len(next_draft))
+            next_draft += item.drafts + [-1]
+            first.append(row + own - 1)
+            base.append(start + own - 1)
+            table = seq.block_table[: self.graphs[0].max_blocks]
+            cap.append(min(len(table) * bs, self.max_seq_len))
+            tables.append(table)
+            sampling.append(item)
+        width = max(len(t) for t in tables)
+        k1 = self.k + 1
+        index = [[m + t if t <= len(item.drafts) else len(next_draft) for t in range(k1)]
+                 for m, item in zip(first_m, sampling)]
+        host = (nxt + sample_rows + next_draft + [r for row in index for r in row] + first + base + cap
+                + [b for t in tables for b in t + [0] * (width - len(t))])
+        packed = torch.tensor(host, dtype=torch.long).to(dev, non_blocking=True)  # one copy to the device
+        n, m, j = len(nxt), len(sample_rows), len(sampling)
+        nxt_d, rows_d, draft_d, index_d, first_d, base_d, cap_d, table_d = packed.split(
+            [n, m, m, j * k1, j, j, j, j * width])
+        nxt_d = nxt_d.index_copy(0, rows_d, targets)
+        ok = torch.cat([targets == draft_d, torch.zeros(1, dtype=torch.bool, device=dev)])
+        accepted = ok[index_d.view(j, k1)].long().cumprod(dim=1).sum(dim=1)  # [J] leading drafts equal to targets
+        # catch-up over every row of the step
+        graphs = self.graphs[0]
+        if inputs is not None:
+            _, pos, slot, block_tables, seq_lens = inputs
+            self.graph_steps += graphs.captured(n)
+            _, greedy, hidden = graphs.run(nxt_d, pos, slot, block_tables, seq_lens, h_prev=h, hidden=True)
+        else:
+            positions = [p for c in chunks for p in range(c.start, c.start + c.num_tokens)]
+            hidden = self.model.mtp_hidden(0, nxt_d, h, torch.tensor(positions, device=dev),
+                                           AttentionMeta(self.backend, step=self.backend.prepare(chunks)))
+            greedy = self.model.lm_head(hidden).argmax(dim=-1)
+        row = first_d + accepted
+        hidden, guess = hidden[row], greedy[row]  # [J, D], [J]
+        guesses = [guess]
+        table_d = table_d.view(j, width).to(torch.int32)
+        for i in range(1, self.k):  # chained drafts, one position further each; past a sequence's slots: no write
+            pos = base_d + accepted + i
+            valid = pos < cap_d
+            pos = torch.minimum(pos, cap_d - 1)
+            slot = table_d.gather(1, (pos // bs)[:, None])[:, 0].long() * bs + pos % bs
+            slot = torch.where(valid, slot, torch.full_like(slot, -1))
+            graphs = self.graphs[min(i, len(self.model.mtp) - 1)]
+            self.graph_steps += graphs.captured(j)
+            _, guess, hidden = graphs.run(guess, pos, slot, table_d, (pos + 1).to(torch.int32), h_prev=hidden,
+                                          hidden=True)
+            guess, hidden = guess.clone(), hidden.clone()  # views of the graph's outputs: the next run reuses them
+            guesses.append(guess)
+        flat = torch.cat([targets, accepted, torch.stack(guesses, dim=1).flatten()]).tolist()  # the one sync
+        target_h, acc_h, drafts_h = flat[:m], flat[m:m + j], flat[m + j:]
+        kept = []
+        for b, item in enumerate(sampling):
+            a = acc_h[b]
+            kept.append([(t, None) for t in target_h[first_m[b]:first_m[b] + a + 1]])
+            reach = sum(1 for i in range(1, self.k) if base[b] + a + i < cap[b])
+            item.seq.draft_token_ids = drafts_h[b * self.k: b * self.k + 1 + reach]
+        return kept

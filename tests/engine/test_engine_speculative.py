@@ -197,6 +197,50 @@ def test_cli_flags_summary_line_and_metrics(model, tmp_path, capsys):
         LLM(model, num_blocks=8))).render()))
 
 
+@pytest.mark.triton
+def test_kernel_backend_keeps_greedy_drafts_on_the_device():
+    """The fast path's all-greedy steps (`MTPDrafter.propose_greedy`: acceptance, catch-up and chained drafts on
+    the device, one host sync), run eagerly through the kernel backend (the Triton interpreter on a CPU): the same
+    tokens as plain greedy, and step by step the same drafts as the host path (`MTPDrafter.propose`), with a
+    step that needs the host path (log-probabilities) mixed in. A tiny random model with 8 tokens, so random
+    drafts are sometimes accepted."""
+    import copy
+
+    from dsv3.config import ModelArgs
+    from dsv3.engine.model_runner import ModelRunner
+    from dsv3.model import Transformer
+    torch.manual_seed(1)
+    tiny = Transformer(ModelArgs.from_preset("tiny").replace(vocab_size=8, n_layers=1, init_std=0.1)).eval()
+    settings = dict(num_blocks=16, block_size=4, max_num_seqs=2, max_num_batched_tokens=16)
+    prompts = [[3, 1, 4], [5, 2, 6, 7, 1, 0]]
+    params = [greedy(8), greedy(3, logprobs=1)]
+    expected = LLM(tiny, **settings).generate(prompts, params, use_tqdm=False)
+    runs = []
+    for fused in (True, False):
+        fast_model = copy.deepcopy(tiny)
+        llm = LLM(fast_model, speculative="mtp", num_draft_tokens=2, **settings)
+        llm.runner = ModelRunner(fast_model, block_size=4, num_blocks=16, fast=True, max_num_seqs=2,
+                                 cuda_graphs=False, num_draft_tokens=2)
+        drafter = llm.runner.drafter
+        assert drafter.fused and set(drafter.graphs) == {0}
+        drafter.fused = fused
+        calls = []
+        real = drafter.propose_greedy
+        drafter.propose_greedy = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+        seqs = [llm.scheduler.waiting[-1] for p in zip(prompts, params) if llm.add_request(*p) >= 0]
+        drafts, done = [], {}
+        while llm.has_unfinished():
+            for out in llm.step():
+                done[out.request_id] = out.token_ids
+            drafts.append([list(s.draft_token_ids) for s in seqs])
+        assert [done[i] for i in sorted(done)] == [e.token_ids for e in expected]
+        assert bool(calls) == fused
+        runs.append((drafts, llm.speculative_stats))
+        assert llm.block_manager.num_free_blocks == 16
+    assert runs[0] == runs[1]  # the same drafts every step, the same acceptance
+    assert runs[0][1].accepted[0] > 0 and any(len(d) == 2 for step in runs[0][0] for d in step)
+
+
 # ---- GPU -------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("k", [1, 2])
