@@ -169,7 +169,7 @@ def test_damaged_latest_checkpoint_falls_back_with_a_warning(data, tmp_path, cap
     assert [r["loss"] for r in resumed["history"]] == straight[2:]
     assert [r["step"] for r in _rows(tmp_path / "run")] == list(range(1, 7))
 
-    # the same size, other bytes: the DCP state no longer reads; with every checkpoint damaged, one line
+    # train_state.pt of the same size but other bytes in every checkpoint: nothing to fall back to, one line
     for step in (2, 4, 6):
         state = ckpts / f"step_{step:07d}" / "train_state.pt"
         state.write_bytes(b"\0" * state.stat().st_size)
