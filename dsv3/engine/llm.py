@@ -253,22 +253,33 @@ class LLM:
         if req.decoder is None:
             return
         new_ids = seq.output_token_ids[len(req.decoder.ids):]
-        piece = req.decoder.extend(new_ids)
-        if seq.is_finished:
-            piece += req.decoder.flush()
-        before = len(req.text)
-        req.text += piece
         stops = seq.params.stop
-        if stops and req.stop_at is None and piece:
+        # with stop strings, several new tokens (speculative decoding keeps more than one per step) are decoded one
+        # at a time, so the output ends at the token that completes a stop string, as with one token per step
+        groups = [[t] for t in new_ids] if stops and req.stop_at is None and len(new_ids) > 1 else [new_ids]
+        for i, ids in enumerate(groups):
+            piece = req.decoder.extend(ids)
+            if seq.is_finished and i == len(groups) - 1:
+                piece += req.decoder.flush()
+            before = len(req.text)
+            req.text += piece
+            if not (stops and req.stop_at is None and piece):
+                continue
             longest = max(len(s) for s in stops)
             search_from = max(0, before - longest + 1)
             hits = [i for i in (req.text.find(s, search_from) for s in stops) if i >= 0]
             if hits:
                 req.stop_at = min(hits)
+                extra = len(groups) - 1 - i  # kept tokens after the one that completed the stop string
+                if extra:
+                    del seq.output_token_ids[-extra:]
+                    if len(seq.output_logprobs) > seq.num_output_tokens:
+                        del seq.output_logprobs[seq.num_output_tokens:]
                 if not seq.is_finished:
                     self.scheduler.finish(seq, "stop")
                 else:
                     seq.finish_reason = "stop"
+                break
         if req.stop_at is not None:
             req.text = req.text[:req.stop_at]
 

@@ -131,6 +131,26 @@ def test_stop_token_inside_accepted_drafts_and_logprobs(model):
     assert spec.block_manager.num_free_blocks == 64
 
 
+def test_stop_strings_end_at_the_same_token(model):
+    """A stop string completed by a token in the middle of a step's kept tokens: the tokens after it are dropped,
+    so text and token ids are those of decoding without speculation."""
+    path = dsv3.default_model_path()
+    settings = dict(num_blocks=64, block_size=4, max_num_seqs=4, max_num_batched_tokens=32, tokenizer=path)
+    plain, spec = pair(model, 3, **settings)
+    texts = ["The Linux kernel", "It is a truth universally"]
+    free = plain.generate(texts, greedy(), use_tqdm=False)
+    for text, out in zip(texts, free):
+        words = out.text.split()
+        stop = words[len(words) // 2]
+        params = SamplingParams(temperature=0, max_tokens=MAX_NEW, stop=stop)
+        want = plain.generate(text, params, use_tqdm=False)[0]
+        got = spec.generate(text, params, use_tqdm=False)[0]
+        assert want.finish_reason == got.finish_reason == "stop"
+        assert got.token_ids == want.token_ids and got.text == want.text
+    assert spec.speculative_stats.accepted[0] > 0
+    assert spec.block_manager.num_free_blocks == 64
+
+
 def test_greedy_and_sampled_sequences_share_steps(model):
     """Temperature 0 and > 0 in one batch: the greedy ones are unchanged, seeded ones repeat exactly."""
     settings = dict(num_blocks=96, block_size=4, max_num_seqs=6, max_num_batched_tokens=32)
