@@ -123,6 +123,20 @@ def test_sigterm_finishes_the_step_saves_and_the_run_resumes(data, tmp_path, cap
     assert [r["loss"] for r in resumed["history"]] == straight[3:]  # same process: bit for bit
     assert [r["step"] for r in _rows(tmp_path / "run")] == list(range(1, 7))
 
+    def interrupted(self):  # Ctrl-C (SIGINT) in step 2: the same, once
+        if self.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self)
+
+    Trainer.train_step = interrupted
+    try:
+        result = train(cfg, data, tmp_path / "ctrl_c")
+    finally:
+        Trainer.train_step = real
+    assert result["stopped"] == "SIGINT" and result["step"] == 2
+    assert (tmp_path / "ctrl_c" / "checkpoints" / "latest").read_text().strip() == "step_0000002"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
 
 def test_cli_exits_0_on_sigterm_and_on_the_time_limit(data, tmp_path):
     recipe = tmp_path / "recipe.json"
