@@ -146,8 +146,10 @@ def test_stacked_fp8_experts_use_every_experts_own_scales(a8):
     moe = _fp8_moe()
     experts = [copy.deepcopy(e) for e in moe.experts]
     shared = copy.deepcopy(moe.shared_experts)
+    set_fp8_policy(moe, "w8a8")
     stacked = stack_experts(moe)
     assert stacked.fp8 and stacked.w_gate.dtype == torch.float8_e4m3fn
+    assert stacked.policy == "w8a8"  # the experts' policy carries over to the stack
     n_exp = len(experts)
     x = torch.randn(6, moe.dim, generator=torch.Generator().manual_seed(5))
     policy = "w8a8" if a8 else "w8a16"
@@ -161,6 +163,7 @@ def test_stacked_fp8_experts_use_every_experts_own_scales(a8):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6, msg=f"expert {e} of {n_exp} (last: shared)")
     # the experts' own modules are now views into the stack
     assert moe.experts[2].up_proj.weight.data_ptr() == stacked.w_up[2].data_ptr()
+    assert moe.experts[2].up_proj.policy == "w8a8"
     assert moe.experts[2].up_proj.weight_scale_inv.data_ptr() == stacked.s_up[2].data_ptr()
 
 
@@ -270,9 +273,12 @@ def test_fp8_checkpoint_on_the_kernel_backend_equals_the_pytorch_path_on_cpu(fp8
 @pytest.mark.gpu
 @pytest.mark.parametrize("policy", ["w8a16", "w8a8"])
 def test_fp8_checkpoint_through_llm_takes_the_fast_path_on_the_gpu(fp8_folder, policy):
-    """`LLM(fp8_folder)` on CUDA keeps FP8 (weights="auto") and runs fused kernels + CUDA graphs by default; its
-    greedy tokens equal the PyTorch path's under the same policy (float32), and its log-probabilities are those of
-    the dequantized model within FP8 tolerance."""
+    """`LLM(fp8_folder)` on CUDA keeps FP8 (weights="auto") and runs fused kernels + CUDA graphs by default. W8A16:
+    its greedy tokens equal the PyTorch path's (float32) and its log-probabilities the dequantized model's. W8A8:
+    the two paths quantize the same activations but sum in different orders, so a SwiGLU output near an e4m3
+    rounding boundary may take the other code, and the fast path's absorbed attention multiplies unquantized latents
+    by the dequantized `kv_b` (seen on the H200: this near-uniform random model's top tokens, 0.01-0.03 apart in
+    log-probability, come out reordered); the log-probabilities agree within FP8 tolerance."""
     from dsv3.engine import LLM, SamplingParams
 
     kw = dict(device="cuda", dtype=torch.float32, num_blocks=64, block_size=4, max_num_seqs=4,
@@ -285,14 +291,37 @@ def test_fp8_checkpoint_through_llm_takes_the_fast_path_on_the_gpu(fp8_folder, p
     prompts, n = _prompts(), 8
     got = fast.generate(prompts, _greedy(n), use_tqdm=False)
     want = slow.generate(prompts, _greedy(n), use_tqdm=False)
-    for f, s in zip(got, want):
-        assert f.token_ids == s.token_ids
+    if policy == "w8a16":
+        for f, s in zip(got, want):
+            assert f.token_ids == s.token_ids
     assert fast.runner.graph_steps > 0 and fast.block_manager.num_free_blocks == 64
+    if policy == "w8a8":  # numbers: test_fused_w8a8_forward_equals_the_plain_w8a8_forward_on_the_gpu
+        return
     deq = LLM(fp8_folder, weights="bf16", fast=False, **{k: v for k, v in kw.items() if k != "fp8_policy"})
-    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, logprobs=5)
-    a = fast.generate(prompts, params, use_tqdm=False)
-    b = deq.generate(prompts, params, use_tqdm=False)
-    for x, y in zip(a, b):
-        lp_x = torch.tensor([lp.logprob for lp in x.logprobs])
-        lp_y = torch.tensor([lp.logprob for lp in y.logprobs])
-        torch.testing.assert_close(lp_x, lp_y, atol=1e-4 if policy == "w8a16" else 0.1, rtol=0)
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, logprobs=20)
+    for x, y in zip(fast.generate(prompts, params, use_tqdm=False), deq.generate(prompts, params, use_tqdm=False)):
+        assert x.token_ids == y.token_ids and [t for t, _ in x.logprobs[0].top] == [t for t, _ in y.logprobs[0].top]
+        torch.testing.assert_close(torch.tensor([v for _, v in x.logprobs[0].top]),
+                                   torch.tensor([v for _, v in y.logprobs[0].top]), atol=1e-4, rtol=0)
+
+
+@pytest.mark.gpu
+def test_fused_w8a8_forward_equals_the_plain_w8a8_forward_on_the_gpu():
+    """W8A8 on the fused kernels (FP8 x FP8 grouped experts, cuBLAS/Triton block-scaled GEMMs) equals W8A8 on the
+    plain modules (each expert's FP8Linear): the same quantized operands, float32 sums in other orders. Against the
+    dequantized model W8A8 is off by the activations' quantization (about 9% of this near-uniform random model's
+    logit spread, seen on the H200), which is why token-level checks through the engine would only test near-ties."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    base = fp8_model(dtype="float32", policy="w8a8").cuda()
+    fast = fuse_for_inference(copy.deepcopy(base))
+    tokens = torch.randint(3, 256, (2, 9), device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
+
+    def centred(x):
+        return x - x.mean(-1, keepdim=True)
+
+    with torch.no_grad():
+        slow_logits, fast_logits = centred(base(tokens)), centred(fast(tokens))
+        deq_logits = centred(dequantized(base, torch.float32)(tokens))
+    assert (fast_logits - slow_logits).norm() / slow_logits.norm() < 1e-4
+    assert 1e-3 < (slow_logits - deq_logits).norm() / deq_logits.norm() < 0.3  # W8A8 is on: activations quantized

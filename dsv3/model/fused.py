@@ -97,6 +97,7 @@ def stack_experts(moe: MoE) -> StackedExperts:
     if fp8 and inter % 128:
         raise ValueError(f"FP8 experts need moe_inter_dim divisible by 128, got {inter}")
     n_exp = len(moe.experts)
+    policy = moe.experts[0].gate_proj.policy if fp8 else None  # carried over to the views and the stack
     stacks, scales = [], []
     for name in ("gate_proj", "up_proj", "down_proj"):
         slices = _shared_slices(shared, name, inter)
@@ -105,14 +106,19 @@ def stack_experts(moe: MoE) -> StackedExperts:
             scale = torch.stack([getattr(e, name).weight_scale_inv.detach() for e in moe.experts]
                                 + [sc for _, sc in slices])
             for e, expert in enumerate(moe.experts):
-                setattr(expert, name, FP8Linear.from_tensors(stack[e], scale[e]))
+                view = FP8Linear.from_tensors(stack[e], scale[e])
+                view.policy = policy
+                setattr(expert, name, view)
             scales.append(scale)
         else:
             for e, expert in enumerate(moe.experts):
                 getattr(expert, name).weight = nn.Parameter(stack[e], requires_grad=False)
         stacks.append(stack)
     n_shared = len(_shared_slices(shared, "gate_proj", inter))
-    return StackedExperts(*stacks, tuple(scales) if fp8 else None, moe.gate.weight.detach().float(), n_shared)
+    stacked = StackedExperts(*stacks, tuple(scales) if fp8 else None, moe.gate.weight.detach().float(), n_shared)
+    if fp8:
+        stacked.policy = policy
+    return stacked
 
 
 @torch.no_grad()
