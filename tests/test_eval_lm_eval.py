@@ -117,6 +117,7 @@ def test_registered_as_dsv3_and_the_cli(tasks, tmp_path, capsys):
     folder, docs, _, _ = tasks
     from lm_eval.api.registry import get_model
     assert get_model("dsv3") is DSV3LM
+    assert get_model("dummy").__name__ == "DummyLM"  # lm-eval's own models are still found beside it
     ckpt = tiny_checkpoint()
     out_dir = tmp_path / "out"
     assert main(["eval", "--harness", "lm-eval", "--tasks", "dsv3_local_choice", "--include-path", str(folder),
@@ -129,7 +130,14 @@ def test_registered_as_dsv3_and_the_cli(tasks, tmp_path, capsys):
              for d in docs]
     ours, _ = evaluate_choice(model, tok, items, progress=False)
     assert saved["results"]["dsv3_local_choice"]["acc,none"] == pytest.approx(ours["acc"], abs=1e-12)
+    from lm_eval.tasks import TaskManager  # by name, as lm-eval builds its own models
+    by_name = lm_eval.simple_evaluate(model="dsv3", model_args=f"pretrained={ckpt},dtype=float32,progress=False",
+                                      tasks=["dsv3_local_choice"], task_manager=TaskManager(include_path=str(folder)),
+                                      device="cpu", batch_size=4, bootstrap_iters=0)
+    assert by_name["results"]["dsv3_local_choice"]["acc,none"] == pytest.approx(ours["acc"], abs=1e-12)
+    capsys.readouterr()
     assert main(["eval", "--harness", "lm-eval", "--tasks", "no_such_task", "--include-path", str(folder),
                  "--model", str(ckpt), "--output", str(out_dir)]) == 2
-    assert capsys.readouterr().err.strip().startswith("dsv3 eval: error: lm-eval has no task(s) no_such_task")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dsv3 eval: error: lm-eval has no task(s) no_such_task")
     assert math.isfinite(ours["acc"])

@@ -1,8 +1,8 @@
 """dsv3 as a model of lm-evaluation-harness (`pip install -e ".[lm-eval]"`): the `LM` class `DSV3LM`, registered
-as `dsv3`, so the harness's tasks run on dsv3 checkpoints:
+as `dsv3` when this module is imported, so the harness's tasks run on dsv3 checkpoints:
 
-    lm_eval --model dsv3 --model_args pretrained=PATH,dtype=float32 --tasks hellaswag
-    lm_eval.simple_evaluate(model="dsv3", model_args="pretrained=PATH", tasks=[...])
+    import dsv3.eval.lm_eval_backend  # registers "dsv3" (lm-eval's own `lm_eval` command does not import it)
+    lm_eval.simple_evaluate(model="dsv3", model_args="pretrained=PATH,dtype=float32", tasks=[...])
     lm_eval.simple_evaluate(model=DSV3LM(model=loaded_model, tokenizer=tok), tasks=[...])
     dsv3 eval --harness lm-eval --tasks hellaswag,arc_easy [--include-path DIR]
 
@@ -23,6 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import lm_eval.models  # noqa: F401  (the built-in names, registered lazily, before ours: else lm-eval skips them)
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
