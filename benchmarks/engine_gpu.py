@@ -51,44 +51,30 @@ TARGETS = {("16B", "bf16", "decode", 1): 310, ("16B", "bf16", "decode", 32): 300
 HBM_BYTES_PER_S = 4.3e12  # measured copy rate of the H200 here (benchmarks/RESULTS.md)
 
 
-def step_bytes(model: Transformer, batch: int, context: int) -> int | None:
-    """Bytes one decode step must read: every weight except the embedding table and the routed experts, the
-    experts that got tokens in the model's last MoE call (`StackedExperts.active_experts`, fast path only),
-    `batch` embedding rows, and the latent cache of `batch` sequences of `context` tokens. None off the fast
-    path (no expert counts)."""
-    stacked_ids, total = set(), 0
-    for module in model.modules():
-        stacked = getattr(module, "stacked", None)
-        if stacked is None:
-            continue
-        active = int(stacked.active_experts.item())
-        n = stacked.w_gate.shape[0]
-        per_expert = sum(t[0].numel() * t.element_size() for t in (stacked.w_gate, stacked.w_up, stacked.w_down))
-        if stacked.fp8:
-            per_expert += sum(t[0].numel() * 4 for t in (stacked.s_gate, stacked.s_up, stacked.s_down))
-        total += min(active, n) * per_expert
-        stacked_ids |= {t.data_ptr() for t in (stacked.w_gate, stacked.w_up, stacked.w_down,
-                                                stacked.s_gate, stacked.s_up, stacked.s_down) if t is not None}
-    if not stacked_ids:
+def step_bytes(llm: LLM, batch: int, context: int) -> int | None:
+    """Bytes one decode step must read: `decode.decode_weight_bytes`' dense weights, one stacked expert slice per
+    expert that got tokens in each MoE's last call (`StackedExperts.active_experts`, fast path only), and the
+    latent cache of `batch` sequences of `context` tokens. None off the fast path (no expert counts)."""
+    from decode import decode_weight_bytes  # beside this script
+
+    model = llm.model
+    moes = [m.stacked for m in model.modules() if getattr(m, "stacked", None) is not None]
+    if not moes or not hasattr(llm.runner.backend, "w_uk"):
         return None
-    seen = set()
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t is None or t.data_ptr() in seen or name.startswith("embed_tokens") or ".experts." in name:
-            continue
-        seen.add(t.data_ptr())
-        if t.untyped_storage().data_ptr() in stacked_ids or "stacked" in name or "rotary" in name:
-            continue
-        total += t.numel() * t.element_size()
+    wb = decode_weight_bytes(model, llm.runner.backend)
+    active = int(torch.stack([s.active_experts for s in moes]).sum())  # one sync, after the timed runs
     args = model.args
     elem = model.embed_tokens.weight.element_size()
-    total += batch * args.dim * elem + batch * context * args.n_layers * (args.kv_lora_rank + args.qk_rope_head_dim) * elem
-    return total
+    cache = batch * context * args.n_layers * (args.kv_lora_rank + args.qk_rope_head_dim) * elem
+    return wb["dense"] + active * wb["per_expert"] + cache
 
 
 def model_args(name: str) -> ModelArgs:
-    if name == "671B-6L":
-        return ModelArgs.from_preset("671B").replace(n_layers=6, n_dense_layers=3, num_nextn_predict_layers=0)
-    return ModelArgs.from_preset(name)
+    """A preset, or a cut of one named in `decode.MODELS` (`671B-6L`)."""
+    from decode import MODELS  # beside this script
+
+    spec = MODELS.get(name)
+    return ModelArgs.from_preset(name) if spec is None else ModelArgs.from_preset(spec["preset"]).replace(**spec["changes"])
 
 
 def emit(row: dict, log) -> None:
@@ -168,7 +154,7 @@ def bench_engine(model: Transformer, name: str, opts, device: torch.device, log)
                    decode_tok_s=per_s(b * (new - 1), tn - t1), e2e_tok_s=per_s(b * new, tn))
         if steps_before is not None:
             row["graph_steps_per_run"] = (graph_steps(llm) - steps_before) / opts.repeats
-        nbytes = step_bytes(model, b, opts.prompt_len + new // 2) if fast else None
+        nbytes = step_bytes(llm, b, opts.prompt_len + new // 2) if fast else None
         if nbytes and row["decode_tok_s"]:
             row["step_gb"] = round(nbytes / 1e9, 3)
             row["hbm"] = round(nbytes * row["decode_tok_s"] / b / HBM_BYTES_PER_S, 3)
