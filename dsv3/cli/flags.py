@@ -21,13 +21,11 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dsv3.engine.config import DTYPES, MAX_DRAFT_TOKENS, EngineConfig
+from dsv3.engine.config import DTYPES, FP8_POLICIES, MAX_DRAFT_TOKENS, WEIGHTS, EngineConfig
 
 if TYPE_CHECKING:
     from dsv3.engine.sampling import SamplingParams
 
-WEIGHTS = ("auto", "bf16", "fp8")  # `--weights`: `load_model(weights=...)`
-FP8_POLICIES = ("auto", "w8a16", "w8a8")  # `--fp8-policy`: `dsv3.kernels.fp8.resolve_policy`
 DEFAULT_MAX_NEW_TOKENS = 512
 DEFAULT_TEMPERATURE = 0.3  # DeepSeek-V3's recommended model temperature
 _ENGINE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)}

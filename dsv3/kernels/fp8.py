@@ -349,9 +349,9 @@ def fp8_gemm(
 
     `a_scale` is `[..., ceil(K/block)]` (from `quantize_act`), `w_scale` is
     `[ceil(N/block), ceil(K/block)]` (from `quantize_weight`). Accumulation is fp32.
-    `backend="auto"` takes `gemm_backend`'s choice (cuBLAS for large M on whole-block shapes, 1.26-1.31x our
-    Triton kernel at M = 128 and 4096 in benchmarks/fp8_gemm.py; Triton, split-K, at decode sizes; the
-    reference off FP8 hardware); `"scaled_mm"`, `"triton"` and `"ref"` force one. A backend that fails raises.
+    `backend="auto"` takes `gemm_backend`'s choice (cuBLAS for large M on whole-block shapes, faster there than
+    our Triton kernel per benchmarks/fp8_gemm.py; Triton, split-K, at decode sizes; the reference off FP8
+    hardware); `"scaled_mm"`, `"triton"` and `"ref"` force one. A backend that fails raises.
     """
     _check_gemm_shapes(a_fp8, a_scale, w_fp8, w_scale, block)
     if backend not in GEMM_BACKENDS:
