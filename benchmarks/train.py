@@ -84,7 +84,8 @@ def profile_steps(trainer, steps: int) -> dict:
 
 
 def run_one(args: argparse.Namespace, fp8: bool, out: Path) -> dict:
-    from dsv3.train.trainer import TrainConfig, Trainer
+    from dsv3.train.recipe import TrainConfig
+    from dsv3.train.trainer import Trainer
     model = MOE_1B if args.model == "moe_1b" else args.model
     if args.model == "default":  # the shipped default model's architecture (27.6M parameters, vocab 8192)
         import dsv3.train

@@ -11,7 +11,8 @@ import torch.multiprocessing as mp
 
 import dsv3
 from dsv3.train.expert_parallel import RemoteExpert, shard_experts
-from dsv3.train.trainer import TrainConfig, train
+from dsv3.train.recipe import TrainConfig
+from dsv3.train.trainer import train
 from test_train_ddp import _free_port, _losses
 from test_train_shared import dcp_keys, exit_worker, make_shards, tiny_config, tiny_model, train_killed_then_resumed
 

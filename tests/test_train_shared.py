@@ -41,7 +41,7 @@ def make_shards(root: Path, repeat: int = 1, vocab_size: int = 320, val_fraction
 
 
 def tiny_config(**overrides):
-    from dsv3.train.trainer import TrainConfig
+    from dsv3.train.recipe import TrainConfig
     base = dict(model=dict(TINY_MODEL), seq_len=32, batch_size=4, steps=20, lr=3e-3, final_lr=3e-4,
                 warmup_steps=2, decay_frac=0.3, precision="fp32", eval_every=0, eval_batches=1,
                 ckpt_every=0, log_every=1000, device="cpu", bias_update_rate=1e-3)

@@ -10,7 +10,8 @@ import dsv3
 from dsv3.train import trainer as trainer_mod
 from dsv3.cli import main
 from dsv3.train.losses import next_token_loss
-from dsv3.train.trainer import Trainer, TrainConfig, train
+from dsv3.train.recipe import TrainConfig
+from dsv3.train.trainer import Trainer, train
 from test_train_shared import make_shards, tiny_config
 
 

@@ -48,7 +48,7 @@ def _flag_type(tp: typing.Any) -> type | None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from dsv3.train.trainer import FP8_EXPERTS, TrainConfig
+    from dsv3.train.recipe import FP8_EXPERTS, TrainConfig
 
     p.description = __doc__
     p.formatter_class = RawDescriptionFormatter
@@ -80,7 +80,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from dsv3.train.trainer import TrainConfig, train
+    from dsv3.train.recipe import TrainConfig
+    from dsv3.train.trainer import train
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig.from_json(args.config, **overrides)

@@ -122,7 +122,7 @@ def compile_model(model: nn.Module) -> str:
 
 def apply_fp8(model: nn.Module, device: torch.device, experts: str = "auto") -> str:
     """Swap the model's linears to FP8 (`swap_to_fp8`) and choose the routed experts' path (`experts`, see
-    `dsv3.train.trainer.FP8_EXPERTS`): "loop" makes each expert's projections FP8 linears (the MoE then runs
+    `dsv3.train.recipe.FP8_EXPERTS`): "loop" makes each expert's projections FP8 linears (the MoE then runs
     its reference loop), "grouped" keeps them plain and gives each MoE the `FP8GroupedExperts` implementation
     (the grouped path's two GEMMs through `fp8_grouped_mm`), "bf16" keeps them on bf16's grouped GEMM; "auto"
     is "loop" on a CPU (every linear FP8, emulated) and "bf16" on a GPU, where the grouped FP8 GEMM is slower
