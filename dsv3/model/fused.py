@@ -96,7 +96,6 @@ def stack_experts(moe: MoE) -> StackedExperts:
         raise ValueError("a MoE's experts must be all FP8 or all unquantized to be stacked")
     if fp8 and inter % 128:
         raise ValueError(f"FP8 experts need moe_inter_dim divisible by 128, got {inter}")
-    n_exp = len(moe.experts)
     policy = moe.experts[0].gate_proj.policy if fp8 else None  # carried over to the views and the stack
     stacks, scales = [], []
     for name in ("gate_proj", "up_proj", "down_proj"):
