@@ -157,15 +157,23 @@ def _swiglu_exact(net, x):
         return (torch.nn.functional.silu(g) * u) @ net.down.weight.T + x
 
 
+def _apply_fp8(model, device: str, experts: str, layers: str = "auto") -> str:
+    """Plan and apply FP8 as the trainer does; returns the routed experts' path taken."""
+    from dsv3.train.fp8_select import plan_fp8
+    from dsv3.train.parallelize import apply_fp8
+    plan = plan_fp8(model, device, layers, experts)
+    apply_fp8(model, plan)
+    return plan.experts_path
+
+
 def _step_with_experts(mode: str):
     """One forward/backward of the tiny model in training mode with `apply_fp8(..., mode)`: the loss and the
     gradients of the first MoE layer's routed experts (stacked)."""
     import torch.nn.functional as F
 
     from dsv3.model.moe import MoE
-    from dsv3.train.parallelize import apply_fp8
     model = tiny_model(seed=1, moe_inter_dim=128).train()  # 128: the stacked w13's blocks hold gate or up rows
-    apply_fp8(model, torch.device("cpu"), mode)
+    _apply_fp8(model, "cpu", mode)
     moe = next(m for m in model.modules() if isinstance(m, MoE))
     calls = []
     if moe.experts_impl.master_weights:  # FP8 grouped experts: count the grouped FP8 GEMMs really taken
@@ -188,27 +196,27 @@ def test_fp8_expert_paths_agree(monkeypatch):
     """`--fp8-experts`: "grouped" (the grouped FP8 GEMM's PyTorch reference on a CPU) quantizes the routed
     experts' three GEMMs with the same tiles as "loop" (an FP8TrainingLinear per expert), so both give the same loss
     and expert gradients up to the two quantizers' rounding of x / scale; "bf16" (experts unquantized) is
-    measurably further away. "auto" is "loop" on a CPU and "bf16" on CUDA."""
+    measurably further away. "auto" is "loop" on a CPU and "bf16" on CUDA with fp8_layers all (by shape with auto:
+tests/test_train_fp8_select.py)."""
     from dsv3.model.moe import LocalExperts, MoE
     from dsv3.train import fp8_grouped
     from dsv3.train.fp8_grouped import FP8GroupedExperts
-    from dsv3.train.parallelize import apply_fp8
 
     # the reference, also under the TRITON_INTERPRET=1 that tests/conftest.py sets without a GPU (interpreted, the
     # Triton kernels take 30 s here; tests/test_train_fp8_grouped.py compares them with this reference)
     monkeypatch.setattr(fp8_grouped, "triton_applies", lambda x: False)
 
     model = tiny_model()
-    assert apply_fp8(model, torch.device("cpu"), "auto") == "loop"
+    assert _apply_fp8(model, "cpu", "auto") == "loop"
     moe = next(m for m in model.modules() if isinstance(m, MoE))
     assert isinstance(moe.experts[0].up_proj, FP8TrainingLinear) and not moe.grouped_ok()
     model = tiny_model()
-    assert apply_fp8(model, torch.device("cuda"), "auto") == "bf16"  # only the device type is read
+    assert _apply_fp8(model, "cuda", "auto", layers="all") == "bf16"  # only the device type is read
     moe = next(m for m in model.modules() if isinstance(m, MoE))
     assert type(moe.experts[0].up_proj) is torch.nn.Linear and type(moe.experts_impl) is LocalExperts
     assert isinstance(moe.shared_experts.up_proj, FP8TrainingLinear)
     model = tiny_model()
-    assert apply_fp8(model, torch.device("cpu"), "grouped") == "grouped"
+    assert _apply_fp8(model, "cpu", "grouped") == "grouped"
     moe = next(m for m in model.modules() if isinstance(m, MoE))
     assert moe.grouped_ok() and type(moe.experts_impl) is FP8GroupedExperts
     assert "experts_impl=FP8GroupedExperts()" in repr(moe)  # the choice is visible

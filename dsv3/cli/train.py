@@ -33,6 +33,8 @@ _HELP = {
     "expert_parallel": "under torchrun: each rank keeps E/world routed experts per MoE layer and tokens reach "
                        "them by all-to-all; the other weights are replicated with DDP",
     "precision": "auto (fp32 on a CPU, bf16 on a GPU), bf16 (autocast over float32 masters) or fp32",
+    "fp8": "FP8 GEMMs with the DeepSeek-V3 report's 1x128 / 128x128 scaling (forward, dgrad, wgrad) for the GEMMs "
+           "--fp8-layers picks; the rest run in --precision",
     "time_limit": "stop with a checkpoint before this much wall time, e.g. 3600, 90m, 2h, 1:30:00 (for schedulers)",
     "async_checkpoint": "write checkpoints' DCP state in a background thread while training goes on",
 }
@@ -48,7 +50,7 @@ def _flag_type(tp: typing.Any) -> type | None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from dsv3.train.recipe import FP8_EXPERTS, TrainConfig
+    from dsv3.train.recipe import FP8_EXPERTS, FP8_LAYERS, TrainConfig
 
     p.description = __doc__
     p.formatter_class = RawDescriptionFormatter
@@ -62,7 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --resume: accept a changed schedule (--steps, --lr, ...), with a warning (default: "
                         "refused)")
     helps = {**_HELP, "fp8_experts": "with --fp8, the routed experts' path: "
-                                     + "; ".join(f"{k} = {v}" for k, v in FP8_EXPERTS.items())}
+                                     + "; ".join(f"{k} = {v}" for k, v in FP8_EXPERTS.items()),
+             "fp8_layers": "with --fp8, which GEMMs run in FP8 (the choice is printed at start): "
+                           + "; ".join(f"{k} = {v}" for k, v in FP8_LAYERS.items())}
     defaults = TrainConfig()
     hints = typing.get_type_hints(TrainConfig)
     fields = p.add_argument_group("recipe fields (override the recipe; default = the recipe's value)")

@@ -24,10 +24,13 @@ stored FP8 copy; that double rounding is not modelled).
 
 `swap_to_fp8(model)` replaces the model's `nn.Linear` layers by `FP8TrainingLinear` (sharing the same Parameter, so
 names and state dicts are unchanged), except the output head; the embedding, router gates and norms are
-not `nn.Linear` and stay in high precision, as in the report.
+not `nn.Linear` and stay in high precision, as in the report. Its `module_filter_fn` narrows the swap to the
+linears that `dsv3.train.fp8_select` finds large enough for FP8 to pay.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -96,11 +99,14 @@ class FP8TrainingLinear(nn.Linear):
 
 
 def swap_to_fp8(model: nn.Module, emulate: bool | None = None, skip: tuple[str, ...] = ("lm_head",),
-                routed_experts: bool = True) -> int:
+                routed_experts: bool = True,
+                module_filter_fn: Callable[[nn.Module, str], bool] | None = None) -> int:
     """Replace every bias-free `nn.Linear` of `model` (except names ending in `skip`) by an `FP8TrainingLinear`
     sharing its weight. `emulate=None` emulates on CPU and uses the FP8 kernels on CUDA.
     `routed_experts=False` leaves the routed experts (`...mlp.experts.{e}...`) as plain linears, so the MoE
-    keeps its sync-free grouped bf16 path (there is no grouped FP8 kernel yet). Returns the count."""
+    keeps its sync-free grouped path. `module_filter_fn(linear, path)`, as in torchao's `convert_to_float8_training`:
+    only linears for which it returns True are swapped (`dsv3.train.fp8_select` decides by shape). Returns the
+    count."""
     swapped = 0
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
@@ -108,6 +114,8 @@ def swap_to_fp8(model: nn.Module, emulate: bool | None = None, skip: tuple[str, 
             if type(child) is not nn.Linear or child.bias is not None or full.split(".")[-1] in skip:
                 continue
             if not routed_experts and ".experts." in f".{full}":
+                continue
+            if module_filter_fn is not None and not module_filter_fn(child, full):
                 continue
             device = child.weight.device
             new = FP8TrainingLinear(child.in_features, child.out_features,

@@ -5,7 +5,8 @@ nothing here: `model(tokens [B, T])` already runs the causal backend's fused SDP
 
 - `init_distributed(device)`: under `torchrun` (WORLD_SIZE > 1) joins the process group (NCCL on CUDA,
   gloo on CPU) and returns a `DistInfo`; a single process gets rank 0 of 1 and no group.
-- `apply_fp8(model, device, experts)`: the FP8 linears, and which path the routed experts take under FP8.
+- `apply_fp8(model, plan)`: the FP8 linears and the routed experts' path, exactly as an `FP8Plan` of
+  `dsv3.train.fp8_select.plan_fp8` says (which GEMMs gain from FP8, by shape).
 - `parallelize(model, ...)` returns the module to call for training: the model itself (one process, or
   sharded in place by FSDP2, `dsv3.train.fsdp`), or a `DistributedDataParallel` around it.
   `data_parallel="auto"` takes FSDP2 when the MoE runs the grouped path (every expert then gets a gradient
@@ -35,6 +36,7 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX, checkpoint_wrapper
 
 from dsv3.train.fp8_linear import swap_to_fp8
+from dsv3.train.fp8_select import FP8Plan
 from dsv3.train.fsdp import fsdp_applies, shard_model
 
 
@@ -120,31 +122,29 @@ def compile_model(model: nn.Module) -> str:
     return "blocks" if grouped else "parts"
 
 
-def apply_fp8(model: nn.Module, device: torch.device, experts: str = "auto") -> str:
-    """Swap the model's linears to FP8 (`swap_to_fp8`) and choose the routed experts' path (`experts`, see
-    `dsv3.train.recipe.FP8_EXPERTS`): "loop" makes each expert's projections FP8 linears (the MoE then runs
-    its reference loop), "grouped" keeps them plain and gives each MoE the `FP8GroupedExperts` implementation
-    (the grouped path's two GEMMs through `fp8_grouped_mm`), "bf16" keeps them on bf16's grouped GEMM; "auto"
-    is "loop" on a CPU (every linear FP8, emulated) and "bf16" on a GPU, where the grouped FP8 GEMM is slower
-    than bf16's. Returns the path taken."""
-    if experts == "auto":
-        experts = "bf16" if device.type == "cuda" else "loop"
-    swap_to_fp8(model, routed_experts=experts == "loop")
-    if experts == "grouped":
-        from dsv3.train.fp8_grouped import enable_fp8_experts
-        enable_fp8_experts(model)
-    return experts
+def apply_fp8(model: nn.Module, plan: FP8Plan) -> int:
+    """Apply `plan` (`dsv3.train.fp8_select.plan_fp8` of this model): the linears it names become
+    `FP8TrainingLinear` (`swap_to_fp8` with the plan as its filter), and each MoE layer's routed experts take the
+    plan's path: "loop" (their own linears are among the plan's, so the MoE runs its reference loop), "grouped"
+    (the `FP8GroupedExperts` implementation: the grouped path's two GEMMs through `fp8_grouped_mm`) or "bf16"
+    (unchanged: bf16's grouped GEMM). Returns the number of linears swapped."""
+    swapped = swap_to_fp8(model, module_filter_fn=lambda _, path: path in plan.linears)
+    grouped = [path for path, how in plan.experts.items() if how == "grouped"]
+    if grouped:
+        from dsv3.train.fp8_grouped import FP8GroupedExperts
+        for path in grouped:
+            model.get_submodule(path).set_experts_impl(FP8GroupedExperts())
+    return swapped
 
 
-def parallelize(model: nn.Module, info: DistInfo, device: torch.device, *, fp8: bool = False,
-                fp8_experts: str = "auto", activation_checkpointing: bool = False, compile: bool = False,
-                data_parallel: str = "auto",
+def parallelize(model: nn.Module, info: DistInfo, device: torch.device, *, fp8: FP8Plan | None = None,
+                activation_checkpointing: bool = False, compile: bool = False, data_parallel: str = "auto",
                 ddp_ignore: list[str] | tuple[str, ...] = ()) -> nn.Module:
     """Apply the training transforms in place and return the module to call (DDP wrapper when distributed).
-    `fp8_experts`: the routed experts' path under `fp8` (`apply_fp8`).
+    `fp8`: the FP8 plan of this model to apply (`apply_fp8`), None for none.
     `ddp_ignore`: parameter names DDP leaves alone (the owned experts under expert parallel)."""
-    if fp8:
-        apply_fp8(model, device, fp8_experts)
+    if fp8 is not None:
+        apply_fp8(model, fp8)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:

@@ -11,18 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from dsv3.config import PRESET_DIR, ModelArgs, read_json
+from dsv3.train.fp8_select import FP8_EXPERTS, FP8_LAYERS
 from dsv3.train.optim import lr_at
 from dsv3.train.stop import parse_duration
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 PRECISIONS = ("auto", "bf16", "fp32")
-FP8_EXPERTS = {  # how `fp8` treats the routed experts
-    "auto": "loop on a CPU, bf16 on a GPU",
-    "loop": "an FP8 linear per expert on the reference loop (one host sync per MoE layer)",
-    "grouped": "the grouped FP8 GEMM (Triton on CUDA, its PyTorch reference elsewhere): the report's numerics "
-               "for every linear; on an H200 slower than bf16's grouped GEMM",
-    "bf16": "the routed experts in the autocast precision on the grouped GEMM (the other linears FP8)",
-}
 
 
 @dataclass
@@ -51,7 +45,8 @@ class TrainConfig:
     bias_freeze_step: int | None = None  # γ becomes 0 after this many steps (None: never)
     bias_freeze_tokens: int | None = None  # ... or after this many training tokens
     precision: str = "auto"  # bf16 (autocast over float32 masters), fp32 (no autocast), auto: fp32 on CPU, bf16 on GPU
-    fp8: bool = False  # FP8 GEMMs in the linear layers
+    fp8: bool = False  # FP8 GEMMs in the linear layers (those fp8_layers picks)
+    fp8_layers: str = "auto"  # with fp8, which GEMMs: auto (where FP8 gains, by shape, on a GPU) or all (FP8_LAYERS)
     fp8_experts: str = "auto"  # with fp8, the routed experts: auto, loop, grouped or bf16 (see FP8_EXPERTS)
     compile: bool = False  # torch.compile the blocks (whole blocks on the grouped MoE path)
     activation_checkpointing: bool = False
@@ -90,6 +85,8 @@ class TrainConfig:
         if self.expert_parallel and (self.data_parallel == "fsdp" or self.compile):
             raise ValueError("expert_parallel runs with DDP for the replicated weights and without compile; "
                              "drop --data-parallel fsdp / --compile")
+        if self.fp8_layers not in FP8_LAYERS:
+            raise ValueError(f"fp8_layers must be one of {tuple(FP8_LAYERS)}, got {self.fp8_layers!r}")
         if self.fp8_experts not in FP8_EXPERTS:
             raise ValueError(f"fp8_experts must be one of {tuple(FP8_EXPERTS)}, got {self.fp8_experts!r}")
         if self.expert_parallel and self.fp8 and self.fp8_experts == "grouped":

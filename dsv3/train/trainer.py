@@ -42,6 +42,7 @@ from dsv3.model import Transformer
 from dsv3.train import checkpoint as ckpt
 from dsv3.train.balance import BiasBalancer
 from dsv3.train.expert_parallel import clip_grad_norm_ep, expert_parameter_names, gather_full_state, shard_experts
+from dsv3.train.fp8_select import plan_fp8
 from dsv3.train.fsdp import full_model_state, is_sharded
 from dsv3.train.losses import model_balance_loss, mtp_losses, next_token_loss, sequence_balance_loss
 from dsv3.train.optim import build_optimizer, build_scheduler, clip_in_fused_step
@@ -66,7 +67,7 @@ def _set_rng_state(state: dict) -> None:
 
 # fields a resumed run must keep (it cannot continue otherwise), and the schedule, which it may change only
 # when asked (`allow_changes`): the rest (evaluation, logging, checkpoint cadence, device, parallel mode,
-# precision, compile, ...) may differ freely
+# precision, fp8 and which GEMMs it takes, compile, ...) may differ freely: none changes a parameter's name or shape
 FIXED_FIELDS = ("seq_len", "seed")
 SCHEDULE_FIELDS = ("steps", "lr", "final_lr", "warmup_steps", "decay_frac", "weight_decay", "beta1", "beta2", "eps",
                    "grad_clip", "mtp_weight", "mtp_weight_late", "mtp_switch_frac", "balance_alpha",
@@ -108,7 +109,9 @@ class Trainer:
         self.ep = cfg.expert_parallel and self.info.distributed
         if self.ep:
             shard_experts(self.model, self.info.rank, self.info.world_size)
-        self.module = parallelize(self.model, self.info, self.device, fp8=cfg.fp8, fp8_experts=cfg.fp8_experts,
+        # which GEMMs run in FP8 (by shape on a GPU), printed at start
+        self.fp8_plan = plan_fp8(self.model, self.device, cfg.fp8_layers, cfg.fp8_experts) if cfg.fp8 else None
+        self.module = parallelize(self.model, self.info, self.device, fp8=self.fp8_plan,
                                   activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
                                   data_parallel="ddp" if self.ep else cfg.data_parallel,
                                   ddp_ignore=expert_parameter_names(self.model) if self.ep else ())
@@ -416,6 +419,8 @@ class Trainer:
                        f"{cfg.steps} steps, device {self.device}, world {self.info.world_size} ({self.mode}), "
                        f"{precision}{', compiled' if cfg.compile else ''}"
                        + (f", time limit {self.stop.limit:g} s" if self.stop.limit else ""))
+            if self.fp8_plan is not None:
+                tqdm.write("\n".join(self.fp8_plan.describe()))
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not main, dynamic_ncols=True)
         last: dict = {}
         val_loss = None
