@@ -21,7 +21,8 @@ from test_train_shared import make_shards, tiny_config
 # under expert parallel, as the issue's full-width benchmark has them)
 V3 = dict(n_layers=3, n_dense_layers=1, n_routed_experts=8, n_activated_experts=8, n_expert_groups=1,
           n_limited_groups=1)
-# each GEMM of a block (and the head): (N out, K in), and whether N >= 2048 and K >= 2048
+# each GEMM of a block (and the head): (N out, K in), and whether N >= 2048 and K >= 2048 (the rule's MIN_SHAPE:
+# a change of the thresholds changes these expectations)
 V3_GEMMS = {
     "self_attn.q_a_proj": (1536, 7168, False),
     "self_attn.q_b_proj": (128 * 192, 1536, False),
@@ -76,11 +77,13 @@ def linear_paths(model, cls) -> set[str]:
     return {name for name, m in model.named_modules() if type(m) is cls}
 
 
-def test_rule_thresholds():
-    assert MIN_SHAPE == {"dense": (2048, 2048), "grouped": (2048, 2048)}  # what RESULTS.md's figures support
-    assert fp8_pays("dense", 2048, 2048) == (True, "N >= 2048, K >= 2048")
-    assert fp8_pays("dense", 2047, 7168) == (False, "N 2047 < 2048")
-    assert fp8_pays("grouped", 1024, 512) == (False, "N 1024 < 2048, K 512 < 2048")
+def test_rule_boundary():
+    """FP8 from the thresholds on (inclusive), on both sides; the reason names the short side(s)."""
+    for kind, (n, k) in MIN_SHAPE.items():
+        assert fp8_pays(kind, n, k) == (True, f"N >= {n}, K >= {k}")
+        assert fp8_pays(kind, n - 1, 10 * k) == (False, f"N {n - 1} < {n}")
+        assert fp8_pays(kind, 10 * n, k - 1) == (False, f"K {k - 1} < {k}")
+        assert fp8_pays(kind, n // 2, k // 4) == (False, f"N {n // 2} < {n}, K {k // 4} < {k}")
 
 
 def test_plan_of_the_released_widths_on_a_gpu():

@@ -3,7 +3,7 @@
 FP8 pays only where a GEMM is large enough that the FP8 product's saving outweighs quantizing its operands
 (a pass over the activation and both layouts of the output gradient, which a bf16 GEMM does not need). So on
 a GPU a GEMM runs in FP8 only where its shape is at least `MIN_SHAPE[kind]` on both sides; everything else
-stays on the bf16 path, and `--fp8` is never slower than bf16:
+stays on the bf16 path, so that `--fp8` is not slower than bf16:
 
 - `dense`: a bias-free `nn.Linear` `[N out, K in]` (attention projections, dense and shared-expert MLPs,
   the MTP `eh_proj`); the output head stays in high precision always (the report's section 3.3);
@@ -11,10 +11,10 @@ stays on the bf16 path, and `--fp8` is never slower than bf16:
   N = 2 x moe_inter_dim, K = dim) and `w2` (down: N = dim, K = moe_inter_dim). The layer takes the FP8
   grouped GEMM (`dsv3.train.fp8_grouped.FP8GroupedExperts`) only when both pay.
 
-The thresholds are measurements, kept in `MIN_SHAPE` and nowhere else: benchmarks/RESULTS.md, "Training on one
-H200 (issue 8), third session": cuBLAS' block-scaled FP8 GEMM with its activation quantization counted is
-0.90-1.01x bf16 at K = 1024 and 1.23x at N = K = 2048 (M = 98,304); the FP8 grouped GEMM is 0.52-0.80x bf16's
-at K = 512-1024 (the same file, issue 21 for its shapes at full width).
+The thresholds come from measurements and live in `MIN_SHAPE` only: benchmarks/RESULTS.md, "Training on one H200
+(issue 8), third session" (the block-scaled FP8 GEMM against bf16 at this preset's shapes, quantization of the
+activation counted, and the grouped FP8 GEMM's op-level timings), and the issue-21 sections for the released
+model's widths. New measurements go there, with only `MIN_SHAPE` changed here.
 
 `plan_fp8(model, device, layers, experts)` returns the `FP8Plan`: one `Gemm` per dense linear and two per MoE
 layer (path, kind, N, K, FP8 or not, why), the routed experts' path of each MoE layer, and the exact set of
