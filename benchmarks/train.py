@@ -35,6 +35,20 @@ MOE_1B = {
     "max_seq_len": 4096, "init_std": 0.006,
 }
 
+# the released DeepSeek-V3's width on one GPU, in the shape each GPU sees under expert parallelism (issue 21):
+# dim 7168, MLA with 128 heads (q_lora 1536, kv_lora 512), 1 shared + 8 routed experts of width 2048 per MoE
+# layer with top-8 routing over those 8 local experts (a stand-in for EP-32's local share: every token reaches
+# each local expert), 3 MoE layers and MTP depth 1, sequences of 4096 tokens; vocabulary from the data
+V3_LAYER = {
+    "dim": 7168, "inter_dim": 18432, "moe_inter_dim": 2048, "n_layers": 3, "n_dense_layers": 0, "n_heads": 128,
+    "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+    "n_routed_experts": 8, "n_shared_experts": 1, "n_activated_experts": 8, "n_expert_groups": 1,
+    "n_limited_groups": 1, "score_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": True,
+    "route_scale": 2.5, "correction_bias": True, "num_nextn_predict_layers": 1, "rope_factor": 1.0,
+    "max_seq_len": 4096, "init_std": 0.006,
+}
+MODELS = {"moe_1b": MOE_1B, "v3_layer": V3_LAYER}
+
 # kernel-name fragments -> family, first match wins (names of cuBLAS, flash attention, Triton, inductor;
 # cuBLAS' FP8 kernels are `nvjet_sm90_qq...`)
 FAMILIES = (("fp8_scaled_mm", "fp8 quantize (fused)"),  # inductor kernels named after the op they feed
@@ -86,7 +100,7 @@ def profile_steps(trainer, steps: int) -> dict:
 def run_one(args: argparse.Namespace, fp8: bool, out: Path) -> dict:
     from dsv3.train.recipe import TrainConfig
     from dsv3.train.trainer import Trainer
-    model = MOE_1B if args.model == "moe_1b" else args.model
+    model = MODELS.get(args.model, args.model)
     if args.model == "default":  # the shipped default model's architecture (27.6M parameters, vocab 8192)
         import dsv3.train
         recipe = Path(dsv3.train.__file__).parent / "recipes" / "default_model.json"
@@ -129,8 +143,9 @@ def run_one(args: argparse.Namespace, fp8: bool, out: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="token shard folder from `dsv3 data tokenize`")
-    p.add_argument("--model", default="moe_1b", help="moe_1b (built in), default (the default model's "
-                   "architecture), a preset name or a ModelArgs JSON path (default moe_1b)")
+    p.add_argument("--model", default="moe_1b", help="moe_1b or v3_layer (built in: the ~1B MoE, or the released "
+                   "width on one GPU of EP-32, see V3_LAYER), default (the default model's architecture), a preset "
+                   "name or a ModelArgs JSON path (default moe_1b)")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps per run (default 1000)")
     p.add_argument("--batch-size", type=int, default=48,
                    help="sequences per step (default 48: 98k tokens, ~111 GiB peak for the preset with --compile)")

@@ -193,12 +193,13 @@ def test_triton_kernels_match_reference(device, counts, k, n):
     y_ref = G.fp8_grouped_mm_ref(xr, wr, offsets)
     y_ref.backward(dy)
     dq, ds, dqt, dst = K.quant_act(dyd, od)
-    variants = [("ptr", None, None), ("tma", None, None)]  # pointer loads, TMA tile loads
+    variants = [("ptr", None, None), ("tma", None, None),  # pointer loads, TMA tile loads
+                ("tma", {"BLOCK_M": 64, "BLOCK_N": 128}, {"BLOCK_N": 64, "BLOCK_K": 128})]
     if counts == CASES[0][0]:  # explicit configs (the benchmark's), BLOCK_N above one scale block
         variants += [("tma", {"BLOCK_M": 64, "BLOCK_N": 256}, {"BLOCK_N": 128, "BLOCK_K": 256}),
                      ("ptr", {"BLOCK_M": 64, "BLOCK_N": 256}, {"BLOCK_N": 256, "BLOCK_K": 128})]
     if device == "cpu":  # interpreted, each variant's three GEMMs take seconds: each case runs one of them
-        variants = [variants[{0: 2, 1: 1}.get(CASES.index((counts, k, n)), 0)]]
+        variants = [variants[{0: 3, 1: 1, 2: 2}[CASES.index((counts, k, n))]]]
     for variant, cfg, wcfg in variants:
         y = K.grouped_gemm(q, s, wq, ws, od, torch.float32, variant=variant, config=cfg)
         dx = K.grouped_gemm(dq, ds, wqt, ws, od, torch.float32, transpose_b_scales=True, variant=variant, config=cfg)
@@ -243,6 +244,42 @@ def test_triton_large_uneven_routing_cuda():
     with torch.no_grad():
         y_ref = G.fp8_grouped_mm_ref(x, w, offsets, out_dtype=torch.float32)
     assert _rel(y.cpu(), y_ref) < 1e-2 and _rel(xd.grad.cpu(), xr.grad) < 1e-2 and _rel(wd.grad.cpu(), wr.grad) < 1e-3
+
+
+def test_cublas_backend_matches_reference(device):
+    """The per-expert cuBLAS backend (on CPU: its expert-blocked quantization interpreted, each expert's product
+    emulated in float32) against the reference: empty experts, a 1-row expert, experts of several 512-row
+    blocks, so the padded blocks overflow into the next experts' rows and the token contractions are padded."""
+    counts = [0, 1, 700, 37, 0, 130]
+    x, w, dy, offsets = _case(counts, 512, 512, seed=21)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y_ref = G.fp8_grouped_mm_ref(xr, wr, offsets, out_dtype=torch.float32)
+    y_ref.backward(dy)
+    xd, wd = x.to(device).requires_grad_(), w.to(device).requires_grad_()
+    if device == "cuda":
+        from dsv3.train.fp8_gemms import blockwise_supported
+        if not blockwise_supported(xd.device):
+            pytest.skip("cuBLAS has no block-scaled FP8 recipes on this GPU")
+    y = G.fp8_grouped_mm(xd, wd, offsets.to(device), out_dtype=torch.float32, impl="cublas")
+    y.backward(dy.to(device))
+    tol = 1e-5 if device == "cpu" else 1e-3
+    assert y.shape == y_ref.shape
+    for got, want in ((y, y_ref), (xd.grad, xr.grad), (wd.grad, wr.grad)):
+        assert _rel(got.cpu(), want) < tol
+    assert torch.all(wd.grad[0] == 0) and torch.all(wd.grad[4] == 0)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton", "cublas"])
+def test_backend_choice(monkeypatch, impl):
+    """`backend` picks cuBLAS where it applies (Hopper, N and K multiples of 512), else Triton, else the
+    reference; `fp8_grouped_mm` runs the one asked for and refuses unknown names."""
+    from dsv3.kernels import fp8_grouped_cublas as C
+    monkeypatch.setattr(C, "applies", lambda x, n, k: impl == "cublas")
+    monkeypatch.setattr(G, "triton_applies", lambda x: impl != "reference")
+    x, w = torch.zeros(4, 512), torch.zeros(2, 512, 512)
+    assert G.backend(x, w) == impl
+    with pytest.raises(ValueError, match="impl must be one of"):
+        G.fp8_grouped_mm(x, w, torch.tensor([2, 4], dtype=torch.int32), impl="fast")
 
 
 # ---- FP8 grouped experts in MoE.routed_grouped ----

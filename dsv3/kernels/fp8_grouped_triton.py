@@ -52,9 +52,10 @@ def available() -> bool:
     return triton is not None and (torch.cuda.is_available() or _INTERPRET)
 
 
-def n_tiles(m: int, e: int) -> int:
-    """Static bound on the 128-row tiles of M rows split over E experts (each expert's last tile is short)."""
-    return -(-m // TILE) + e
+def n_tiles(m: int, e: int, align: int = 1) -> int:
+    """Static bound on the 128-row tiles of M rows split over E experts (each expert's last tile is short;
+    with `align`, each expert's tile count is rounded up to a multiple of it)."""
+    return -(-m // TILE) + e * align
 
 
 if triton is not None:
@@ -81,36 +82,38 @@ if triton is not None:
         return s, tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
 
     @triton.jit
-    def _expert_table(offs_ptr, E, BM: tl.constexpr, E_PAD: tl.constexpr):
-        """Per expert (padded to E_PAD): start row, end row, tiles of BM rows, first tile index."""
+    def _expert_table(offs_ptr, E, BM: tl.constexpr, E_PAD: tl.constexpr, ALIGN: tl.constexpr = 1):
+        """Per expert (padded to E_PAD): start row, end row, tiles of BM rows (rounded up to a multiple of
+        ALIGN tiles), first tile index."""
         e = tl.arange(0, E_PAD)
         ends = tl.load(offs_ptr + e, mask=e < E, other=0)
         starts = tl.load(offs_ptr + e - 1, mask=(e > 0) & (e < E), other=0)
-        tiles = (ends - starts + BM - 1) // BM
+        tiles = (ends - starts + BM * ALIGN - 1) // (BM * ALIGN) * ALIGN
         cum = tl.cumsum(tiles, 0)  # inclusive
         return e, starts, ends, tiles, cum - tiles
 
     @triton.jit
-    def _tile_of(offs_ptr, E, t, BM: tl.constexpr, E_PAD: tl.constexpr):
-        """Tile t of the expert-major tiling -> (expert, first row, the expert's end row); expert >= E past
-        the last tile."""
-        e, starts, ends, tiles, first = _expert_table(offs_ptr, E, BM, E_PAD)
+    def _tile_of(offs_ptr, E, t, BM: tl.constexpr, E_PAD: tl.constexpr, ALIGN: tl.constexpr = 1):
+        """Tile t of the expert-major tiling -> (expert, first row, the expert's end row, the expert's first
+        tile, its tile count); expert >= E past the last tile."""
+        e, starts, ends, tiles, first = _expert_table(offs_ptr, E, BM, E_PAD, ALIGN)
         expert = tl.sum((first + tiles <= t).to(tl.int32), 0)  # experts whose tiles all come before t
         sel = e == expert
-        row0 = tl.sum(tl.where(sel, starts + (t - first) * BM, 0), 0)
+        first_e = tl.sum(tl.where(sel, first, 0), 0)
+        row0 = tl.sum(tl.where(sel, starts, 0), 0) + (t - first_e) * BM
         row_end = tl.sum(tl.where(sel, ends, 0), 0)
-        return expert, row0, row_end
+        return expert, row0, row_end, first_e, tl.sum(tl.where(sel, tiles, 0), 0)
 
     @triton.jit
     def _quant_act_kernel(
         x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, offs_ptr,
         E, K, stride_xm, stride_qm, stride_sk, stride_qtk, stride_stt,
         ROWS: tl.constexpr, COLS: tl.constexpr, EXACT: tl.constexpr, E_PAD: tl.constexpr, BLOCK: tl.constexpr,
-        PACK3D: tl.constexpr,
+        PACK3D: tl.constexpr, BLOCKED: tl.constexpr = False, ALIGN: tl.constexpr = 1,
     ):
         t = tl.program_id(0)
         kb = tl.program_id(1)
-        expert, row0, row_end = _tile_of(offs_ptr, E, t, BLOCK, E_PAD)
+        expert, row0, row_end, first, tiles = _tile_of(offs_ptr, E, t, BLOCK, E_PAD, ALIGN)
         if expert >= E:
             return
         r = tl.arange(0, BLOCK)
@@ -126,8 +129,15 @@ if triton is not None:
         if ROWS:  # 1x128 tiles: per row, over these 128 columns
             s, inv = _scale(tl.max(ax, axis=1))
             q = _to_e4m3(x * inv[:, None], EXACT).to(tl.uint8, bitcast=True)
-            tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q, mask=mask)
-            tl.store(s_ptr + kb * stride_sk + rows, s, mask=rmask)
+            if BLOCKED:  # the tile's 128 row slots, padding rows as zero codes with scale 1; scales per expert
+                slots = (t * BLOCK + r).to(tl.int64)
+                tl.store(q_ptr + slots[:, None] * stride_qm + cols[None, :], q, mask=cmask[None, :])
+                kbs = tl.cdiv(K, BLOCK)
+                base = first.to(tl.int64) * BLOCK * kbs + kb * (tiles * BLOCK) + (t - first) * BLOCK
+                tl.store(s_ptr + base + r, s)
+            else:
+                tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q, mask=mask)
+                tl.store(s_ptr + kb * stride_sk + rows, s, mask=rmask)
         if COLS:  # 128x1 tiles: per column, over this tile's rows (padding rows are zeros)
             # 4 consecutive rows -> one little-endian uint32, so the transpose moves 32-bit words, not bytes
             shift = (tl.arange(0, 4) * 8).to(tl.uint32)
@@ -143,9 +153,14 @@ if triton is not None:
                 q = _to_e4m3(x * inv[None, :], EXACT).to(tl.uint8, bitcast=True).to(tl.uint32)
                 q4 = tl.reshape(q, (BLOCK // 4, 4, BLOCK))  # [row groups, 4, cols]
             packed = tl.sum(q4 << shift[None, :, None], axis=1)  # [BLOCK / 4, BLOCK], disjoint bytes
-            slot = (t * (BLOCK // 4) + tl.arange(0, BLOCK // 4)).to(tl.int64)
-            tl.store(qt_ptr + cols.to(tl.int64)[None, :] * (stride_qtk // 4) + slot[:, None], packed,
-                     mask=cmask[None, :])
+            if BLOCKED:  # expert e's codes as one [K, tiles * 128] row-major block from tile `first`
+                slot = ((t - first) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)).to(tl.int64)
+                base = first.to(tl.int64) * (BLOCK // 4) * K
+                ptrs = qt_ptr + base + cols.to(tl.int64)[None, :] * (tiles * (BLOCK // 4)) + slot[:, None]
+            else:
+                slot = (t * (BLOCK // 4) + tl.arange(0, BLOCK // 4)).to(tl.int64)
+                ptrs = qt_ptr + cols.to(tl.int64)[None, :] * (stride_qtk // 4) + slot[:, None]
+            tl.store(ptrs, packed, mask=cmask[None, :])
             tl.store(st_ptr + t * stride_stt + cols, s, mask=cmask)
 
     @triton.jit
@@ -180,7 +195,7 @@ if triton is not None:
         grid_n = tl.cdiv(N, BLOCK_N)
         t = pid // grid_n  # consecutive programs share the A tile (and the expert's B in L2)
         pid_n = pid % grid_n
-        expert, row0, row_end = _tile_of(offs_ptr, E, t, BLOCK_M, E_PAD)
+        expert, row0, row_end, _, _ = _tile_of(offs_ptr, E, t, BLOCK_M, E_PAD)
         if expert >= E:
             return
         offs_m = row0 + tl.arange(0, BLOCK_M)
@@ -272,7 +287,7 @@ if triton is not None:
         grid_n = tl.cdiv(N, BLOCK_N)
         t = pid // grid_n
         pid_n = pid % grid_n
-        expert, row0, row_end = _tile_of(offs_ptr, E, t, BLOCK_M, E_PAD)
+        expert, row0, row_end, _, _ = _tile_of(offs_ptr, E, t, BLOCK_M, E_PAD)
         if expert >= E:
             return
         offs_m = row0 + tl.arange(0, BLOCK_M)
@@ -368,19 +383,35 @@ QUANT_WARPS = 8
 
 
 def quant_act(x: torch.Tensor, offsets: torch.Tensor, rows: bool = True, cols: bool = True,
-              num_warps: int | None = None, pack3d: bool | None = None):
-    """x `[M, K]` (any float dtype) -> (q `[M, K]`, s `[K/128, M]`, qt `[K, P]`, st `[T, K]`); the parts not
-    asked for are None. Row tiles cover the experts' rows; qt holds each expert's 128-row tiles from its
-    first row, transposed, padding rows zero. Tile slots past the experts' last tile are left unwritten."""
+              num_warps: int | None = None, pack3d: bool | None = None, blocked: bool = False, align: int = 1):
+    """x `[M, K]` (any float dtype) -> (q, s, qt, st); the parts not asked for are None.
+
+    Flat layout (the Triton GEMMs): q `[M, K]`, s `[K/128, M]`, qt `[K, P]` (P = 128 T) holding each expert's
+    128-row tiles from its first row, transposed, padding rows zero; st `[T, K]`. Tile slots past the experts'
+    last tile are left unwritten.
+    Blocked layout (`blocked`, the per-expert cuBLAS GEMMs): each expert owns `R_e = 128 * tiles_e` row slots
+    from slot `128 * first_e` (tiles_e rounded up to a multiple of `align`), so every expert's operand is one
+    contiguous block whose rows and contraction are whole tiles: q `[128 T, K]` (padding rows: zero codes,
+    scale 1), s flat with expert e's scales as a `[K/128, R_e]` row-major block from `128 * first_e * K/128`, qt
+    flat with expert e's codes as a `[K, R_e]` row-major block from `128 * first_e * K`, st `[T, K]` as flat."""
     m, k = x.shape
     e = offsets.shape[0]
     x = x if x.stride(-1) == 1 else x.contiguous()
     kb = -(-k // TILE)
-    t = n_tiles(m, e)
+    t = n_tiles(m, e, align)
     dev = x.device
-    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=dev) if rows else None
-    s = torch.empty(kb, m, dtype=torch.float32, device=dev) if rows else None
-    qt = torch.empty(k, t * TILE, dtype=torch.float8_e4m3fn, device=dev) if cols else None
+    slots = t * TILE if blocked else m
+    q = torch.empty(slots, k, dtype=torch.float8_e4m3fn, device=dev) if rows else None
+    if rows:
+        s = torch.empty(slots * kb, dtype=torch.float32, device=dev) if blocked else \
+            torch.empty(kb, m, dtype=torch.float32, device=dev)
+    else:
+        s = None
+    if cols:
+        qt = torch.empty(k * t * TILE, dtype=torch.float8_e4m3fn, device=dev) if blocked else \
+            torch.empty(k, t * TILE, dtype=torch.float8_e4m3fn, device=dev)
+    else:
+        qt = None
     st = torch.empty(t, k, dtype=torch.float32, device=dev) if cols else None
     if m and (rows or cols):
         dummy = torch.empty(1, 1, dtype=torch.float8_e4m3fn, device=dev)
@@ -391,7 +422,8 @@ def quant_act(x: torch.Tensor, offsets: torch.Tensor, rows: bool = True, cols: b
         _quant_act_kernel[(t, kb)](
             x, qq, ss, qqt, sst, offsets, e, k, x.stride(0), qq.stride(0), ss.stride(0), t * TILE, sst.stride(0),
             ROWS=rows, COLS=cols, EXACT=_INTERPRET, E_PAD=_e_pad(e), BLOCK=TILE,
-            PACK3D=QUANT_PACK3D if pack3d is None else pack3d, num_warps=num_warps or QUANT_WARPS,
+            PACK3D=QUANT_PACK3D if pack3d is None else pack3d, BLOCKED=blocked, ALIGN=align,
+            num_warps=num_warps or QUANT_WARPS,
         )
     return q, s, qt, st
 

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.model.moe import LocalExperts, MoE
+from dsv3.kernels import fp8_grouped_cublas as cublas
 from dsv3.kernels import fp8_grouped_triton as kernels
 
 BLOCK = 128
@@ -167,6 +168,48 @@ class _GroupedTriton(torch.autograd.Function):
         return dx, dw, None, None
 
 
+class _GroupedCublas(torch.autograd.Function):
+    """The same numerics as one cuBLAS block-scaled GEMM per expert (`fp8_grouped_cublas`) on expert-blocked
+    operands; the row counts are read on the host once per forward."""
+
+    @staticmethod
+    def forward(ctx, x, w, offsets, out_dtype):
+        need_w = ctx.needs_input_grad[1]
+        plan = cublas.layout(offsets)
+        xq, xs, xtq, xts = kernels.quant_act(x, offsets, rows=True, cols=need_w, blocked=True, align=cublas.ALIGN)
+        wq, wtq, ws = kernels.quant_weight(w.detach())
+        y = cublas.gemm(xq, xs, wq, ws, plan, x.shape[0], out_dtype)
+        ctx.save_for_backward(xtq, xts, wtq, ws, offsets)
+        ctx.plan, ctx.m, ctx.k, ctx.x_dtype, ctx.w_dtype = plan, x.shape[0], x.shape[1], x.dtype, w.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xtq, xts, wtq, ws, offsets = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dyq, dys, dytq, dyts = kernels.quant_act(dy, offsets, rows=need_x, cols=need_w, blocked=True,
+                                                 align=cublas.ALIGN)
+        dx = dw = None
+        if need_x:  # dx = dy w_e: the transposed weight codes, block scales read transposed
+            dx = cublas.gemm(dyq, dys, wtq, ws, ctx.plan, ctx.m, ctx.x_dtype, transpose_b_scales=True)
+        if need_w:
+            dw = cublas.wgrad(dytq, dyts, xtq, xts, ctx.plan, dy.shape[1], ctx.k)
+            dw = dw if ctx.w_dtype == torch.float32 else dw.to(ctx.w_dtype)
+        return dx, dw, None, None
+
+
+BACKENDS = ("auto", "cublas", "triton", "reference")
+
+
+def backend(x: torch.Tensor, w: torch.Tensor) -> str:
+    """Which implementation `fp8_grouped_mm` runs for x `[M, K]` by w `[E, N, K]`: "cublas" (one block-scaled
+    cuBLAS GEMM per expert, Hopper, N and K multiples of 512), "triton" (the sync-free grouped kernels, other
+    sm89+ GPUs or other shapes; or the CPU under TRITON_INTERPRET=1), else "reference"."""
+    if cublas.applies(x, w.shape[1], w.shape[2]):
+        return "cublas"
+    return "triton" if triton_applies(x) else "reference"
+
+
 def triton_applies(x: torch.Tensor) -> bool:
     """True when the Triton kernels take `x`'s device: CUDA sm89+ with Triton, or CPU under TRITON_INTERPRET=1."""
     if not kernels.available():
@@ -178,13 +221,19 @@ def triton_applies(x: torch.Tensor) -> bool:
 
 @torch.compiler.disable
 def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
-                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                   out_dtype: torch.dtype | None = None, impl: str = "auto") -> torch.Tensor:
     """x `[M, K]` (rows sorted by expert), w `[E, N, K]`, offsets `[E]` int32 end rows (the last must be M)
-    -> `[M, N]` in `out_dtype` (default: the autocast dtype, else x's). FP8 forward, dgrad and wgrad; the
-    Triton kernels on CUDA (no host sync), the reference elsewhere."""
+    -> `[M, N]` in `out_dtype` (default: the autocast dtype, else x's). FP8 forward, dgrad and wgrad through
+    `impl` (one of BACKENDS; "auto" = `backend(x, w)`): cuBLAS per expert on Hopper (one host read of the
+    row counts), the Triton kernels on other CUDA GPUs (no host sync), the reference elsewhere."""
     _check(x, w, offsets)
+    if impl not in BACKENDS:
+        raise ValueError(f"fp8_grouped_mm: impl must be one of {BACKENDS}, got {impl!r}")
     out_dtype = out_dtype or _out_dtype(x)
-    if triton_applies(x):
+    impl = backend(x, w) if impl == "auto" else impl
+    if impl == "cublas":
+        return _GroupedCublas.apply(x, w, offsets.contiguous(), out_dtype)
+    if impl == "triton":
         return _GroupedTriton.apply(x, w, offsets.contiguous(), out_dtype)
     return _GroupedRef.apply(x, w, offsets, BLOCK, out_dtype)
 
