@@ -107,7 +107,8 @@ def run_one(args: argparse.Namespace, fp8: bool, out: Path) -> dict:
         model = json.loads(recipe.read_text())["model"]
     cfg = TrainConfig(model=model, seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps,
                       warmup_steps=max(1, min(100, args.steps // 10)), lr=args.lr, final_lr=args.lr / 10,
-                      fp8=fp8, fp8_experts=args.fp8_experts, compile=args.compile, seed=args.seed, eval_every=0,
+                      fp8=fp8, fp8_layers=args.fp8_layers, fp8_experts=args.fp8_experts, compile=args.compile,
+                      seed=args.seed, eval_every=0,
                       precision="bf16",  # the peer of fp8 is bf16 autocast on every device
                       eval_batches=args.eval_batches, ckpt_every=0, log_every=max(1, args.steps // 10),
                       device=args.device, peak_tflops=args.peak_tflops)
@@ -126,12 +127,15 @@ def run_one(args: argparse.Namespace, fp8: bool, out: Path) -> dict:
                   f"{r['tokens_per_s']:,.0f} tok/s", flush=True)
     tail = rows[len(rows) // 2:] or rows
     result = {"mode": "fp8" if fp8 else "bf16", "compile": args.compile, "steps": cfg.steps, "seed": cfg.seed,
-              "fp8_experts": cfg.fp8_experts if fp8 else None,
+              "fp8_layers": cfg.fp8_layers if fp8 else None, "fp8_experts": cfg.fp8_experts if fp8 else None,
               "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "tokens_per_step": trainer.tokens_per_step,
               "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in tail)),
               "mfu": _median([r.get("mfu") for r in tail]), "final_ce": rows[-1]["ce"],
               "final_mtp": rows[-1]["mtp"], "load_max": rows[-1].get("load_max"),
-              "first_step_s": round(first, 1), "val_loss": trainer.evaluate()}
+              "first_step_s": round(first, 1), "val_loss": trainer.evaluate(),
+              "warmup_steps": cfg.warmup_steps,
+              "curve": [[r["step"], round(r["ce"], 5), round(r["mtp"], 5)] for i, r in enumerate(rows)
+                        if args.log_every and (i + 1) % args.log_every == 0]}
     if args.profile and args.device != "cpu":
         result["profile"] = profile_steps(trainer, args.profile)
     if args.device != "cpu":
@@ -140,9 +144,29 @@ def run_one(args: argparse.Namespace, fp8: bool, out: Path) -> dict:
     return result
 
 
+def summary(b: dict, f: dict) -> dict:
+    """FP8 against bf16 from two runs' result rows: speed ratio, MFU, loss gaps, and the training-CE curve's
+    largest relative gap at the logged steps after warm-up (the same batches in both runs: same seed)."""
+    gap = None if b["val_loss"] is None else (f["val_loss"] - b["val_loss"]) / b["val_loss"]
+    out = {"summary": True, "fp8_speedup": f["tokens_per_s"] / b["tokens_per_s"], "bf16_mfu": b["mfu"],
+           "fp8_mfu": f["mfu"], "relative_val_loss_gap": gap,
+           "train_ce_gap": (f["final_ce"] - b["final_ce"]) / b["final_ce"]}
+    if "profile" in b and "profile" in f:
+        out["gpu_ms_per_step"] = {"bf16": b["profile"]["gpu_ms_per_step"], "fp8": f["profile"]["gpu_ms_per_step"],
+                                  "ratio": b["profile"]["gpu_ms_per_step"] / f["profile"]["gpu_ms_per_step"]}
+    fc = {step: ce for step, ce, _ in f.get("curve", [])}
+    gaps = [(step, (fc[step] - ce) / ce) for step, ce, _ in b.get("curve", [])
+            if step in fc and step > b.get("warmup_steps", 0)]
+    if gaps:
+        worst = max(gaps, key=lambda g: abs(g[1]))
+        out["curve_gaps_after_warmup"] = [[s, round(g, 5)] for s, g in gaps]
+        out["curve_max_abs_gap"] = {"step": worst[0], "gap": round(worst[1], 5)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="token shard folder from `dsv3 data tokenize`")
+    p.add_argument("--data", help="token shard folder from `dsv3 data tokenize` (required unless --summarize)")
     p.add_argument("--model", default="moe_1b", help="moe_1b or v3_layer (built in: the ~1B MoE, or the released "
                    "width on one GPU of EP-32, see V3_LAYER), default (the default model's architecture), a preset "
                    "name or a ModelArgs JSON path (default moe_1b)")
@@ -159,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-tflops", type=float, default=790.0,
                    help="dense bf16 peak for MFU (default 790, measured on the H200 here)")
     p.add_argument("--modes", default="bf16,fp8", help="comma-separated: bf16, fp8 (default both)")
+    p.add_argument("--fp8-layers", default="auto", choices=("auto", "all"),
+                   help="GEMMs in FP8 in the fp8 mode (dsv3 train --fp8-layers; default auto: where the shape gains)")
+    p.add_argument("--save", metavar="DIR", help="write each mode's result row to DIR/<mode>.json")
+    p.add_argument("--summarize", nargs=2, metavar=("BF16_JSON", "FP8_JSON"),
+                   help="print the FP8-vs-bf16 summary of two saved rows (no training; --data is ignored)")
     p.add_argument("--fp8-experts", default="auto", choices=("auto", "loop", "grouped", "bf16"),
                    help="routed experts in the fp8 mode (dsv3 train --fp8-experts; default auto: bf16 on a GPU)")
     p.add_argument("--profile", type=int, default=0, help="profile this many extra steps per mode (default 0)")
@@ -168,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--detect-anomaly", action="store_true",
                    help="run under torch.autograd.detect_anomaly: name the op that first makes a NaN (slow)")
     args = p.parse_args(argv)
+    if args.summarize:
+        rows = [json.loads(Path(f).read_text()) for f in args.summarize]
+        print(json.dumps(summary(*rows)))
+        return 0
+    if not args.data:
+        p.error("--data is required")
     import torch
 
     from dsv3.train import fp8_gemms
@@ -188,12 +223,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.device != "cpu":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
+    if args.save:
+        Path(args.save).mkdir(parents=True, exist_ok=True)
+        for mode, row in results.items():
+            (Path(args.save) / f"{mode}.json").write_text(json.dumps(row))
     if "bf16" in results and "fp8" in results:
-        b, f = results["bf16"], results["fp8"]
-        gap = None if b["val_loss"] is None else (f["val_loss"] - b["val_loss"]) / b["val_loss"]
-        print(json.dumps({"summary": True, "fp8_speedup": f["tokens_per_s"] / b["tokens_per_s"],
-                          "bf16_mfu": b["mfu"], "fp8_mfu": f["mfu"], "relative_val_loss_gap": gap,
-                          "train_ce_gap": (f["final_ce"] - b["final_ce"]) / b["final_ce"]}), flush=True)
+        print(json.dumps(summary(results["bf16"], results["fp8"])), flush=True)
     return 0
 
 

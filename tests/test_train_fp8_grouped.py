@@ -213,6 +213,18 @@ def test_triton_kernels_match_reference(device, counts, k, n):
             assert torch.all(dw[e] == 0)
 
 
+@pytest.mark.parametrize("n", [260, 130])
+def test_quant_weight_transposed_codes(device, n):
+    """The transposed weight codes equal the codes transposed, from the kernel's packed words (N % 4 == 0) or
+    the copy (other N), partial blocks at both edges."""
+    w = torch.randn(2, n, 200, generator=torch.Generator().manual_seed(n)).to(device)
+    q, qt, s = K.quant_weight(w)
+    assert torch.equal(qt.view(torch.uint8), q.transpose(1, 2).contiguous().view(torch.uint8))
+    for e in range(2):
+        full = s[e].repeat_interleave(128, 0).repeat_interleave(128, 1)[:n, :200]
+        assert torch.equal((q[e].float() * full).cpu(), G.fake_quant_blocks(w[e].cpu()))
+
+
 def test_triton_autograd_bf16_matches_reference(device):
     counts = [3, 0, 150, 1, 90]
     x, w, dy, offsets = _case(counts, 256, 128, seed=9, dtype=torch.bfloat16)

@@ -11,7 +11,8 @@ tile return at once.
   128x1 column tiles, transposed (`qt [K, P]` e4m3 with the rows of tile t at columns `t*128...`, zero padded
   to whole tiles, scales `[T, K]`: the token-contiguous operand of wgrad). P = 128 * T, T = cdiv(M,128) + E.
 - `quant_weight(w)`: `w [E, N, K]` in 128x128 blocks -> q `[E, N, K]`, its transpose `[E, K, N]` (dgrad reads
-  it K-major, as FP8 wgmma wants; a torch copy, the weight is small) and scales `[E, N/128, K/128]`.
+  it K-major, as FP8 wgmma and cuBLAS want; written by the same pass, 4 codes to a uint32 word) and scales
+  `[E, N/128, K/128]`.
 - `grouped_gemm(a, a_s, b, b_s, offsets)`: `C[rows of e] = Σ_kb (A_kb · B_e,kbᵀ) · a_s · b_s` with BLOCK_K 128:
   one FP8 tensor-core dot per 128 of K, scaled and added into an fp32 accumulator (the report's promotion).
   Forward: b = the weight; dgrad: b = its transpose with the block scales read transposed.
@@ -165,9 +166,9 @@ if triton is not None:
 
     @triton.jit
     def _quant_weight_kernel(
-        w_ptr, q_ptr, s_ptr,
+        w_ptr, q_ptr, qt_ptr, s_ptr,
         N, K, stride_we, stride_wn, stride_qe, stride_qn, stride_se, stride_sn,
-        EXACT: tl.constexpr, BLOCK: tl.constexpr,
+        EXACT: tl.constexpr, BLOCK: tl.constexpr, TRANSPOSE: tl.constexpr,
     ):
         e = tl.program_id(0).to(tl.int64)
         nb = tl.program_id(1)
@@ -182,6 +183,13 @@ if triton is not None:
         q = _to_e4m3(w * inv[:, None], EXACT).to(tl.uint8, bitcast=True)  # byte stores as integers (see above)
         tl.store(q_ptr + e * stride_qe + rows[:, None] * stride_qn + cols[None, :], q, mask=mask)
         tl.store(s_ptr + e * stride_se + nb * stride_sn + kb, tl.max(s, axis=0))
+        if TRANSPOSE:  # the codes transposed, [E, K, N]: 4 consecutive rows packed into one uint32 (N % 4 == 0)
+            shift = (tl.arange(0, 4) * 8).to(tl.uint32)
+            q4 = tl.reshape(q.to(tl.uint32), (BLOCK // 4, 4, BLOCK))  # [row groups, 4, cols]
+            packed = tl.sum(q4 << shift[None, :, None], axis=1)  # [BLOCK / 4, BLOCK]
+            groups = nb * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+            ptrs = qt_ptr + e * (K * (N // 4)) + cols.to(tl.int64)[None, :] * (N // 4) + groups[:, None]
+            tl.store(ptrs, packed, mask=(groups[:, None] < N // 4) & (cols[None, :] < K))
 
     @triton.jit
     def _grouped_gemm_kernel(
@@ -429,18 +437,22 @@ def quant_act(x: torch.Tensor, offsets: torch.Tensor, rows: bool = True, cols: b
 
 
 def quant_weight(w: torch.Tensor):
-    """w `[E, N, K]` -> (q `[E, N, K]` e4m3, qt `[E, K, N]` e4m3, s `[E, N/128, K/128]` float32)."""
+    """w `[E, N, K]` -> (q `[E, N, K]` e4m3, qt `[E, K, N]` e4m3, s `[E, N/128, K/128]` float32), one pass over w
+    (the transposed codes packed 4 to a uint32 word where N % 4 == 0, else a torch copy)."""
     e, n, k = w.shape
     w = w if w.stride(-1) == 1 else w.contiguous()
     nb, kb = -(-n // TILE), -(-k // TILE)
     q = torch.empty(e, n, k, dtype=torch.float8_e4m3fn, device=w.device)
+    packed = n % 4 == 0
+    qt = torch.empty(e, k, n, dtype=torch.float8_e4m3fn, device=w.device) if packed else None
     s = torch.empty(e, nb, kb, dtype=torch.float32, device=w.device)
     if w.numel():
         _quant_weight_kernel[(e, nb, kb)](
-            w, q.view(torch.uint8), s, n, k, w.stride(0), w.stride(1), q.stride(0), q.stride(1),
-            s.stride(0), s.stride(1), EXACT=_INTERPRET, BLOCK=TILE, num_warps=8,
+            w, q.view(torch.uint8), qt.view(torch.int32) if packed else q.view(torch.uint8), s, n, k,
+            w.stride(0), w.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1), EXACT=_INTERPRET,
+            BLOCK=TILE, TRANSPOSE=packed, num_warps=8,
         )
-    return q, q.transpose(1, 2).contiguous(), s
+    return q, qt if packed else q.transpose(1, 2).contiguous(), s
 
 
 VARIANTS = ("auto", "ptr", "tma")
