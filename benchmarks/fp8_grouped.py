@@ -211,7 +211,7 @@ def candidates(m: int, n: int, k: int, offsets: torch.Tensor, rep_ms: int) -> di
     torchao 0.18's blockwise-FP8 grouped GEMM runs DeepGEMM (not pip-installable) or an emulation: not timed."""
     import torch.nn.functional as F
 
-    from dsv3.train import fp8_gemms
+    from dsv3.kernels import fp8_cublas
     dev = offsets.device
     e = offsets.shape[0]
     flop = 2 * m * n * k
@@ -250,7 +250,7 @@ def candidates(m: int, n: int, k: int, offsets: torch.Tensor, rep_ms: int) -> di
     bounds = list(zip([0] + ends[:-1], ends))
     if all((b - a) % 16 == 0 for a, b in bounds):
         a_st = [s[:, a:b].contiguous() for a, b in bounds]
-        bsc = [fp8_gemms._block_scale(ws[i]) for i in range(e)]
+        bsc = [fp8_cublas.block_scale(ws[i]) for i in range(e)]
 
         def loop_fwd():
             for i, (a, b) in enumerate(bounds):

@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--data is required")
     import torch
 
-    from dsv3.train import fp8_gemms
+    from dsv3.kernels import fp8_cublas
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in args.modes.split(","):
@@ -215,10 +215,10 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # keep measuring the other mode; report this one's failure
                 traceback.print_exc()
                 print(json.dumps({"mode": mode, "error": f"{type(exc).__name__}: {exc}"[:1500],
-                                  "fp8_probe_errors": fp8_gemms.probe_errors}), flush=True)
+                                  "fp8_probe_errors": fp8_cublas.probe_errors}), flush=True)
                 continue
-            if fp8_gemms.probe_errors:
-                results[mode]["fp8_probe_errors"] = fp8_gemms.probe_errors
+            if fp8_cublas.probe_errors:
+                results[mode]["fp8_probe_errors"] = fp8_cublas.probe_errors
             print(json.dumps(results[mode]), flush=True)
             if args.device != "cpu":
                 torch.cuda.empty_cache()

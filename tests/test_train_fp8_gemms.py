@@ -7,6 +7,7 @@ that enforces torch's documented contract."""
 import pytest
 import torch
 
+from dsv3.kernels import fp8_cublas
 from dsv3.train import fp8_gemms
 from dsv3.train.fp8_linear import FP8LinearFunction
 
@@ -27,7 +28,7 @@ def _run(x, w, dy, emulate):
 @pytest.mark.parametrize("m,k,n", [(512, 1024, 768), (200, 256, 288), (4088, 512, 2048), (77, 128, 256)])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 def test_cublas_gemms_equal_emulation(m, k, n, x_dtype):
-    assert fp8_gemms.blockwise_supported(torch.device("cuda")), f"cuBLAS block-scaled FP8: {fp8_gemms.probe_errors}"
+    assert fp8_gemms.blockwise_supported(torch.device("cuda")), f"cuBLAS block-scaled FP8: {fp8_cublas.probe_errors}"
     g = torch.Generator(device="cuda").manual_seed(m + n)
     x = torch.randn(m, k, device="cuda", generator=g).to(x_dtype)
     x[:, 3] *= 30.0  # an outlier channel

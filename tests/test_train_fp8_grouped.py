@@ -269,7 +269,7 @@ def test_cublas_backend_matches_reference(device):
     y_ref.backward(dy)
     xd, wd = x.to(device).requires_grad_(), w.to(device).requires_grad_()
     if device == "cuda":
-        from dsv3.train.fp8_gemms import blockwise_supported
+        from dsv3.kernels.fp8_cublas import blockwise_supported
         if not blockwise_supported(xd.device):
             pytest.skip("cuBLAS has no block-scaled FP8 recipes on this GPU")
     y = G.fp8_grouped_mm(xd, wd, offsets.to(device), out_dtype=torch.float32, impl="cublas")
@@ -296,7 +296,7 @@ def test_backend_choice(monkeypatch, impl):
 
 # ---- FP8 grouped experts in MoE.routed_grouped ----
 
-def test_enable_fp8_experts_routes_grouped_moe_through_fp8(monkeypatch):
+def test_fp8_grouped_experts_route_the_grouped_moe_through_fp8(monkeypatch):
     # the reference on a CPU, also under the TRITON_INTERPRET=1 that tests/conftest.py sets without a GPU (the
     # interpreted kernels take 15 s here; the `triton` tests above compare them with the reference)
     monkeypatch.setattr(G, "triton_applies", lambda x: False)
@@ -319,8 +319,7 @@ def test_enable_fp8_experts_routes_grouped_moe_through_fp8(monkeypatch):
         return out.detach(), xi.grad, moe.experts[0].up_proj.weight.grad.clone()
 
     out0, dx0, dw0 = run()
-    assert G.enable_fp8_experts(torch.nn.Sequential(moe)) == 1
-    assert isinstance(moe.experts_impl, G.FP8GroupedExperts)
+    moe.set_experts_impl(G.FP8GroupedExperts())
     calls = []
 
     class Counting(G.FP8GroupedExperts):

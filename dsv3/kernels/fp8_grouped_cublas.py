@@ -18,11 +18,9 @@ result has 128 * ALIGN spare rows at the end for the last expert). No copy, no g
 
 from __future__ import annotations
 
-import functools
-
 import torch
-import torch.nn.functional as F
 
+from dsv3.kernels import fp8_cublas
 from dsv3.kernels.fp8_grouped_triton import TILE
 
 ALIGN = 4  # tiles per alignment unit: 512 rows / tokens (cuBLAS's contraction rule)
@@ -41,36 +39,14 @@ def layout(offsets: torch.Tensor) -> list[tuple[int, int, int, int, int]]:
     return out
 
 
-_RECIPE = {}
-
-
-def _recipe(name: str) -> int:
-    if name not in _RECIPE:
-        _RECIPE[name] = getattr(F.ScalingType, name).value
-    return _RECIPE[name]
-
-
-@functools.cache
-def _fp32_out(device_index: int) -> bool:
-    from dsv3.train.fp8_gemms import _fp32_out as probe
-    return probe(device_index)
-
-
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, a_scale_t: torch.Tensor, b_scale: torch.Tensor,
              b_blocks: bool) -> None:
-    """out `[R, N]` = a `[R, K]` times b `[N, K]`ᵀ (both row-major e4m3), in place; scales as
-    `fp8_gemms.fp8_scaled_mm` takes them: a's 1x128 scales transposed `[K/128, R]`, b's 128x128 block scales
-    `[N/128, K/128]` (`b_blocks`) or its 1x128 scales transposed `[K/128, N]`. cuBLAS on CUDA; elsewhere (the
-    tests on CPU) the float32 emulation of the same product."""
-    if not out.is_cuda:
-        from dsv3.train.fp8_gemms import emulated_mm
-        out.copy_(emulated_mm(a, b, a_scale_t, b_scale, b_blocks, out.dtype))
-        return
-    from dsv3.train.fp8_gemms import _block_scale
-    scale_b = _block_scale(b_scale) if b_blocks else b_scale.t()
-    recipe_b = _recipe("BlockWise128x128" if b_blocks else "BlockWise1x128")
-    torch._scaled_mm_v2(a, b.t(), [a_scale_t.t()], [_recipe("BlockWise1x128")], [], [scale_b], [recipe_b], [],
-                        None, out.dtype, [], False, out=out)
+    """out `[R, N]` = a `[R, K]` times b `[N, K]`ᵀ (both row-major e4m3), in place; scales as `fp8_cublas`
+    takes them. cuBLAS on CUDA; elsewhere (the tests on CPU) the float32 emulation of the same product."""
+    if out.is_cuda:
+        fp8_cublas.scaled_mm(a, b, a_scale_t, b_scale, b_blocks, out.dtype, out=out)
+    else:
+        out.copy_(fp8_cublas.emulated_mm(a, b, a_scale_t, b_scale, b_blocks, out.dtype))
 
 
 def gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, plan, m: int,
@@ -96,8 +72,8 @@ def wgrad(dyt: torch.Tensor, dyt_s: torch.Tensor, xt: torch.Tensor, xt_s: torch.
     """dyᵀ and xᵀ as blocked column tiles (flat codes, scales `[T, N]` / `[T, K]`) -> dW `[E, N, K]` float32
     (zeros for experts without rows)."""
     e_count = len(plan)
-    fp32 = not dyt.is_cuda or _fp32_out(dyt.device.index if dyt.device.index is not None else
-                                        torch.cuda.current_device())
+    fp32 = not dyt.is_cuda or fp8_cublas.fp32_out(dyt.device.index if dyt.device.index is not None else
+                                                  torch.cuda.current_device())
     dw = torch.empty(e_count, n, k, dtype=torch.float32 if fp32 else torch.bfloat16, device=dyt.device)
     for e, first, tiles, start, rows in plan:
         if rows == 0:
@@ -116,5 +92,4 @@ def applies(x: torch.Tensor, n: int, k: int) -> bool:
     dgrad)."""
     if not x.is_cuda or n % (TILE * ALIGN) or k % (TILE * ALIGN):
         return False
-    from dsv3.train.fp8_gemms import blockwise_supported
-    return blockwise_supported(x.device)
+    return fp8_cublas.blockwise_supported(x.device)

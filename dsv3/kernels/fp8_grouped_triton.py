@@ -184,8 +184,13 @@ if triton is not None:
         tl.store(q_ptr + e * stride_qe + rows[:, None] * stride_qn + cols[None, :], q, mask=mask)
         tl.store(s_ptr + e * stride_se + nb * stride_sn + kb, tl.max(s, axis=0))
         if TRANSPOSE:  # the codes transposed, [E, K, N]: 4 consecutive rows packed into one uint32 (N % 4 == 0)
+            # the block is read again as [row groups, 4, cols] (as quant_act's PACK3D): packing the stored tile
+            # itself gave wrong words on the H200 (the ptxas issue in the module docstring)
             shift = (tl.arange(0, 4) * 8).to(tl.uint32)
-            q4 = tl.reshape(q.to(tl.uint32), (BLOCK // 4, 4, BLOCK))  # [row groups, 4, cols]
+            rows3 = nb * BLOCK + tl.arange(0, BLOCK // 4)[:, None, None] * 4 + tl.arange(0, 4)[None, :, None]
+            mask3 = (rows3 < N) & (cols[None, None, :] < K)
+            w3 = tl.load(w_ptr + e * stride_we + rows3 * stride_wn + cols[None, None, :], mask=mask3, other=0.0)
+            q4 = _to_e4m3(w3.to(tl.float32) * tl.max(inv, axis=0), EXACT).to(tl.uint8, bitcast=True).to(tl.uint32)
             packed = tl.sum(q4 << shift[None, :, None], axis=1)  # [BLOCK / 4, BLOCK]
             groups = nb * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
             ptrs = qt_ptr + e * (K * (N // 4)) + cols.to(tl.int64)[None, :] * (N // 4) + groups[:, None]

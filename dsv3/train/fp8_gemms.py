@@ -32,20 +32,21 @@ arithmetic in one pass each, bit for bit (the GPU tests compare them).
 `torch.ops.dsv3.fp8_scaled_mm(a [M, K], b [N, K], a_scale_t [K/128, M], b_scale, b_blocks, out_dtype)`
 takes every operand row-major (cuBLAS's column-major B is `b.t()`): `b_scale` is `[N/128, K/128]` for 128×128
 blocks of b, else `[K/128, N]` (1×128 tiles of b, transposed like `a_scale_t`). On a GPU where
-`blockwise_supported` holds (probed once per GPU), it runs `F.scaled_mm`, with no check of its output in the hot
-path: the padding rules above keep it to shapes that give right answers, and an error raises. Elsewhere it runs the Triton FP8 GEMM (other CUDA GPUs, 128×128 B)
-or the emulation. The emulated GEMMs of `fp8_linear` are the oracle (tests/test_train_fp8_gemms.py).
+`blockwise_supported` holds (probed once per GPU), it runs cuBLAS through `dsv3.kernels.fp8_cublas.scaled_mm`
+(shared with the routed experts' grouped GEMM), with no check of its output in the hot path: the padding rules
+above keep it to shapes that give right answers, and an error raises. Elsewhere it runs the Triton FP8 GEMM
+(other CUDA GPUs, 128×128 B) or the emulation (`fp8_cublas.emulated_mm`). The emulated GEMMs of `fp8_linear`
+are the oracle (tests/test_train_fp8_gemms.py).
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
 
 from dsv3.kernels.fp8 import FP8_DTYPE, FP8_MAX, quantize_act
 from dsv3.kernels import fp8_quant_triton
+from dsv3.kernels.fp8_cublas import blockwise_supported, emulated_mm, scaled_mm
 
 BLOCK = 128
 ALIGN_K = 512  # every contraction of the cuBLAS path padded to a multiple of this (see the module docstring)
@@ -145,29 +146,7 @@ def quantize_weight_padded(w: torch.Tensor, align: int = ALIGN_K) -> tuple[torch
     return w_q, w_qt, w_s
 
 
-# ---------------------------------------------------------------- the GEMM: emulation and the custom op
-
-def _dequant_b(b: torch.Tensor, b_scale: torch.Tensor, b_blocks: bool) -> torch.Tensor:
-    """b `[N, K]` codes -> float32 with its scales (128×128 blocks `[ceil(N/128), K/128]`, or 1×128 tiles
-    transposed `[K/128, N]`)."""
-    n, k = b.shape
-    kb = k // BLOCK
-    if b_blocks:
-        nb = b_scale.shape[0]
-        per = b_scale[:, None, :, None].expand(nb, BLOCK, kb, BLOCK).reshape(nb * BLOCK, k)[:n]  # [N, K]
-    else:
-        per = b_scale.t()[:, :, None].expand(n, kb, BLOCK).reshape(n, k)  # [N, K]
-    return b.to(torch.float32) * per
-
-
-def emulated_mm(a: torch.Tensor, b: torch.Tensor, a_scale_t: torch.Tensor, b_scale: torch.Tensor,
-                b_blocks: bool, out_dtype: torch.dtype) -> torch.Tensor:
-    """What `fp8_scaled_mm` computes, in float32 from the dequantized codes: a `[M, K]`, b `[N, K]`
-    (K a multiple of 128) -> `[M, N]` in `out_dtype`."""
-    m, k = a.shape
-    a_f = (a.to(torch.float32).view(m, k // BLOCK, BLOCK) * a_scale_t.t()[:, :, None]).view(m, k)  # [M, K]
-    return (a_f @ _dequant_b(b, b_scale, b_blocks).t()).to(out_dtype)
-
+# ---------------------------------------------------------------- the GEMM: the custom op
 
 @torch.library.custom_op("dsv3::fp8_scaled_mm", mutates_args=())
 def fp8_scaled_mm(a: torch.Tensor, b: torch.Tensor, a_scale_t: torch.Tensor, b_scale: torch.Tensor,
@@ -176,7 +155,7 @@ def fp8_scaled_mm(a: torch.Tensor, b: torch.Tensor, a_scale_t: torch.Tensor, b_s
     scales transposed `[K/128, M]`, b's scales `[N/128, K/128]` (`b_blocks`) or `[K/128, N]` -> `[M, N]`."""
     a, b, a_scale_t, b_scale = a.contiguous(), b.contiguous(), a_scale_t.contiguous(), b_scale.contiguous()
     if blockwise_supported(a.device):
-        return _scaled_mm(a, b, a_scale_t, b_scale, b_blocks, out_dtype)
+        return scaled_mm(a, b, a_scale_t, b_scale, b_blocks, out_dtype)
     if a.is_cuda and b_blocks and b.shape[0] % BLOCK == 0:
         from dsv3.kernels.fp8 import fp8_gemm  # Triton on sm89+, the PyTorch reference otherwise
         return fp8_gemm(a, a_scale_t.t(), b, b_scale, out_dtype=out_dtype)
@@ -186,25 +165,6 @@ def fp8_scaled_mm(a: torch.Tensor, b: torch.Tensor, a_scale_t: torch.Tensor, b_s
 @fp8_scaled_mm.register_fake
 def _(a, b, a_scale_t, b_scale, b_blocks, out_dtype):
     return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
-
-
-def _block_scale(s: torch.Tensor) -> torch.Tensor:
-    """128×128 scales `[out_blocks, contraction_blocks]` -> cuBLAS's B layout `[ceil4(cb), out_blocks]`,
-    stride `(1, ceil4(cb))` (the contraction blocks zero-padded to a multiple of 4)."""
-    cb = s.shape[1]
-    return (s if cb % 4 == 0 else F.pad(s, (0, -cb % 4))).contiguous().t()
-
-
-def _scaled_mm(a, b, a_scale_t, b_scale, b_blocks: bool, out_dtype: torch.dtype) -> torch.Tensor:
-    """`F.scaled_mm` in `out_dtype` (bf16 then a cast where cuBLAS offers no float32 output). Its shapes are safe
-    by construction (contractions padded to `ALIGN_K`, rows to `ALIGN_M`: the module docstring says why); an
-    error from cuBLAS propagates."""
-    direct = out_dtype != torch.float32 or a.device.type != "cuda" or _fp32_out(a.device.index)
-    recipe_b = F.ScalingType.BlockWise128x128 if b_blocks else F.ScalingType.BlockWise1x128
-    scale_b = _block_scale(b_scale) if b_blocks else b_scale.t()
-    y = F.scaled_mm(a, b.t(), a_scale_t.t(), F.ScalingType.BlockWise1x128, scale_b, recipe_b,
-                    output_dtype=out_dtype if direct else torch.bfloat16)
-    return y if direct else y.to(out_dtype)
 
 
 # ---------------------------------------------------------------- the three GEMMs of a linear
@@ -245,53 +205,3 @@ def gemm_wgrad(dy: torch.Tensor, x: torch.Tensor, emulate: bool = False) -> torc
     x_t, x_s = quantize_tokens_t(x, rows, _ceil(k, align))  # [K', M'], [M'/128, K']
     dw = _gemm(emulate)(dy_t, x_t, dy_s, x_s, False, torch.float32)  # [N', K']
     return dw if dw.shape == (n, k) else dw[:n, :k]
-
-
-# ---------------------------------------------------------------- what the GPU supports
-
-@functools.cache
-def _fp32_out(device_index: int) -> bool:
-    try:
-        device = torch.device("cuda", device_index)
-        a = torch.ones(128, 128, device=device).to(FP8_DTYPE)
-        s = torch.ones(128, 1, device=device)
-        F.scaled_mm(a, a.t(), s, F.ScalingType.BlockWise1x128, s, F.ScalingType.BlockWise1x128,
-                    output_dtype=torch.float32)
-        return True
-    except (RuntimeError, NotImplementedError, ValueError):
-        return False
-
-
-@functools.cache
-def _probe(device_index: int) -> bool:
-    if not (hasattr(F, "scaled_mm") and hasattr(F, "ScalingType")):
-        probe_errors[device_index] = "this torch has no F.scaled_mm / F.ScalingType"
-        return False
-    if torch.cuda.get_device_capability(device_index) != (9, 0):
-        probe_errors[device_index] = f"compute capability {torch.cuda.get_device_capability(device_index)}, not 9.0"
-        return False
-    try:
-        device = torch.device("cuda", device_index)
-        w_raw = torch.randn(128, 512, device=device)
-        a, a_st = quantize_rows_torch(torch.randn(256, 512, device=device), 256, 512)  # [256, 512], [4, 256]
-        w, w_s = quantize_blocks_torch(w_raw, 128, 512)  # [128, 512], [1, 4]
-        F.scaled_mm(a, w.t(), a_st.t(), F.ScalingType.BlockWise1x128, _block_scale(w_s),
-                    F.ScalingType.BlockWise128x128, output_dtype=torch.bfloat16)
-        w_r, w_rst = quantize_rows_torch(w_raw, 128, 512)  # [128, 512], [4, 128]
-        F.scaled_mm(w_r, a.t(), w_rst.t(), F.ScalingType.BlockWise1x128, a_st.t(),
-                    F.ScalingType.BlockWise1x128, output_dtype=torch.bfloat16)
-        torch.cuda.synchronize(device)
-        return True
-    except (RuntimeError, NotImplementedError, ValueError, AttributeError) as e:
-        probe_errors[device_index] = f"{type(e).__name__}: {e}"[:300]
-        return False
-
-
-probe_errors: dict[int, str] = {}  # device index -> why the block-scaled recipes were found unusable
-
-
-def blockwise_supported(device: torch.device) -> bool:
-    """Whether the cuBLAS block-scaled FP8 recipes run on `device` (probed once per GPU)."""
-    if device.type != "cuda":
-        return False
-    return _probe(device.index if device.index is not None else torch.cuda.current_device())

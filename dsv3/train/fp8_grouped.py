@@ -15,30 +15,27 @@ The wgrad tiles start at each expert's first row, so no tile crosses an expert b
 tile is short. Each scale is its tile's max-abs / 448 (1 for an all-zero tile), codes are `x * (1 / scale)`
 clamped to ±448 and rounded to nearest e4m3; the weight is quantized from the master copy at every call.
 
-Two implementations of the same numerics:
+Three implementations of the same numerics (`backend` picks; `fp8_grouped_mm(impl=...)` forces one):
 - `fp8_grouped_mm_ref`: plain PyTorch (fake-quantize each operand with its tiles, float32 matmul per expert, a
   host loop over the experts); the oracle of the tests and the path on CPU. Its `block` can be made small so
   tiny hand-checked cases exercise partial tiles.
-- the Triton kernels of `fp8_grouped_triton` on CUDA: quantization passes that read each operand once (the
-  activation pass writes both its row tiles and its transposed column tiles), then grouped GEMMs whose grids
-  are static (no host sync: each program finds its expert from `offsets` on the device).
+- "cublas" (Hopper, N and K multiples of 512: the released model's 7168 x 2048 experts): the Triton
+  quantization passes write expert-blocked operands, then one cuBLAS block-scaled GEMM per expert
+  (`dsv3.kernels.fp8_grouped_cublas`); the row counts are read on the host once per forward.
+- "triton" (other sm89+ GPUs and shapes): the same quantization passes in the flat layout, then Triton grouped
+  GEMMs whose grids are static (no host sync: each program finds its expert from `offsets` on the device).
 
-`enable_fp8_experts(model)` gives every `MoE` of a model the `FP8GroupedExperts` implementation: its grouped
-routed experts then run through this op.
-
-Speed (H200, Triton 3.6, `benchmarks/fp8_grouped.py`, 131072 rows over 32 experts): the FP8 GEMMs reach 590-760
-TFLOP/s (small 64x128 tiles win: the per-128 promotion serialises each block's dot, so 3 CTAs per SM hide it), about
-bf16 `torch._grouped_mm`'s own rate, and the quantization passes come on top: forward + backward is 0.80x bf16 on
-w13 (K=1024) and 0.52x on w2 (K=512). This op buys the report's numerics, not speed, on this stack.
+`FP8GroupedExperts` is the MoE experts implementation that runs its grouped GEMMs through this op;
+`dsv3.train.fp8_select` decides per MoE layer whether it pays (the released widths: yes; the ~1B benchmark
+model: no). Measured speeds are in benchmarks/RESULTS.md ("FP8 training at the released widths (issue 21)").
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from dsv3.model.moe import LocalExperts, MoE
+from dsv3.model.moe import LocalExperts
 from dsv3.kernels import fp8_grouped_cublas as cublas
 from dsv3.kernels import fp8_grouped_triton as kernels
 
@@ -239,7 +236,8 @@ def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
 
 
 class FP8GroupedExperts(LocalExperts):
-    """The routed experts on the grouped path with `fp8_grouped_mm` as its GEMM (`--fp8-experts grouped`): the
+    """The routed experts on the grouped path with `fp8_grouped_mm` as its GEMM (`fp8_select`'s plan, or
+    `--fp8-experts grouped`): the
     experts' weights go in as their float32 masters and the op quantizes them. The loop path (inference) is
     unchanged."""
 
@@ -247,13 +245,3 @@ class FP8GroupedExperts(LocalExperts):
 
     def grouped_mm(self, a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         return fp8_grouped_mm(a, w, offsets)
-
-
-def enable_fp8_experts(model: nn.Module) -> int:
-    """Give every `MoE` of `model` the `FP8GroupedExperts` implementation. Returns how many MoE layers now use it."""
-    count = 0
-    for module in model.modules():
-        if isinstance(module, MoE):
-            module.set_experts_impl(FP8GroupedExperts())
-            count += 1
-    return count

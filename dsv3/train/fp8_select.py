@@ -11,10 +11,13 @@ stays on the bf16 path, so that `--fp8` is not slower than bf16:
   N = 2 x moe_inter_dim, K = dim) and `w2` (down: N = dim, K = moe_inter_dim). The layer takes the FP8
   grouped GEMM (`dsv3.train.fp8_grouped.FP8GroupedExperts`) only when both pay.
 
-The thresholds come from measurements and live in `MIN_SHAPE` only: benchmarks/RESULTS.md, "Training on one H200
-(issue 8), third session" (the block-scaled FP8 GEMM against bf16 at this preset's shapes, quantization of the
-activation counted, and the grouped FP8 GEMM's op-level timings), and the issue-21 sections for the released
-model's widths. New measurements go there, with only `MIN_SHAPE` changed here.
+The thresholds come from measurements and live in `MIN_SHAPE` only: benchmarks/RESULTS.md, "FP8 training at the
+released widths (issue 21)" (`benchmarks/fp8_train_linear.py`: every linear shape of the released widths and of
+the ~1B benchmark model, bf16 against FP8 forward + backward with the quantization counted: FP8 gained at every
+shape with N and K >= 2048, lost at every shape with a side below 1536, and was within 4% either way with a side
+of 1536; `benchmarks/fp8_grouped.py`: the
+grouped FP8 GEMM gains at the released experts' 7168 x 2048), and "Training on one H200 (issue 8), third
+session" for the ~1B model's grouped experts. New measurements go there, with only `MIN_SHAPE` changed here.
 
 `plan_fp8(model, device, layers, experts)` returns the `FP8Plan`: one `Gemm` per dense linear and two per MoE
 layer (path, kind, N, K, FP8 or not, why), the routed experts' path of each MoE layer, and the exact set of
@@ -53,8 +56,9 @@ FP8_EXPERTS = {
     "auto": "on a GPU grouped where fp8_layers auto's rule says FP8 gains, else bf16 (bf16 under fp8_layers all); "
             "loop on a CPU",
     "loop": "an FP8 linear per expert on the reference loop (one host sync per MoE layer)",
-    "grouped": "the grouped FP8 GEMM (Triton on CUDA, its PyTorch reference elsewhere): the report's numerics "
-               "for every linear; on an H200 slower than bf16's grouped GEMM",
+    "grouped": "the grouped FP8 GEMM (one cuBLAS block-scaled GEMM per expert on Hopper, Triton on other GPUs, "
+               "its PyTorch reference elsewhere): the report's numerics for every linear; on an H200 faster than "
+               "bf16's grouped GEMM at the released widths, slower at the ~1B model's (benchmarks/RESULTS.md)",
     "bf16": "the routed experts in the autocast precision on the grouped GEMM (the other linears as fp8_layers says)",
 }
 
