@@ -1,17 +1,26 @@
 """Benchmark: the FP8 grouped GEMM of the routed experts (`dsv3.train.fp8_grouped`) against bf16
-`torch._grouped_mm`, forward + backward, on the MOE_1B training shapes, one run on one GPU.
+`torch._grouped_mm`, forward + backward, one run on one GPU.
 
-Rows: 32768 tokens x 4 routed slots = 131072 rows sorted over 32 experts (random, roughly balanced routing);
-`w13` [32, 1024, 1024] (N = 2 x 512, K = 1024) and `w2` [32, 1024, 512] (N = 1024, K = 512), then the whole
-expert MLP (w13, SiLU * up, w2). One JSON line per case:
+Presets (`--preset`): `v3`, the released width on one GPU of EP-32 (8 local experts of 7168 x 2048, every one of
+8192 tokens to all 8: 65,536 rows, 8,192 per expert); `moe_1b`, the ~1B benchmark model (32768 tokens x 4 routed
+slots = 131,072 rows over 32 experts, random, roughly balanced routing). Cases: `w13` (N = 2 x inter, K = dim),
+`w2` (N = dim, K = inter), then the whole expert MLP (w13, SiLU * up, w2). One JSON line per case:
 
 - `bf16`: `torch._grouped_mm(x, w.transpose(1, 2), offs)` with bf16 weights, forward + backward (the peer);
   `bf16_cast`: the same with the float32 masters cast to bf16 inside the timed call (what the model does);
-- `fp8`: `fp8_grouped_mm(x, w_fp32, offs)` forward + backward, every quantization included;
-- `ratio` = bf16 time / fp8 time (> 1: FP8 faster), TFLOP/s over the 3 GEMMs (2MNK each), fraction of the
-  H200 bf16 dense peak measured here (790 TFLOP/s), the relative error of the FP8 output against bf16;
-- `breakdown` (ms): each kernel of the FP8 op alone (quantization passes, forward, dgrad, wgrad GEMMs).
+- `fp8`: `fp8_grouped_mm(x, w_fp32, offs)` forward + backward on the backend it picks (`fp8_impl`: cuBLAS per
+  expert on Hopper where N and K are multiples of 512), every quantization included; `fp8_triton`: the same
+  forced onto the Triton grouped kernels;
+- `ratio` = bf16 time / fp8 time (> 1: FP8 faster), `ratio_vs_cast`, TFLOP/s over the 3 GEMMs (2MNK each),
+  fraction of the H200 bf16 dense peak measured here (790 TFLOP/s), the relative error of the FP8 output
+  against bf16;
+- `breakdown` (ms): each kernel of the FP8 op alone (quantization passes; forward, dgrad, wgrad GEMMs of both
+  backends).
 
+`--candidates` times the library GEMMs on the same shapes (GEMM alone, pre-quantized operands; see
+`candidates`); `--sweep` each Triton kernel config alone.
+
+    python benchmarks/fp8_grouped.py --preset v3 [--candidates] [--sweep]
     DSV3_AUTOTUNE=full python benchmarks/fp8_grouped.py [--tokens 32768 --topk 4 --experts 32 --dim 1024 --inter 512]
 """
 

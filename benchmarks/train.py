@@ -3,12 +3,20 @@
 Each mode builds the trainer of `dsv3 train` (same model, data order, schedule, losses, balancing) and runs
 its `train_step` for `--steps` steps, then the validation pass; no checkpoint or export is written (they
 would time the disk). Prints one JSON line per run (tokens/s as the median over the second half of the
-steps, MFU, the last training CE and the validation CE) and a summary line with the FP8/bf16 speed ratio and
-the relative validation-loss gap (the issue's targets: MFU >= 35% in bf16, FP8 >= 1.2x bf16 tokens/s, loss
-gap <= 0.25% after 1,000 steps). `--profile N` adds, after the timed steps, a torch.profiler pass over N
-steps and prints the GPU time split by kernel family. A mode that fails prints its error and the others run.
+steps, MFU, the last training CE, the validation CE, and the training CE at every `--log-every` step) and a
+summary line: the FP8/bf16 speed ratio (tokens/s, and GPU time per step with `--profile`), the relative
+validation-loss gap and the training-CE curve's gap at each logged step after warm-up. `--profile N` adds,
+after the timed steps, a torch.profiler pass over N steps and prints the GPU time split by kernel family.
+A mode that fails prints its error and the others run. `--save DIR` keeps each mode's row; `--summarize`
+compares two saved rows (runs made in separate calls).
+
+Models: `moe_1b` (a ~1B-parameter MoE, dim 1024) and `v3_layer` (the released width on one GPU of EP-32:
+dim 7168, MLA with 128 heads, 1 shared + 8 routed experts of width 2048 with every token to all 8, 3 MoE
+layers and MTP depth 1; use `--seq-len 4096 --batch-size 2`).
 
     python benchmarks/train.py --data data/shards --device cuda --compile       # ~1B-parameter MoE
+    python benchmarks/train.py --data data/shards --model v3_layer --seq-len 4096 --batch-size 2 --compile \
+        --steps 300 --log-every 25 --profile 2
     python benchmarks/train.py --data data/shards --device cpu --model default --steps 4 --batch-size 2 --seq-len 64
 """
 
