@@ -214,12 +214,11 @@ def candidates(m: int, n: int, k: int, offsets: torch.Tensor, rep_ms: int) -> di
     - `bf16_grouped_mm`: `torch._grouped_mm` (CUTLASS), the bf16 peer;
     - `scaled_grouped_mm_rowwise`: `torch._scaled_grouped_mm`, FP8 with one scale per row of x and per
       column of w (the only FP8 recipe of torch's grouped GEMM on sm90: not the report's tiles);
-    - `cublas_blockwise_loop`: cuBLAS's block-scaled GEMM (the report's 1x128 x 128x128 tiles, `F.scaled_mm`)
-      once per expert, forward and wgrad; needs the row counts on the host (a sync) and rows a multiple of 16;
+    - `cublas_blockwise_loop`: cuBLAS's block-scaled GEMM (the report's 1x128 x 128x128 tiles,
+      `fp8_cublas.scaled_mm`) once per expert, forward and wgrad; needs the row counts on the host (a sync)
+      and rows a multiple of 16;
     - `dsv3_triton`: ours (autotuned forward; wgrad).
     torchao 0.18's blockwise-FP8 grouped GEMM runs DeepGEMM (not pip-installable) or an emulation: not timed."""
-    import torch.nn.functional as F
-
     from dsv3.kernels import fp8_cublas
     dev = offsets.device
     e = offsets.shape[0]
@@ -259,12 +258,10 @@ def candidates(m: int, n: int, k: int, offsets: torch.Tensor, rep_ms: int) -> di
     bounds = list(zip([0] + ends[:-1], ends))
     if all((b - a) % 16 == 0 for a, b in bounds):
         a_st = [s[:, a:b].contiguous() for a, b in bounds]
-        bsc = [fp8_cublas.block_scale(ws[i]) for i in range(e)]
 
         def loop_fwd():
             for i, (a, b) in enumerate(bounds):
-                F.scaled_mm(q[a:b], wq[i].t(), a_st[i].t(), F.ScalingType.BlockWise1x128, bsc[i],
-                            F.ScalingType.BlockWise128x128, output_dtype=torch.bfloat16)
+                fp8_cublas.scaled_mm(q[a:b], wq[i], a_st[i], ws[i], True, torch.bfloat16)
         rate("cublas_blockwise_loop_fwd", loop_fwd)
         if all((b - a) % 512 == 0 for a, b in bounds):  # wgrad's contraction is the expert's tokens
             dyt = [dqt[:, a:b].contiguous() for a, b in bounds]  # whole tiles: expert i's slots are a..b
@@ -274,8 +271,7 @@ def candidates(m: int, n: int, k: int, offsets: torch.Tensor, rep_ms: int) -> di
 
             def loop_wgrad():
                 for i in range(e):
-                    F.scaled_mm(dyt[i], xt[i].t(), dys[i].t(), F.ScalingType.BlockWise1x128, xs[i].t(),
-                                F.ScalingType.BlockWise1x128, output_dtype=torch.bfloat16)
+                    fp8_cublas.scaled_mm(dyt[i], xt[i], dys[i], xs[i], False, torch.bfloat16)
             rate("cublas_blockwise_loop_wgrad", loop_wgrad)
     return out
 

@@ -8,7 +8,7 @@ of 512, the shapes cuBLAS's block-scaled recipes compute right (`dsv3.train.fp8_
 | --- | --- | --- | --- |
 | forward `y_e = x_e w_eᵀ` | x_e, 1x128 tiles | w_e, 128x128 blocks | BlockWise1x128 x BlockWise128x128 |
 | dgrad `dx_e = dy_e w_e` | dy_e, 1x128 tiles | w_eᵀ (its own codes transposed), 128x128 blocks | the same |
-| wgrad `dW_e = dy_eᵀ x_e` | dy_eᵀ, 128 tokens per channel | x_eᵀ, 128 tokens per channel | BlockWise1x128 x BlockWise1x128 |
+| wgrad `dW_e = dy_eᵀ x_e` | dy_eᵀ, 128 tokens per channel | x_eᵀ, 128 tokens per channel | 1x128 x 1x128 |
 
 The row counts are read on the host once per forward (`layout`, one sync per MoE layer; the backward reuses
 them). An expert's output rows are written straight into the `[M, N]` result: its padded block runs past its

@@ -14,10 +14,10 @@ stays on the bf16 path, so that `--fp8` is not slower than bf16:
 The thresholds come from measurements and live in `MIN_SHAPE` only: benchmarks/RESULTS.md, "FP8 training at the
 released widths (issue 21)" (`benchmarks/fp8_train_linear.py`: every linear shape of the released widths and of
 the ~1B benchmark model, bf16 against FP8 forward + backward with the quantization counted: FP8 gained at every
-shape with N and K >= 2048, lost at every shape with a side below 1536, and was within 4% either way with a side
-of 1536; `benchmarks/fp8_grouped.py`: the
-grouped FP8 GEMM gains at the released experts' 7168 x 2048), and "Training on one H200 (issue 8), third
-session" for the ~1B model's grouped experts. New measurements go there, with only `MIN_SHAPE` changed here.
+shape with N and K >= 2048, lost at every shape with a side below 1536, and was about even with a side of
+1536; `benchmarks/fp8_grouped.py`: the grouped FP8 GEMM gains at the released experts' 7168 x 2048), and
+"Training on one H200 (issue 8), third session" for the ~1B model's grouped experts. New measurements go there,
+with only `MIN_SHAPE` changed here.
 
 `plan_fp8(model, device, layers, experts)` returns the `FP8Plan`: one `Gemm` per dense linear and two per MoE
 layer (path, kind, N, K, FP8 or not, why), the routed experts' path of each MoE layer, and the exact set of
