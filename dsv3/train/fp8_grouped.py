@@ -138,61 +138,49 @@ def fp8_grouped_mm_ref(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, 
     return _GroupedRef.apply(x, w, offsets, block, out_dtype or _out_dtype(x))
 
 
-class _GroupedTriton(torch.autograd.Function):
-    """The same numerics through the Triton kernels; no host sync."""
+class _GroupedKernels(torch.autograd.Function):
+    """The same numerics through the GPU kernels: the Triton quantization passes, then the GEMMs of `impl`:
+    "triton" (the grouped Triton kernels on the flat layout; no host sync) or "cublas" (one block-scaled cuBLAS
+    GEMM per expert on the expert-blocked layout, `fp8_grouped_cublas`; the row counts read on the host once
+    per forward)."""
 
     @staticmethod
-    def forward(ctx, x, w, offsets, out_dtype):
-        need_w = ctx.needs_input_grad[1]
-        xq, xs, xtq, xts = kernels.quant_act(x, offsets, rows=True, cols=need_w)
+    def forward(ctx, x, w, offsets, out_dtype, impl):
+        ctx.plan = cublas.layout(offsets) if impl == "cublas" else None
+        ctx.m, ctx.k, ctx.x_dtype, ctx.w_dtype = x.shape[0], x.shape[1], x.dtype, w.dtype
+        xq, xs, xtq, xts = _quant(ctx, x, offsets, rows=True, cols=ctx.needs_input_grad[1])
         wq, wtq, ws = kernels.quant_weight(w.detach())
-        y = kernels.grouped_gemm(xq, xs, wq, ws, offsets, out_dtype)
         ctx.save_for_backward(xtq, xts, wtq, ws, offsets)
-        ctx.m, ctx.x_dtype, ctx.w_dtype = x.shape[0], x.dtype, w.dtype
-        return y
+        return _gemm(ctx, xq, xs, wq, ws, offsets, out_dtype, False)
 
     @staticmethod
     def backward(ctx, dy):
         xtq, xts, wtq, ws, offsets = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dyq, dys, dytq, dyts = kernels.quant_act(dy, offsets, rows=need_x, cols=need_w)
+        dyq, dys, dytq, dyts = _quant(ctx, dy, offsets, rows=need_x, cols=need_w)
         dx = dw = None
         if need_x:  # dx = dy w_e: the transposed weight codes, block scales read transposed
-            dx = kernels.grouped_gemm(dyq, dys, wtq, ws, offsets, ctx.x_dtype, transpose_b_scales=True)
+            dx = _gemm(ctx, dyq, dys, wtq, ws, offsets, ctx.x_dtype, True)
         if need_w:
-            dw = kernels.grouped_wgrad(dytq, dyts, xtq, xts, offsets, ctx.m)
+            if ctx.plan is not None:
+                dw = cublas.wgrad(dytq, dyts, xtq, xts, ctx.plan, dy.shape[1], ctx.k)
+            else:
+                dw = kernels.grouped_wgrad(dytq, dyts, xtq, xts, offsets, ctx.m)
             dw = dw if ctx.w_dtype == torch.float32 else dw.to(ctx.w_dtype)
-        return dx, dw, None, None
+        return dx, dw, None, None, None
 
 
-class _GroupedCublas(torch.autograd.Function):
-    """The same numerics as one cuBLAS block-scaled GEMM per expert (`fp8_grouped_cublas`) on expert-blocked
-    operands; the row counts are read on the host once per forward."""
+def _quant(ctx, x, offsets, rows: bool, cols: bool):
+    """`quant_act` in the layout the backend's GEMMs read."""
+    blocked = {"blocked": True, "align": cublas.ALIGN} if ctx.plan is not None else {}
+    return kernels.quant_act(x, offsets, rows=rows, cols=cols, **blocked)
 
-    @staticmethod
-    def forward(ctx, x, w, offsets, out_dtype):
-        need_w = ctx.needs_input_grad[1]
-        plan = cublas.layout(offsets)
-        xq, xs, xtq, xts = kernels.quant_act(x, offsets, rows=True, cols=need_w, blocked=True, align=cublas.ALIGN)
-        wq, wtq, ws = kernels.quant_weight(w.detach())
-        y = cublas.gemm(xq, xs, wq, ws, plan, x.shape[0], out_dtype)
-        ctx.save_for_backward(xtq, xts, wtq, ws, offsets)
-        ctx.plan, ctx.m, ctx.k, ctx.x_dtype, ctx.w_dtype = plan, x.shape[0], x.shape[1], x.dtype, w.dtype
-        return y
 
-    @staticmethod
-    def backward(ctx, dy):
-        xtq, xts, wtq, ws, offsets = ctx.saved_tensors
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dyq, dys, dytq, dyts = kernels.quant_act(dy, offsets, rows=need_x, cols=need_w, blocked=True,
-                                                 align=cublas.ALIGN)
-        dx = dw = None
-        if need_x:  # dx = dy w_e: the transposed weight codes, block scales read transposed
-            dx = cublas.gemm(dyq, dys, wtq, ws, ctx.plan, ctx.m, ctx.x_dtype, transpose_b_scales=True)
-        if need_w:
-            dw = cublas.wgrad(dytq, dyts, xtq, xts, ctx.plan, dy.shape[1], ctx.k)
-            dw = dw if ctx.w_dtype == torch.float32 else dw.to(ctx.w_dtype)
-        return dx, dw, None, None
+def _gemm(ctx, a, a_s, b, b_s, offsets, out_dtype, transpose_b_scales: bool):
+    """A forward-type grouped GEMM (forward, dgrad) on the backend's kernels."""
+    if ctx.plan is not None:
+        return cublas.gemm(a, a_s, b, b_s, ctx.plan, ctx.m, out_dtype, transpose_b_scales=transpose_b_scales)
+    return kernels.grouped_gemm(a, a_s, b, b_s, offsets, out_dtype, transpose_b_scales=transpose_b_scales)
 
 
 BACKENDS = ("auto", "cublas", "triton", "reference")
@@ -228,10 +216,8 @@ def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
         raise ValueError(f"fp8_grouped_mm: impl must be one of {BACKENDS}, got {impl!r}")
     out_dtype = out_dtype or _out_dtype(x)
     impl = backend(x, w) if impl == "auto" else impl
-    if impl == "cublas":
-        return _GroupedCublas.apply(x, w, offsets.contiguous(), out_dtype)
-    if impl == "triton":
-        return _GroupedTriton.apply(x, w, offsets.contiguous(), out_dtype)
+    if impl in ("cublas", "triton"):
+        return _GroupedKernels.apply(x, w, offsets.contiguous(), out_dtype, impl)
     return _GroupedRef.apply(x, w, offsets, BLOCK, out_dtype)
 
 
